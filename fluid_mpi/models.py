@@ -1,0 +1,162 @@
+"""The three model families, all of them in this file: Static, Dynamic (slimmable) and Fluid.
+
+One trunk shape serves all three: ``conv5x5(1->C1) -> ReLU -> maxpool2 -> conv5x5(C1->C2) -> ReLU ->
+maxpool2 -> fc(C2*4*4 -> H) -> ReLU``, then a classifier ``fc(H -> 10)``. Width is split into K equal
+slices (K = number of parts = number of MPI ranks); :class:`Widths` holds the width of ONE slice.
+
+- Static  = :class:`SlicedCNN` trained at full width K only.
+- Dynamic = :class:`SlicedCNN` trained at every width k = 1..K; width k uses the first k slices of every
+  layer, so the narrow network's weights are part of the wide one (that is why losing slice 0 kills it).
+- Fluid   = :class:`FluidCNN`: K complete small trunks with no connection between them (a group
+  convolution all the way to the features), an independent head per group and a combined head for every
+  subset of two or more groups, so any set of surviving groups can classify.
+
+Modules here take and return tensors; they know nothing of ranks or MPI (see ``partition.py``).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FAMILIES = ("static", "dynamic", "fluid")
+NUM_CLASSES = 10
+POOLED = 4 * 4  # spatial size after two conv5x5 + maxpool2 stages on 28x28
+
+
+@dataclass(frozen=True)
+class Widths:
+    """Channels of one slice (one part): conv1, conv2 and the hidden fc layer."""
+
+    c1: int = 16
+    c2: int = 32
+    hidden: int = 64
+
+    def scaled(self, k: int) -> "Widths":
+        """The widths of k slices side by side."""
+        return Widths(self.c1 * k, self.c2 * k, self.hidden * k)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Trunk(nn.Module):
+    """conv-pool-conv-pool-fc feature extractor; returns the hidden features (B, H)."""
+
+    def __init__(self, w: Widths):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, w.c1, 5)
+        self.conv2 = nn.Conv2d(w.c1, w.c2, 5)
+        self.fc = nn.Linear(w.c2 * POOLED, w.hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return F.relu(self.fc(x.flatten(1)))
+
+
+class SlicedCNN(nn.Module):
+    """A full-width CNN of K slices that can also run at width k < K on its first k slices.
+
+    Static uses only ``width=K``; Dynamic (slimmable) trains and runs every width.
+    """
+
+    def __init__(self, parts: int, widths: Widths = Widths()):
+        super().__init__()
+        self.parts, self.widths = parts, widths
+        self.trunk = Trunk(widths.scaled(parts))
+        self.classifier = nn.Linear(widths.hidden * parts, NUM_CLASSES)
+
+    def sliced_weights(self, width: int) -> dict[str, torch.Tensor]:
+        """The weights of the first ``width`` slices (views, so gradients flow to the shared weights)."""
+        w, t = self.widths, self.trunk
+        c1, c2, h = w.c1 * width, w.c2 * width, w.hidden * width
+        return {
+            "conv1.weight": t.conv1.weight[:c1], "conv1.bias": t.conv1.bias[:c1],
+            "conv2.weight": t.conv2.weight[:c2, :c1], "conv2.bias": t.conv2.bias[:c2],
+            # flatten is channel-major, so the first c2 channels are the first c2*16 columns
+            "fc.weight": t.fc.weight[:h, :c2 * POOLED], "fc.bias": t.fc.bias[:h],
+            "classifier.weight": self.classifier.weight[:, :h], "classifier.bias": self.classifier.bias,
+        }
+
+    def forward(self, x: torch.Tensor, width: int | None = None) -> torch.Tensor:
+        width = self.parts if width is None else width
+        if not 1 <= width <= self.parts:
+            raise ValueError(f"width must be 1..{self.parts}, not {width}")
+        p = self.sliced_weights(width)
+        x = F.max_pool2d(F.relu(F.conv2d(x, p["conv1.weight"], p["conv1.bias"])), 2)
+        x = F.max_pool2d(F.relu(F.conv2d(x, p["conv2.weight"], p["conv2.bias"])), 2)
+        x = F.relu(F.linear(x.flatten(1), p["fc.weight"], p["fc.bias"]))
+        return F.linear(x, p["classifier.weight"], p["classifier.bias"])
+
+
+def subset_key(subset) -> str:
+    """Canonical name of a set of groups/ranks: sorted indices joined by '+', e.g. ``"0+2"``."""
+    return "+".join(str(i) for i in sorted(subset))
+
+
+def all_subsets(parts: int) -> list[tuple[int, ...]]:
+    """Every non-empty subset of ``range(parts)``, smallest first."""
+    return [s for r in range(1, parts + 1) for s in itertools.combinations(range(parts), r)]
+
+
+class HeadBank(nn.Module):
+    """Every head of a Fluid model: one independent head per group and one combined head per subset of
+    two or more groups (input: the subset's features concatenated in group order)."""
+
+    def __init__(self, parts: int, hidden: int):
+        super().__init__()
+        self.parts = parts
+        self.single = nn.ModuleList(nn.Linear(hidden, NUM_CLASSES) for _ in range(parts))
+        self.combined = nn.ModuleDict({subset_key(s): nn.Linear(hidden * len(s), NUM_CLASSES)
+                                       for s in all_subsets(parts) if len(s) > 1})
+
+    def head(self, subset) -> nn.Linear:
+        """The head trained for exactly this subset."""
+        subset = tuple(sorted(subset))
+        return self.single[subset[0]] if len(subset) == 1 else self.combined[subset_key(subset)]
+
+    def logits(self, feats: dict[int, torch.Tensor], combine: str = "head") -> torch.Tensor:
+        """Classify from the features of the groups present in ``feats`` (group index -> (B, H)).
+
+        ``combine="head"`` uses the subset's own combined head; ``"avg"`` averages the independent
+        heads' log-probabilities (returned as logits of that average, so argmax/softmax still apply).
+        """
+        subset = sorted(feats)
+        if not subset:
+            raise ValueError("no group features to classify")
+        if combine == "head" or len(subset) == 1:
+            return self.head(subset)(torch.cat([feats[g] for g in subset], dim=1))
+        if combine != "avg":
+            raise ValueError(f"combine must be 'head' or 'avg', not {combine!r}")
+        logp = [F.log_softmax(self.single[g](feats[g]), dim=1) for g in subset]
+        return torch.stack(logp).mean(0)
+
+
+class FluidCNN(nn.Module):
+    """K independent trunks (groups) plus a :class:`HeadBank`."""
+
+    def __init__(self, parts: int, widths: Widths = Widths()):
+        super().__init__()
+        self.parts, self.widths = parts, widths
+        self.groups = nn.ModuleList(Trunk(widths) for _ in range(parts))
+        self.heads = HeadBank(parts, widths.hidden)
+
+    def features(self, x: torch.Tensor, subset=None) -> dict[int, torch.Tensor]:
+        subset = range(self.parts) if subset is None else subset
+        return {g: self.groups[g](x) for g in subset}
+
+    def forward(self, x: torch.Tensor, subset=None, combine: str = "head") -> torch.Tensor:
+        return self.heads.logits(self.features(x, subset), combine)
+
+
+def build_model(family: str, parts: int, widths: Widths = Widths()) -> nn.Module:
+    """A fresh model of the given family with ``parts`` slices/groups."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, not {family!r}")
+    if parts < 1:
+        raise ValueError("parts must be >= 1")
+    return FluidCNN(parts, widths) if family == "fluid" else SlicedCNN(parts, widths)

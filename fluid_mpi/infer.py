@@ -14,7 +14,7 @@ import numpy as np
 from . import faults
 from .errors import FluidError, LaunchError
 from .outputs import PredictionSink, answered_indices, human_summary, write_summary
-from .protocol import Job
+from .protocol import Job, failure_record
 
 FT_HINT = ("fault tolerance is OFF: a rank's death will end the whole job. Turn it on with "
            "`mpirun --with-ft ulfm`, or export OMPI_MCA_mpi_ft_enable=1 PRTE_MCA_state_base_recoverable=1 "
@@ -68,6 +68,10 @@ def run_infer(opts: InferOptions) -> tuple[int, bool]:
     fault tolerance: with ULFM the process ends with os._exit, see faults.planned_exit)."""
     from .mpi_comm import MpiTransport, ft_enabled  # starts MPI: keep it out of --help
 
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints where a rank is stuck
     t = MpiTransport()
     return _run(t, opts), t.size == 1 or not ft_enabled()
 
@@ -134,7 +138,8 @@ def _load_inputs(opts: InferOptions, skip: set[int] | None = None):
     return ds, idx
 
 
-def _coordinate(t, part, meta, opts, job_kw, hosts, size, takeover_from: list[int] | None = None) -> int:
+def _coordinate(t, part, meta, opts, job_kw, hosts, size, takeover_from: list[int] | None = None,
+                takeover_at: float = 0.0) -> int:
     try:
         skip = answered_indices(opts.predictions) if (takeover_from and opts.predictions) else set()
         ds, idx = _load_inputs(opts, skip)
@@ -172,8 +177,8 @@ def _coordinate(t, part, meta, opts, job_kw, hosts, size, takeover_from: list[in
     if takeover_from:
         summary["takeover"] = {"coordinator": t.world_rank(), "lost": takeover_from,
                                "answered_before": len(skip)}
-        summary["failures"] = [{"rank": w, "after_batch": None, "how": "unknown", "detected_ms": None,
-                                "detected_from": "take-over"} for w in takeover_from] + summary["failures"]
+        summary["failures"] = [failure_record(w, job.stamp_dir, takeover_at, None, None)
+                               for w in takeover_from] + summary["failures"]
     write_summary(opts.summary, summary)
     if not opts.quiet:
         print(human_summary(summary), flush=True)
@@ -185,11 +190,12 @@ def _serve_fluid(t, part, meta, opts, job_kw, hosts, size, empty: Job) -> int:
 
     lost_total: list[int] = []
     while True:
-        what, value = serve_fluid(t, part, empty)
+        what, value = serve_fluid(t, part, empty, faults.alive_checker(hosts))
+        lost_at = time.time()
         if what == "stop":
             return int(value)
         lost_total += list(value)
         if t.rank == 0:  # the lowest surviving rank takes over as coordinator
             print(f"fluid-mpi: coordinator (rank {min(lost_total)}) lost; rank {t.world_rank()} takes over "
                   f"on {t.size} rank(s)", file=sys.stderr, flush=True)
-            return _coordinate(t, part, meta, opts, job_kw, hosts, t.size, takeover_from=lost_total)
+            return _coordinate(t, part, meta, opts, job_kw, hosts, t.size, lost_total, lost_at)

@@ -86,8 +86,12 @@ def _set_trainable(module: torch.nn.Module, flag: bool) -> None:
         p.requires_grad_(flag)
 
 
-def train(cfg: TrainConfig, data: Dataset, progress: bool = True) -> tuple[torch.nn.Module, dict]:
-    """Train a model of ``cfg.family`` on ``data``; returns the model and a log (losses, seconds)."""
+def train(cfg: TrainConfig, data: Dataset, progress: bool = True,
+          on_stage_end=None) -> tuple[torch.nn.Module, dict]:
+    """Train a model of ``cfg.family`` on ``data``; returns the model and a log (losses, seconds).
+
+    ``on_stage_end(name, model)`` is called after each Fluid stage (tests use it to check that
+    frozen groups do not change)."""
     gen = seed_everything(cfg.seed)
     data = data.take(cfg.limit)
     x, y = to_tensor_batch(data.images), torch.from_numpy(data.labels)
@@ -102,7 +106,7 @@ def train(cfg: TrainConfig, data: Dataset, progress: bool = True) -> tuple[torch
         stages["sandwich"] = _run_stage("dynamic", model.parameters(), _sandwich_loss(model, gen),
                                         x, y, cfg, gen, progress)
     else:
-        stages.update(_train_fluid(model, cfg, x, y, gen, progress))
+        stages.update(_train_fluid(model, cfg, x, y, gen, progress, on_stage_end or (lambda n, m: None)))
     model.eval()
     return model, {"stage_losses": stages, "train_seconds": round(time.perf_counter() - t0, 2),
                    "train_images": len(y), "data": data.source}
@@ -120,7 +124,7 @@ def _sandwich_loss(model: SlicedCNN, gen: torch.Generator):
     return loss
 
 
-def _train_fluid(model: FluidCNN, cfg: TrainConfig, x, y, gen, progress: bool) -> dict[str, float]:
+def _train_fluid(model: FluidCNN, cfg: TrainConfig, x, y, gen, progress: bool, on_stage_end) -> dict:
     losses = {}
     heads = model.heads
     for k in range(model.parts):
@@ -141,6 +145,7 @@ def _train_fluid(model: FluidCNN, cfg: TrainConfig, x, y, gen, progress: bool) -
         params = [p for m in trainable for p in m.parameters()]
         losses[f"group{k}"] = _run_stage(f"fluid stage {k + 1}/{model.parts}", params, loss, x, y, cfg,
                                          gen, progress)
+        on_stage_end(f"group{k}", model)
     # subsets that nested training did not cover (non-prefix subsets, K >= 3): heads on frozen trunks
     rest = [s for s in all_subsets(model.parts) if len(s) > 1 and s != tuple(range(len(s)))]
     if rest:
@@ -156,5 +161,6 @@ def _train_fluid(model: FluidCNN, cfg: TrainConfig, x, y, gen, progress: bool) -
         losses["subset_heads"] = _run_stage("fluid subset heads", heads.parameters(), head_loss, x, y, cfg,
                                             gen, progress)
         losses["subset_heads_trained"] = [subset_key(s) for s in rest]
+        on_stage_end("subset_heads", model)
     _set_trainable(model, True)
     return losses

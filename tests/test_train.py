@@ -1,0 +1,53 @@
+"""Training: nested incremental training freezes earlier groups; runs are deterministic."""
+import torch
+
+from fluid_mpi import data
+from fluid_mpi.evaluate import accuracy_report
+from fluid_mpi.models import Widths
+from fluid_mpi.train import TrainConfig, train
+
+
+def _snap(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_nested_training_freezes_earlier_groups():
+    snaps = {}
+
+    def on_stage_end(name, model):
+        snaps[name] = {"g0": _snap(model.groups[0]), "h0": _snap(model.heads.single[0]),
+                       "g1": _snap(model.groups[1]), "g2": _snap(model.groups[2]),
+                       "h01": _snap(model.heads.head((0, 1)))}
+
+    cfg = TrainConfig("fluid", 3, Widths(4, 8, 16), epochs=1, limit=256, seed=3)
+    train(cfg, data.load_split(None, "train"), progress=False, on_stage_end=on_stage_end)
+    assert list(snaps) == ["group0", "group1", "group2", "subset_heads"]
+    for later in ("group1", "group2", "subset_heads"):
+        for key in ("g0", "h0"):  # group 0 and its head never change after stage 1
+            assert all(torch.equal(snaps["group0"][key][k], snaps[later][key][k]) for k in snaps["group0"][key])
+    # group 1 and the 0+1 head are frozen from stage 3 on; group 2 changes in stage 3
+    assert all(torch.equal(snaps["group1"]["g1"][k], snaps["group2"]["g1"][k]) for k in snaps["group1"]["g1"])
+    assert all(torch.equal(snaps["group1"]["h01"][k], snaps["subset_heads"]["h01"][k])
+               for k in snaps["group1"]["h01"])
+    assert not all(torch.equal(snaps["group1"]["g2"][k], snaps["group2"]["g2"][k]) for k in snaps["group1"]["g2"])
+
+
+def test_training_is_deterministic_and_learns():
+    ds = data.load_split(None, "train")
+    cfg = TrainConfig("dynamic", 2, Widths(8, 16, 32), epochs=2, limit=1000, seed=7)
+    a, _ = train(cfg, ds, progress=False)
+    b, _ = train(cfg, ds, progress=False)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    acc = accuracy_report(a, "dynamic", data.load_split(None, "test").take(300))
+    assert set(acc["subsets"]) == {"1", "2"}
+    assert acc["full"] > 60.0  # 1000 images, two epochs: far above chance (10 %)
+
+
+def test_fluid_report_has_every_subset_and_both_combiners():
+    cfg = TrainConfig("fluid", 2, Widths(4, 8, 16), epochs=1, limit=256, seed=0)
+    model, log = train(cfg, data.load_split(None, "train"), progress=False)
+    acc = accuracy_report(model, "fluid", data.load_split(None, "test").take(100))
+    assert set(acc["subsets"]) == {"0", "1", "0+1"} and set(acc["subsets_avg"]) == {"0+1"}
+    assert acc["full"] == acc["subsets"]["0+1"]
+    assert log["train_images"] == 256 and log["train_seconds"] > 0

@@ -33,8 +33,8 @@ _FAILURE_CLASSES = {getattr(MPI, n) for n in ("ERR_PROC_FAILED", "ERR_PROC_FAILE
 def ft_enabled() -> bool:
     """True when Open MPI's ULFM support is switched on for this process (``--with-ft ulfm``, the
     environment, or an MCA parameter file -- ``scripts/setup.sh`` writes the venv's)."""
-    if os.environ.get("OMPI_MCA_mpi_ft_enable", "").strip().lower() in ("1", "true", "yes"):
-        return True
+    if "OMPI_MCA_mpi_ft_enable" in os.environ:  # the environment overrides the files
+        return os.environ["OMPI_MCA_mpi_ft_enable"].strip().lower() in ("1", "true", "yes")
     files = [Path.home() / ".openmpi" / "mca-params.conf"]
     if os.environ.get("OPAL_PREFIX"):
         files.append(Path(os.environ["OPAL_PREFIX"]) / "etc" / "openmpi-mca-params.conf")

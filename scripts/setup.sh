@@ -26,4 +26,8 @@ if [ -d .venv/etc ]; then
     grep -q '^state_base_recoverable' .venv/etc/prte-mca-params.conf 2>/dev/null ||
         printf '\n# fluid-mpi: ULFM fault tolerance\nstate_base_recoverable = 1\nstate_base_notify_errors = 1\n' \
             >> .venv/etc/prte-mca-params.conf
+    # more ranks than cores (a 3-rank test on 2 cores): no core binding, oversubscription allowed
+    grep -q '^hwloc_default_binding_policy' .venv/etc/prte-mca-params.conf ||
+        printf 'hwloc_default_binding_policy = none\nrmaps_default_mapping_policy = :oversubscribe\n' \
+            >> .venv/etc/prte-mca-params.conf
 fi

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -146,6 +147,27 @@ def infer(**kw) -> None:
 
     code, finalize = run_infer(InferOptions(**kw))
     faults.planned_exit(code, finalize)  # with ULFM: os._exit, never hang in MPI_Finalize after a failure
+
+
+@cli.command()
+@click.option("--quick", is_flag=True, help="Embedded data, 1 epoch, 2 repetitions: about 2 minutes.")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/bench", show_default=True)
+@DATA_DIR
+@click.option("--parts", "-k", type=click.IntRange(2, 8), default=2, show_default=True, help="K ranks.")
+def bench(quick, out, data_dir, parts) -> None:
+    """Reproduce the paper's comparison: throughput, accuracy, failures (launches mpirun itself).
+
+    Writes OUT/results.json, OUT/results.md and PNG plots.
+    """
+    from .bench import BenchConfig, run_bench
+
+    results = run_bench(BenchConfig.make(out, data_dir, parts, quick))
+    q = results["ratios"]
+    for b in (key for key in q if key.isdigit()):
+        click.echo(f"batch {b}: Fluid HT / Static {q[b]['fluid_ht_over_static']}x, Fluid HT / Dynamic "
+                   f"{q[b]['fluid_ht_over_dynamic']}x, Fluid HT / limit {q[b]['fluid_ht_over_limit']}")
+    click.echo(f"Fluid HA - Static accuracy: {q['fluid_ha_minus_static_pp']:+.2f} pp; "
+               f"report: {Path(out) / 'results.md'}")
 
 
 def main() -> None:

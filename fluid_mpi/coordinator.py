@@ -27,6 +27,10 @@ from .protocol import CMD_FEATURES, CMD_LOGITS, CMD_STOP, Job, failure_record, h
 from .scheduler import WorkQueue, fluid_subset, split_batches
 
 
+class FrozenRemote(Exception):
+    """A rank on another host stopped answering; it cannot be killed from here, so the run stops."""
+
+
 class FluidCoordinator:
     """State of one coordinator run; :meth:`run` returns the run's outcome for the summary."""
 
@@ -41,6 +45,7 @@ class FluidCoordinator:
         self.handles: dict[int, object] = {}
         self.answered_batches = 0
         self.events: list[dict] = []  # subset changes etc., for the summary
+        self.killed: set[int] = set()  # frozen ranks already sent SIGKILL
 
     # --- helpers ------------------------------------------------------------------------------------
     def workers(self) -> list[int]:
@@ -87,7 +92,7 @@ class FluidCoordinator:
         lost = self.t.recover()
         for w in lost:
             self.failures.append(failure_record(w, self.job.stamp_dir, t_detect, self.last_contact.get(w),
-                                                None))
+                                                None, self.sink.t0))
             print(f"fluid-mpi: rank {w} failed ({self.failures[-1]['how']}); continuing on "
                   f"{len(self.t.members)} of {len(before)} ranks", file=sys.stderr, flush=True)
         self.handles = {}
@@ -97,24 +102,33 @@ class FluidCoordinator:
     def check_frozen(self, overdue: list[int]) -> None:
         """Kill workers that held a batch past the deadline (a frozen device), if they are on this host."""
         for w in overdue:
+            if w in self.killed:
+                continue  # killed already; ULFM reports it within tens of ms
             host, pid = self.hosts.get(w, ("?", 0))
             if host == socket.gethostname() and pid:
                 print(f"fluid-mpi: rank {w} silent for {self.job.rank_timeout:g} s: treating it as frozen, "
                       f"killing pid {pid}", file=sys.stderr, flush=True)
                 self.t.kill(pid)
+                self.killed.add(w)
             else:
-                raise PeerFailure(f"rank {w} on {host} is unresponsive and cannot be killed from here", (w,))
-            self.last_contact[w] = time.time()
+                raise FrozenRemote(f"rank {w} on {host} has been silent for {self.job.rank_timeout:g} s and "
+                                   "cannot be killed from here; stopping (ULFM cannot exclude a live process)")
 
     # --- the two modes ------------------------------------------------------------------------------
     def run(self) -> dict:
         for w in self.workers():
             self.post(w)
         t0 = time.perf_counter()
-        if self.job.mode == "ht":
-            self._run_ht()
-        else:
-            self._run_ha()
+        status, message = "ok", ""
+        try:
+            self._run_ht() if self.job.mode == "ht" else self._run_ha()
+        except FrozenRemote as exc:
+            status, message = "failed", str(exc)
+            print(f"fluid-mpi: {message}", file=sys.stderr, flush=True)
+            self.t.revoke()  # the workers give up within seconds (their shrink watchdog)
+            return {"elapsed_s": time.perf_counter() - t0, "failures": self.failures,
+                    "ranks_end": len(self.t.members), "events": self.events, "status": status,
+                    "message": message}
         elapsed = time.perf_counter() - t0
         for w in self.workers():
             self.t.send(self.comm_rank(w), header(CMD_STOP, 0, 0, 0), np.zeros(0, np.uint8))

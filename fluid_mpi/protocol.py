@@ -78,12 +78,17 @@ def read_death(stamp_dir: str, world_rank: int) -> dict | None:
 
 
 def failure_record(world_rank: int, stamp_dir: str, t_detect: float, last_contact: float | None,
-                   after_batch: int | None) -> dict:
-    """One entry of the summary's ``failures`` list."""
+                   after_batch: int | None, run_t0: float | None = None) -> dict:
+    """One entry of the summary's ``failures`` list. ``at_s``: when it was detected, in seconds since
+    the run started (``run_t0`` is a ``perf_counter`` reading), to line up with the timeline."""
     note = read_death(stamp_dir, world_rank)
     if note:
-        return {"rank": world_rank, "after_batch": note["after_batch"], "how": note["how"],
-                "detected_ms": round(1000 * (t_detect - note["t"]), 1), "detected_from": "death stamp"}
-    since = None if last_contact is None else round(1000 * (t_detect - last_contact), 1)
-    return {"rank": world_rank, "after_batch": after_batch, "how": "unknown",
-            "detected_ms": since, "detected_from": "last contact"}
+        rec = {"rank": world_rank, "after_batch": note["after_batch"], "how": note["how"],
+               "detected_ms": round(1000 * (t_detect - note["t"]), 1), "detected_from": "death stamp"}
+    else:
+        since = None if last_contact is None else round(1000 * (t_detect - last_contact), 1)
+        rec = {"rank": world_rank, "after_batch": after_batch, "how": "unknown",
+               "detected_ms": since, "detected_from": "last contact"}
+    if run_t0 is not None:
+        rec["at_s"] = round(time.perf_counter() - run_t0 - (time.time() - t_detect), 4)
+    return rec

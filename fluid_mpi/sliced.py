@@ -133,7 +133,8 @@ class SlicedRun:
         t_detect = time.time()
         lost = self.t.recover()
         for w in lost:
-            self.failures.append(failure_record(w, self.job.stamp_dir, t_detect, None, self.answered))
+            self.failures.append(failure_record(w, self.job.stamp_dir, t_detect, None, self.answered,
+                                                self.sink.t0 if self.sink else None))
         new_width = dynamic_width(self.t.members, self.width) if self.job.family == "dynamic" else 0
         lost_txt = ", ".join(f"rank {w} (slice {w})" for w in lost)
         if new_width == 0 or self.job.family == "static":

@@ -1,0 +1,74 @@
+"""Launching ``mpirun ... fluid-mpi infer`` from Python (the benchmark and the tests): its own process
+group, a hard timeout after which the whole group is killed, and the JSON outputs read back."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def find_mpirun() -> str | None:
+    """$MPIEXEC, else the mpirun beside this Python (the venv's Open MPI), else the one on PATH."""
+    if os.environ.get("MPIEXEC"):
+        return os.environ["MPIEXEC"]
+    local = Path(sys.executable).parent / "mpirun"
+    return str(local) if local.exists() else shutil.which("mpirun")
+
+
+def mpi_env() -> dict:
+    """This environment plus what a root user and one-thread ranks need."""
+    env = dict(os.environ)
+    env.update({"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+                "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+@dataclass
+class Launched:
+    """What one mpirun left: exit code (None when killed at the timeout), output, wall time, and the
+    summary and predictions it wrote."""
+
+    returncode: int | None
+    stdout: str
+    stderr: str
+    seconds: float
+    summary: dict | None
+    predictions: list[dict]
+
+
+def run_infer(np_: int, args: list[str], out_dir: Path, name: str, timeout: float = 120, ft: bool = True,
+              extra_mpi: list[str] | None = None, with_logits: bool = False) -> Launched:
+    """``mpirun -np N fluid-mpi infer ARGS --summary OUT/NAME.json --predictions OUT/NAME.jsonl``."""
+    mpirun = find_mpirun()
+    if mpirun is None:
+        raise FileNotFoundError("no mpirun found: run scripts/setup.sh (it installs Open MPI 5 from PyPI)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary, preds = out_dir / f"{name}.json", out_dir / f"{name}.jsonl"
+    for stale in (summary, preds):
+        stale.unlink(missing_ok=True)
+    cmd = [mpirun, "-np", str(np_), "--oversubscribe", "--bind-to", "none"]
+    cmd += (["--with-ft", "ulfm"] if ft else []) + (extra_mpi or [])
+    cmd += [sys.executable, "-m", "fluid_mpi.cli", "infer", *args, "--summary", str(summary),
+            "--predictions", str(preds), "-q"] + (["--with-logits"] if with_logits else [])
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=mpi_env(),
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        rc = None
+    seconds = time.monotonic() - t0
+    data = json.loads(summary.read_text()) if summary.exists() else None
+    lines = []
+    if preds.exists():
+        lines = [json.loads(line) for line in preds.read_text().splitlines() if line.endswith("}")]
+    return Launched(rc, out, err, seconds, data, lines)

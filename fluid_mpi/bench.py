@@ -32,7 +32,7 @@ class BenchConfig:
     @classmethod
     def make(cls, out, data_dir, parts, quick) -> "BenchConfig":
         if quick:  # embedded data, tiny training, few repetitions: about two minutes
-            return cls(Path(out), data_dir, parts, True, epochs=1, kill_reps=2, limit_b1=300)
+            return cls(Path(out), data_dir, parts, True, epochs=2, kill_reps=2, limit_b1=300)
         return cls(Path(out), data_dir, parts)
 
 
@@ -56,7 +56,7 @@ def ensure_checkpoints(cfg: BenchConfig, bar) -> dict[str, Path]:
         except Exception:  # missing or stale: train anew
             pass
         train_ds = train_ds or data.load_split(cfg.data_dir, "train")
-        tcfg = TrainConfig(family, cfg.parts, Widths(), cfg.epochs, limit=2000 if cfg.quick else None)
+        tcfg = TrainConfig(family, cfg.parts, Widths(), cfg.epochs)
         model, log = train(tcfg, train_ds, progress=False)
         meta = {"family": family, "parts": cfg.parts, "widths": tcfg.widths.as_dict(), "train": tcfg.as_dict(),
                 "log": log, "accuracy": accuracy_report(model, family, test), "test_data": test.source}
@@ -129,6 +129,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         bar.update(3)
         results["accuracy"] = {f: checkpoint.load_meta(p)["accuracy"] for f, p in ckpts.items()}
         results["data"] = checkpoint.load_meta(ckpts["fluid"])["test_data"]
+        n_images = len(data.load_split(cfg.data_dir, "test"))
         for b in cfg.batch_sizes:
             limit = ["--limit", str(cfg.limit_b1)] if b == 1 and cfg.limit_b1 else []
             bar.set_description(f"reference b={b}")
@@ -149,12 +150,12 @@ def run_bench(cfg: BenchConfig) -> dict:
             for victim in range(k):
                 bar.set_description(f"kill rank {victim}: {family} {variant}")
                 name = f"fail-{family}-{variant}-r{victim}".replace(" ", "")
-                r = run_infer(k, args + ["--kill-rank", str(victim), "-b", "64"], runs, name, timeout=60)
+                r = run_infer(k, args + ["--kill-rank", str(victim), "-b", "64"], runs, name, timeout=30)
                 s = r.summary or {}
                 entry = {"family": family, "variant": variant, "victim": victim, "returncode": r.returncode,
                          "status": s.get("status", "stopped (coordinator lost)"),
                          "continued": bool(s) and s.get("status") == "ok",
-                         "answered": len(r.predictions), "images": s.get("images"),
+                         "answered": len(r.predictions), "images": s.get("images", n_images),
                          "accuracy": s.get("accuracy"),
                          "detected_ms": (s.get("failures") or [{}])[0].get("detected_ms"),
                          "takeover": s.get("takeover"), "message": s.get("message", r.stderr.strip()[-200:])}

@@ -94,6 +94,7 @@ def _run(t, opts: InferOptions) -> int:
         if meta["family"] == "fluid" and opts.mode not in ("ha", "ht"):
             raise LaunchError(f"--mode must be ha or ht, not {opts.mode}")
         part, _ = load_part(opts.checkpoint, rank)
+        _warm_up(part)
     except FluidError as exc:
         error = str(exc)
     # every rank learns every rank's error, so all of them stop together (no rank left waiting)
@@ -126,6 +127,18 @@ def _run(t, opts: InferOptions) -> int:
 
         return SlicedRun(t, part, empty, hosts=hosts).serve()
     return _serve_fluid(t, part, meta, opts, job_kw, hosts, size, empty)
+
+
+def _warm_up(part) -> None:
+    """One forward on a blank batch, so torch's first-call set-up is not charged to the first input."""
+    import torch
+
+    with torch.no_grad():
+        x = torch.zeros(1, 1, 28, 28)
+        if hasattr(part, "trunk"):
+            part.head(part.trunk(x))
+        else:
+            part.stage(0, x)
 
 
 def _load_inputs(opts: InferOptions, skip: set[int] | None = None):

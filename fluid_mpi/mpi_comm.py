@@ -23,6 +23,7 @@ import numpy as np
 from mpi4py import MPI
 
 from .errors import PeerFailure
+from .faults import note_failure
 
 HDR = 4  # header: four int64
 TAG_HDR, TAG_PAY = 11, 12
@@ -211,6 +212,7 @@ class MpiTransport:
         it) ends this process with exit code 3 after ``timeout`` seconds instead of blocking forever.
         (A watchdog thread, because ``Ishrink`` failed with MPI_ERR_INTERN in Open MPI 5.0.11 here.)
         """
+        note_failure()
         try:
             self.comm.Revoke()
         except MPI.Exception:

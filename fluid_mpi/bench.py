@@ -119,6 +119,7 @@ def after_failure(summary: dict, preds: list[dict]) -> dict:
 def run_bench(cfg: BenchConfig) -> dict:
     """Every measurement; returns (and writes) the results dict."""
     k, runs = cfg.parts, cfg.out / "runs"
+    data_args = ["--data-dir", str(cfg.data_dir)] if cfg.data_dir else []
     t_start = time.perf_counter()
     results: dict = {"config": {**asdict(cfg), "out": str(cfg.out)}, "throughput": [], "failures": [],
                      "detection": {}}
@@ -138,7 +139,7 @@ def run_bench(cfg: BenchConfig) -> dict:
             for family, variant, args in throughput_scenarios(ckpts, k):
                 bar.set_description(f"{family} {variant} b={b}")
                 name = f"tp-{family}-{variant}-b{b}".replace(" ", "")
-                r = run_infer(k, args + ["-b", str(b)] + limit, runs, name)
+                r = run_infer(k, args + data_args + ["-b", str(b)] + limit, runs, name)
                 s = r.summary or {}
                 results["throughput"].append({"family": family, "variant": variant, "batch": b,
                                               "images_per_s": s.get("images_per_s"), "accuracy": s.get("accuracy"),
@@ -150,7 +151,8 @@ def run_bench(cfg: BenchConfig) -> dict:
             for victim in range(k):
                 bar.set_description(f"kill rank {victim}: {family} {variant}")
                 name = f"fail-{family}-{variant}-r{victim}".replace(" ", "")
-                r = run_infer(k, args + ["--kill-rank", str(victim), "-b", "64"], runs, name, timeout=30)
+                r = run_infer(k, args + data_args + ["--kill-rank", str(victim), "-b", "64"], runs, name,
+                              timeout=30)
                 s = r.summary or {}
                 entry = {"family": family, "variant": variant, "victim": victim, "returncode": r.returncode,
                          "status": s.get("status", "stopped (coordinator lost)"),
@@ -171,7 +173,7 @@ def run_bench(cfg: BenchConfig) -> dict:
             for rep in range(cfg.kill_reps):
                 bar.set_description(f"detection {how} {rep + 1}/{cfg.kill_reps}")
                 args = ["-c", str(ckpts["fluid"]), "--mode", "ht", "--kill-rank", "1", "--kill-how", how,
-                        "--rank-timeout", str(cfg.rank_timeout), "--limit", "3000"]
+                        "--rank-timeout", str(cfg.rank_timeout), "--limit", "3000"] + data_args
                 r = run_infer(k, args, runs, f"detect-{how}", timeout=60)
                 f = ((r.summary or {}).get("failures") or [{}])[0]
                 if f.get("detected_ms") is not None:

@@ -47,20 +47,22 @@ class PredictionSink:
     def write(self, indices: np.ndarray, labels: np.ndarray, logits: np.ndarray, rank: int,
               extra: dict | None = None) -> None:
         """Record one answered batch; an index answered before counts as a duplicate and is not written."""
-        preds = logits.argmax(1)
+        preds = logits.argmax(1).tolist()
+        labels = labels.tolist()
+        # per-batch fields formatted once; the lines themselves by hand (json.dumps per line cost
+        # ~10 % of the coordinator's time in High-Throughput runs)
+        tail = "".join(f", {json.dumps(k)}: {json.dumps(v)}" for k, v in (extra or {}).items())
         lines = []
         for i, idx in enumerate(indices.tolist()):
             if idx in self.answered:
                 self.duplicates += 1
                 continue
             self.answered.add(idx)
-            self.correct += int(preds[i] == labels[i])
-            rec = {"index": idx, "label": int(labels[i]), "pred": int(preds[i]), "rank": rank}
-            if extra:
-                rec.update(extra)
+            self.correct += preds[i] == labels[i]
+            line = f'{{"index": {idx}, "label": {labels[i]}, "pred": {preds[i]}, "rank": {rank}{tail}'
             if self.with_logits:
-                rec["logits"] = [round(float(v), 6) for v in logits[i]]
-            lines.append(json.dumps(rec))
+                line += ', "logits": [' + ", ".join(f"{float(v):.6g}" for v in logits[i]) + "]"
+            lines.append(line + "}")
         self.timeline.append((round(time.perf_counter() - self.t0, 4), len(indices)))
         if self._fh is not None and lines:
             self._fh.write("\n".join(lines) + "\n")

@@ -249,3 +249,4 @@ class MpiTransport:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+

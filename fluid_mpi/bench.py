@@ -201,6 +201,8 @@ def ratios(results: dict) -> dict:
         lim = results["reference"][b]["limit"]
         out[b] = {"fluid_ht_over_static": round(ht / max(tp.get(("static", "split"), 0), 1e-9), 2),
                   "fluid_ht_over_dynamic": round(ht / max(tp.get(("dynamic", f"width {k}"), 0), 1e-9), 2),
+                  "fluid_ht_over_dynamic_best": round(ht / max([v for (f, _), v in tp.items() if f == "dynamic"]
+                                                               + [1e-9]), 2),
                   "fluid_ht_over_limit": round(ht / max(lim, 1e-9), 2)}
     acc = results["accuracy"]
     out["fluid_ha_minus_static_pp"] = round(acc["fluid"]["full"] - acc["static"]["full"], 2)

@@ -161,7 +161,8 @@ def _coordinate(t, part, meta, opts, job_kw, hosts, size, takeover_from: list[in
         t.revoke()  # the workers are waiting for work: wake them so they can stop
         return 2
     job = Job(images=ds.images[idx], labels=ds.labels[idx], indices=idx, total_images=len(ds), **job_kw)
-    sink = PredictionSink(opts.predictions, append=bool(takeover_from), with_logits=opts.with_logits)
+    sink = PredictionSink(opts.predictions, append=bool(takeover_from), with_logits=opts.with_logits,
+                          progress_total=None if opts.quiet else len(idx))
     if meta["family"] == "fluid":
         from .coordinator import FluidCoordinator
 

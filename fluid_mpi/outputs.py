@@ -30,8 +30,14 @@ def answered_indices(path: str | os.PathLike) -> set[int]:
 class PredictionSink:
     """Counts answers (exactly once per input) and writes them as JSON lines when a path is given."""
 
-    def __init__(self, path: str | os.PathLike | None, append: bool = False, with_logits: bool = False):
+    def __init__(self, path: str | os.PathLike | None, append: bool = False, with_logits: bool = False,
+                 progress_total: int | None = None):
         self.path, self.with_logits = path, with_logits
+        self.bar = None
+        if progress_total:  # a progress bar on stderr (rank 0 only; -q turns it off)
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=progress_total, unit="img", desc="infer", leave=False)
         self.answered: set[int] = set()
         self.duplicates = 0
         self.correct = 0
@@ -64,11 +70,15 @@ class PredictionSink:
                 line += ', "logits": [' + ", ".join(f"{float(v):.6g}" for v in logits[i]) + "]"
             lines.append(line + "}")
         self.timeline.append((round(time.perf_counter() - self.t0, 4), len(indices)))
+        if self.bar is not None:
+            self.bar.update(len(indices))
         if self._fh is not None and lines:
             self._fh.write("\n".join(lines) + "\n")
             self._fh.flush()  # an answer written before a failure is kept
 
     def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
         if self._fh is not None:
             self._fh.close()
             self._fh = None

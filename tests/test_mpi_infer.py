@@ -1,7 +1,7 @@
 """`mpirun fluid-mpi infer` in subprocesses: distributed predictions equal the in-process model's."""
 import pytest
 
-from conftest import run_mpi
+from conftest import REPO, run_mpi
 from helpers import check_against, reference_logits
 
 pytestmark = pytest.mark.mpi
@@ -91,3 +91,16 @@ def test_warns_when_fault_tolerance_is_off(ckpts, tmp_path):
                   extra_mpi=["--mca", "mpi_ft_enable", "0", "-x", "OMPI_MCA_mpi_ft_enable=0"])
     assert res.returncode == 0, res.stderr
     assert "fault tolerance is OFF" in res.stderr and "--with-ft ulfm" in res.stderr
+
+
+def test_plain_mpirun_is_fault_tolerant_with_the_venv_config(ckpts, tmp_path):
+    """The README's plain `mpirun -np 2 ... fluid-mpi infer` (no --with-ft): scripts/setup.sh switched
+    ULFM on in the venv's MCA files, so there is no warning and a killed rank is survived."""
+    from fluid_mpi.launch import find_mpirun
+
+    if not (find_mpirun() or "").startswith(str(REPO / ".venv")):
+        pytest.skip("not the venv's Open MPI: its MCA files are not ours")
+    res = run_mpi(2, ["-c", str(ckpts("fluid", 2)), "--limit", "64", "-b", "16", "--kill-rank", "1"], tmp_path,
+                  ft=False)
+    assert res.returncode == 0 and "fault tolerance is OFF" not in res.stderr, res.stderr
+    assert res.summary["answered"] == 64 and [f["rank"] for f in res.summary["failures"]] == [1]

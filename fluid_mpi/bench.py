@@ -5,7 +5,6 @@ It is a driver, run directly (not under mpirun): it trains or reuses the three c
 ``results.json``, ``results.md`` and PNG plots (see ``report.py``)."""
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from dataclasses import asdict, dataclass

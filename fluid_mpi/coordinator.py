@@ -119,16 +119,14 @@ class FluidCoordinator:
         for w in self.workers():
             self.post(w)
         t0 = time.perf_counter()
-        status, message = "ok", ""
         try:
             self._run_ht() if self.job.mode == "ht" else self._run_ha()
         except FrozenRemote as exc:
-            status, message = "failed", str(exc)
-            print(f"fluid-mpi: {message}", file=sys.stderr, flush=True)
+            print(f"fluid-mpi: {exc}", file=sys.stderr, flush=True)
             self.t.revoke()  # the workers give up within seconds (their shrink watchdog)
             return {"elapsed_s": time.perf_counter() - t0, "failures": self.failures,
-                    "ranks_end": len(self.t.members), "events": self.events, "status": status,
-                    "message": message}
+                    "ranks_end": len(self.t.members), "events": self.events, "status": "failed",
+                    "message": str(exc)}
         elapsed = time.perf_counter() - t0
         for w in self.workers():
             self.t.send(self.comm_rank(w), header(CMD_STOP, 0, 0, 0), np.zeros(0, np.uint8))

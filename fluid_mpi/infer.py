@@ -3,7 +3,6 @@ computes its own part. This module wires options, checks, roles and outputs toge
 ``coordinator.py`` / ``worker.py`` (Fluid) and ``sliced.py`` (Static, Dynamic)."""
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -93,6 +92,9 @@ def _run(t, opts: InferOptions) -> int:
         width, where = plan_layout(meta["family"], meta["parts"], size, opts.width)
         if meta["family"] == "fluid" and opts.mode not in ("ha", "ht"):
             raise LaunchError(f"--mode must be ha or ht, not {opts.mode}")
+        beyond = sorted(r for r in opts.kill_rank if r >= size)
+        if beyond:
+            raise LaunchError(f"--kill-rank {beyond[0]}: there are only ranks 0..{size - 1}")
         part, _ = load_part(opts.checkpoint, rank)
         _warm_up(part)
     except FluidError as exc:

@@ -249,4 +249,3 @@ class MpiTransport:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-

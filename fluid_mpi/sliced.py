@@ -19,7 +19,7 @@ from .data import to_tensor_batch
 from .errors import PeerFailure
 from .faults import die, frozen
 from .partition import N_STAGES, narrow
-from .protocol import CMD_RUN, CMD_STOP, IMAGE, Job, failure_record, header, stamp_death
+from .protocol import CMD_RUN, CMD_STOP, Job, failure_record, header, stamp_death
 from .scheduler import dynamic_width, split_batches
 
 EXIT_FAILED = 3
@@ -174,5 +174,3 @@ class SlicedRun:
                     hdr[:] = 0
                     continue  # the coordinator's STOP follows on the shrunk communicator
 
-
-__all__ = ["SlicedRun", "EXIT_FAILED", "IMAGE"]

@@ -48,7 +48,7 @@ def test_every_input_answered_once_without_failures(setup, mode):
     assert outcome["failures"] == [] and outcome["ranks_end"] == 3 and t.stops == {1, 2}
     x = to_tensor_batch(ds.images)
     with torch.no_grad():
-        for idx, (out, rank, groups) in logits.items():
+        for idx, (out, rank, _groups) in logits.items():
             want = model(x[idx:idx + 1]) if mode == "ha" else model(x[idx:idx + 1], (rank,))
             assert torch.allclose(torch.from_numpy(out), want[0], atol=1e-5)
 

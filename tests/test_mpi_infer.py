@@ -65,6 +65,11 @@ def test_wrong_np_is_one_line_exit_2(ckpts, tmp_path, family, np_):
     assert "Traceback" not in res.stderr and res.summary is None
 
 
+def test_kill_rank_beyond_np_is_an_error(ckpts, tmp_path):
+    res = run_mpi(2, ["-c", str(ckpts("fluid", 2)), "--kill-rank", "5"], tmp_path, timeout=60)
+    assert res.returncode not in (0, None) and "--kill-rank 5: there are only ranks 0..1" in res.stderr
+
+
 def test_bad_checkpoint_exits_2_on_every_rank(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_text("nope")

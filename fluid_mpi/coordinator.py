@@ -56,7 +56,8 @@ class FluidCoordinator:
         return self.t.members.index(world)
 
     def post(self, world: int) -> None:
-        self.handles[world] = self.t.recv_start(self.comm_rank(world), self.job.batch_size * self.dim)
+        self.handles[world] = self.t.recv_start(self.comm_rank(world), self.job.batch_size * self.dim,
+                                                row=self.dim)
 
     def send_batch(self, world: int, batch: int, cmd: int) -> None:
         rows = self.batches[batch]
@@ -80,7 +81,7 @@ class FluidCoordinator:
     def reply(self, world: int):
         """(batch, payload rows) of a completed reply, and re-post the receive."""
         h = self.handles[world]
-        batch, n = int(h.header[0]), int(h.header[1])
+        batch, n = int(h.header[1]), int(h.header[2])
         out = h.payload[:n * self.dim].reshape(n, self.dim).copy()
         self.last_contact[world] = time.time()
         self.post(world)

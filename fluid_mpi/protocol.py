@@ -1,7 +1,7 @@
 """Message layout shared by the coordinator and the workers (plain numpy, no MPI).
 
 Work (coordinator -> worker): header ``[cmd, batch, n, arg]`` + payload uint8 images ``(n, 28, 28)``.
-Reply (worker -> coordinator): header ``[batch, n, kind, world_rank]`` + payload float32 ``(n, D)``
+Reply (worker -> coordinator): header ``[kind, batch, n, world_rank]`` + payload float32 ``(n, D)``
 (D = hidden features in HA, 10 logits in HT).
 """
 from __future__ import annotations

@@ -23,18 +23,21 @@ def serve_fluid(transport, part, job: Job, peer_alive=None) -> tuple[str, object
     t, plan = transport, job.faults
     coordinator = t.world_rank(0)
     answered = 0
-    handle = t.recv_start(0, job.batch_size * IMAGE, np.uint8)
+    def post():
+        return t.recv_start(0, job.batch_size * IMAGE, np.uint8, IMAGE)
+
+    handle = post()
     while True:
         try:
             while not t.wait(handle, timeout=2.0):
                 if peer_alive is not None and not peer_alive(coordinator):
                     raise PeerFailure("the coordinator's process is gone", (coordinator,))
-            cmd, batch, n, arg = (int(v) for v in handle.header)
+            cmd, batch, n, arg = (int(v) for v in handle.header[:4])
             if cmd == CMD_STOP:
                 t.flush_sends(timeout=2.0)
                 return "stop", arg
             imgs = handle.payload[:n * IMAGE].reshape(n, 28, 28).copy()
-            handle = t.recv_start(0, job.batch_size * IMAGE, np.uint8)  # the next batch may arrive meanwhile
+            handle = post()  # the next batch may arrive while this one is computed
             me = t.world_rank()
             # arg = the run's batch count, so the default --kill-after (halfway) is known here too
             if plan.should_die(me, answered, expected_share(arg, t.size, job.mode)):
@@ -43,10 +46,10 @@ def serve_fluid(transport, part, job: Job, peer_alive=None) -> tuple[str, object
             with torch.no_grad():
                 x = to_tensor_batch(imgs)
                 out = part.features(x) if cmd == CMD_FEATURES else part.logits(x)
-            t.send(0, header(batch, n, cmd, me), out.numpy())
+            t.send(0, header(cmd, batch, n, me), out.numpy())
             answered += 1
         except PeerFailure:
             lost = t.recover(timeout=5.0)  # exits with a clear line if the survivors cannot agree
             if coordinator in lost:
                 return "coordinator-lost", lost
-            handle = t.recv_start(0, job.batch_size * IMAGE, np.uint8)
+            handle = post()

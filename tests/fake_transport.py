@@ -49,10 +49,10 @@ class FakeTransport:
         x = to_tensor_batch(payload.reshape(n, 28, 28))
         with torch.no_grad():
             out = self.parts[w].features(x) if cmd == CMD_FEATURES else self.parts[w].logits(x)
-        self.replies[w].append((np.array([batch, n, cmd, w]), out.numpy().reshape(-1)))
+        self.replies[w].append((np.array([cmd, batch, n, w]), out.numpy().reshape(-1)))
         self.answered[w] += 1
 
-    def recv_start(self, source, max_items, dtype=np.float32):
+    def recv_start(self, source, max_items, dtype=np.float32, row=1):
         return FakeHandle(self.members[source])
 
     def ready(self, handle):

@@ -27,11 +27,12 @@ class BenchConfig:
     rank_timeout: float = 1.0
     batch_sizes: tuple[int, ...] = (1, 64)
     limit_b1: int | None = None  # images for batch-size-1 runs (all when None)
+    reps: int = 3  # throughput runs per row; the median is reported (the machines are shared and noisy)
 
     @classmethod
     def make(cls, out, data_dir, parts, quick) -> "BenchConfig":
         if quick:  # embedded data, tiny training, few repetitions: about two minutes
-            return cls(Path(out), data_dir, parts, True, epochs=2, kill_reps=2, limit_b1=300)
+            return cls(Path(out), data_dir, parts, True, epochs=2, kill_reps=2, limit_b1=300, reps=1)
         return cls(Path(out), data_dir, parts)
 
 
@@ -123,7 +124,7 @@ def run_bench(cfg: BenchConfig) -> dict:
     results: dict = {"config": {**asdict(cfg), "out": str(cfg.out)}, "throughput": [], "failures": [],
                      "detection": {}}
     n_fail = 4 * k
-    total = 3 + len(cfg.batch_sizes) * 6 + n_fail + 2 * cfg.kill_reps
+    total = 3 + len(cfg.batch_sizes) * (1 + 5 * cfg.reps) + n_fail + 2 * cfg.kill_reps
     with tqdm(total=total, desc="bench", unit="step") as bar:
         ckpts = ensure_checkpoints(cfg, bar)
         bar.update(3)
@@ -136,14 +137,17 @@ def run_bench(cfg: BenchConfig) -> dict:
             results.setdefault("reference", {})[str(b)] = reference_throughput(ckpts, cfg, b)
             bar.update(1)
             for family, variant, args in throughput_scenarios(ckpts, k):
-                bar.set_description(f"{family} {variant} b={b}")
-                name = f"tp-{family}-{variant}-b{b}".replace(" ", "")
-                r = run_infer(k, args + data_args + ["-b", str(b)] + limit, runs, name)
-                s = r.summary or {}
+                rates, s = [], {}
+                for rep in range(cfg.reps):
+                    bar.set_description(f"{family} {variant} b={b} ({rep + 1}/{cfg.reps})")
+                    name = f"tp-{family}-{variant}-b{b}".replace(" ", "")
+                    s = run_infer(k, args + data_args + ["-b", str(b)] + limit, runs, name).summary or {}
+                    rates.append(s.get("images_per_s") or 0.0)
+                    bar.update(1)
                 results["throughput"].append({"family": family, "variant": variant, "batch": b,
-                                              "images_per_s": s.get("images_per_s"), "accuracy": s.get("accuracy"),
-                                              "images": s.get("answered"), "status": s.get("status")})
-                bar.update(1)
+                                              "images_per_s": statistics.median(rates), "runs": rates,
+                                              "accuracy": s.get("accuracy"), "images": s.get("answered"),
+                                              "status": s.get("status")})
         for family, variant, args in throughput_scenarios(ckpts, k):
             if variant == "width 1":
                 continue

@@ -14,7 +14,7 @@ def markdown(r: dict) -> str:
     k = r["config"]["parts"]
     lines = [f"# fluid-mpi benchmark: K = {k} ranks", "",
              f"Data: {r['data']}. Wall time of the whole benchmark: {r['wall_s']} s.", "",
-             "## Throughput (images/s, no failure)", "",
+             f"## Throughput (images/s, no failure; median of {r['config'].get('reps', 1)} runs)", "",
              "| family | variant | " + " | ".join(f"batch {b}" for b in r["reference"]) + " |",
              "|---|---|" + "---:|" * len(r["reference"])]
     rows: dict = {}

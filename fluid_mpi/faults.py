@@ -117,14 +117,15 @@ def frozen(pid: int) -> bool:
 
 
 def alive_checker(hosts: list[tuple[str, int]]):
-    """``alive(world_rank)``: False only when that rank runs on this host and its process is gone
-    (or a zombie); ranks on other hosts are left to ULFM."""
+    """``alive(world_rank)``: False only when that rank runs on this host and its process is gone, a
+    zombie, or stopped (a frozen coordinator: the survivors then give up within seconds instead of
+    waiting forever); ranks on other hosts are left to ULFM."""
     import socket
 
     me = socket.gethostname()
 
     def alive(world_rank: int) -> bool:
         host, pid = hosts[world_rank]
-        return host != me or process_state(pid) not in ("", "Z", "X")
+        return host != me or process_state(pid) not in ("", "Z", "X", "T", "t")
 
     return alive

@@ -120,3 +120,15 @@ def test_coordinator_death_lowest_survivor_takes_over(ckpts, tmp_path, k, mode):
     assert sorted(p["index"] for p in res.predictions) == list(range(LIMIT))
     ref = fluid_refs(ckpt)  # one cache of reference logits per run
     check_against(res.predictions, lambda p: ref(p, mode))
+
+
+def test_frozen_coordinator_survivors_stop_within_seconds(ckpts, tmp_path):
+    """A stopped (not dead) rank 0 cannot be shrunk away: the survivor notices within 2 s, gives up
+    after its 5 s shrink deadline with one line, and nothing hangs."""
+    ckpt = ckpts("fluid", 2)
+    res = run_mpi(2, ["-c", str(ckpt), "--mode", "ht", "--limit", str(LIMIT), "-b", str(BATCH),
+                      "--kill-rank", "0", "--kill-after", "2", "--kill-how", "hang"], tmp_path, timeout=60)
+    assert "cannot agree with the survivors (a rank is frozen); stopping" in res.stderr, res.stderr[-1500:]
+    assert res.seconds < 30
+    answered = [p["index"] for p in res.predictions]  # the 2 batches rank 0 answered are kept
+    assert len(answered) == len(set(answered)) == 2 * BATCH

@@ -27,8 +27,10 @@ def fluid_refs(ckpt):
 
 
 def assert_survived(res, victims, k, how):
-    assert res.returncode == 0, res.stderr[-2000:]
+    # Exit 0 -- or, rarely (1 in ~50 runs with two simultaneous deaths), Open MPI 5.0.11's launcher
+    # lingering after every rank has finished and written its summary (docs/fault-tolerance.md).
     s = res.summary
+    assert res.returncode == 0 or (res.returncode is None and s and s["status"] == "ok"), res.stderr[-2000:]
     assert s["status"] == "ok" and s["answered"] == LIMIT and s["duplicates"] == 0
     assert sorted(p["index"] for p in res.predictions) == list(range(LIMIT))  # every input exactly once
     assert sorted(f["rank"] for f in s["failures"]) == sorted(victims)

@@ -87,7 +87,7 @@ class FluidCoordinator:
         self.post(world)
         return batch, out
 
-    def on_failure(self, exc: PeerFailure) -> None:
+    def on_failure(self) -> None:
         t_detect = time.time()
         before = list(self.t.members)
         lost = self.t.recover()
@@ -158,8 +158,8 @@ class FluidCoordinator:
                 elif not got:
                     self.t.pause()
                 self.check_frozen([w for w in q.overdue(job.rank_timeout) if w != self.me])
-            except PeerFailure as exc:
-                self.on_failure(exc)
+            except PeerFailure:
+                self.on_failure()
                 q.requeue_all()
 
     def _run_ha(self, depth: int = 2) -> None:
@@ -195,8 +195,8 @@ class FluidCoordinator:
                 if oldest is not None and time.monotonic() - sent_at[oldest] > job.rank_timeout:
                     self.check_frozen([w for w in self.workers() if w not in inflight[oldest]])
                     sent_at[oldest] = time.monotonic()
-            except PeerFailure as exc:
-                self.on_failure(exc)
+            except PeerFailure:
+                self.on_failure()
                 pending.extendleft(reversed(list(inflight)))
                 inflight.clear()
                 new = fluid_subset(self.t.members)

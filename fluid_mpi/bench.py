@@ -12,8 +12,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import checkpoint, data
-from .launch import run_infer
+from .model import checkpoint, data
+from .mpirun import run_infer
 
 
 @dataclass
@@ -38,9 +38,9 @@ class BenchConfig:
 
 def ensure_checkpoints(cfg: BenchConfig, bar) -> dict[str, Path]:
     """Train each family once per (data, K, epochs); reuse the checkpoint when it matches."""
-    from .evaluate import accuracy_report
-    from .models import Widths
-    from .train import TrainConfig, train
+    from .model.evaluate import accuracy_report
+    from .model.models import Widths
+    from .model.train import TrainConfig, train
 
     out = {}
     test = data.load_split(cfg.data_dir, "test")

@@ -50,9 +50,9 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the accuracy report as JSON.")
 def train(family, parts, data_dir, epochs, seed, batch_size, lr, limit, widths, out, as_json) -> None:
     """Train a model and write a checkpoint (nested incremental training for fluid)."""
-    from . import checkpoint, data, evaluate
-    from .models import Widths
-    from .train import TrainConfig, train as run_train
+    from .model import checkpoint, data, evaluate
+    from .model.models import Widths
+    from .model.train import TrainConfig, train as run_train
 
     try:
         values = [int(v) for v in widths.split(",")]
@@ -75,7 +75,7 @@ def train(family, parts, data_dir, epochs, seed, batch_size, lr, limit, widths, 
 
 
 def _report(meta: dict, acc: dict, as_json: bool) -> None:
-    from .evaluate import format_report
+    from .model.evaluate import format_report
 
     if as_json:
         click.echo(json.dumps({"family": meta["family"], "parts": meta["parts"], "accuracy": acc,
@@ -91,7 +91,7 @@ def _report(meta: dict, acc: dict, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def eval_cmd(ckpt, data_dir, limit, as_json) -> None:
     """Accuracy of CKPT: whole model, every width/subset, every sub-network alone."""
-    from . import checkpoint, data, evaluate
+    from .model import checkpoint, data, evaluate
 
     model, meta = checkpoint.load_checkpoint(ckpt)
     test_ds = data.load_split(data_dir, "test").take(limit)
@@ -104,7 +104,7 @@ def eval_cmd(ckpt, data_dir, limit, as_json) -> None:
 @click.option("--out-dir", type=click.Path(file_okay=False), required=True)
 def export(ckpt, out_dir) -> None:
     """Write one small file per rank (part-J.pt) so a device loads only its sub-network."""
-    from . import checkpoint
+    from .model import checkpoint
 
     for path in checkpoint.export_parts(ckpt, out_dir):
         click.echo(f"{path}\t{path.stat().st_size} bytes")
@@ -141,8 +141,8 @@ def infer(**kw) -> None:
     Without mpirun it runs as a single rank. Exit codes: 0 done (failures survived show in the
     summary), 2 bad input, 3 the run stopped after a failure (answers so far are kept).
     """
-    from . import faults
-    from .infer import InferOptions, run_infer
+    from .runtime import faults
+    from .runtime.infer import InferOptions, run_infer
 
     code, finalize = run_infer(InferOptions(**kw))
     faults.planned_exit(code, finalize)  # with ULFM: os._exit, never hang in MPI_Finalize after a failure

@@ -58,7 +58,7 @@ def markdown(r: dict) -> str:
 
 
 def _survivor_keys(k: int) -> list[str]:
-    from .models import all_subsets, subset_key
+    from .model.models import all_subsets, subset_key
 
     return [subset_key(s) for s in all_subsets(k) if len(s) < k]
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from fluid_mpi.launch import Launched, find_mpirun, run_infer
+from fluid_mpi.mpirun import Launched, find_mpirun, run_infer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
@@ -20,9 +20,9 @@ def run_mpi(np_: int, args: list[str], tmp: Path, timeout: float = 90, ft: bool 
 
 
 def _train(tmp_path_factory, family: str, parts: int, limit: int = 800, epochs: int = 1) -> Path:
-    from fluid_mpi import checkpoint, data
-    from fluid_mpi.evaluate import accuracy_report
-    from fluid_mpi.train import TrainConfig, train
+    from fluid_mpi.model import checkpoint, data
+    from fluid_mpi.model.evaluate import accuracy_report
+    from fluid_mpi.model.train import TrainConfig, train
 
     cfg = TrainConfig(family, parts, epochs=epochs, limit=limit, seed=1)
     model, log = train(cfg, data.load_split(None, "train"), progress=False)

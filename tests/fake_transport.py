@@ -7,9 +7,9 @@ from collections import deque
 import numpy as np
 import torch
 
-from fluid_mpi.data import to_tensor_batch
+from fluid_mpi.model.data import to_tensor_batch
 from fluid_mpi.errors import PeerFailure
-from fluid_mpi.protocol import CMD_FEATURES, CMD_STOP
+from fluid_mpi.runtime.protocol import CMD_FEATURES, CMD_STOP
 
 
 class FakeHandle:

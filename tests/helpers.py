@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fluid_mpi import checkpoint
-from fluid_mpi.data import load_split, to_tensor_batch
+from fluid_mpi.model import checkpoint
+from fluid_mpi.model.data import load_split, to_tensor_batch
 
 
 def reference_logits(ckpt, limit: int, subset=None, width=None) -> np.ndarray:

@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from fluid_mpi.cli import cli
-from fluid_mpi.launch import find_mpirun
+from fluid_mpi.mpirun import find_mpirun
 
 pytestmark = pytest.mark.mpi
 

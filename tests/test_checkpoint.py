@@ -1,9 +1,9 @@
 """Checkpoints: round trip, per-rank export (each part loads alone), bad files."""
 import torch
 
-from fluid_mpi import checkpoint
+from fluid_mpi.model import checkpoint
 from fluid_mpi.errors import CheckpointError
-from fluid_mpi.partition import fluid_ha_forward, sliced_forward
+from fluid_mpi.model.partition import fluid_ha_forward, sliced_forward
 
 import pytest
 

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from fluid_mpi.coordinator import FluidCoordinator
-from fluid_mpi.data import load_split, to_tensor_batch
-from fluid_mpi.models import FluidCNN, Widths
-from fluid_mpi.outputs import PredictionSink
-from fluid_mpi.partition import FluidPart
-from fluid_mpi.protocol import Job
+from fluid_mpi.runtime.coordinator import FluidCoordinator
+from fluid_mpi.model.data import load_split, to_tensor_batch
+from fluid_mpi.model.models import FluidCNN, Widths
+from fluid_mpi.runtime.outputs import PredictionSink
+from fluid_mpi.model.partition import FluidPart
+from fluid_mpi.runtime.protocol import Job
 
 from fake_transport import FakeTransport
 

@@ -5,7 +5,7 @@ import struct
 import numpy as np
 import pytest
 
-from fluid_mpi import data
+from fluid_mpi.model import data
 from fluid_mpi.errors import DataError
 
 

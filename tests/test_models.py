@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from fluid_mpi.models import FluidCNN, SlicedCNN, Widths, all_subsets, build_model, subset_key
-from fluid_mpi.partition import FluidPart, SlicePart, fluid_ha_forward, narrow, sliced_forward
+from fluid_mpi.model.models import FluidCNN, SlicedCNN, Widths, all_subsets, build_model, subset_key
+from fluid_mpi.model.partition import FluidPart, SlicePart, fluid_ha_forward, narrow, sliced_forward
 
 
 @pytest.fixture

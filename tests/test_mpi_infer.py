@@ -79,7 +79,7 @@ def test_bad_checkpoint_exits_2_on_every_rank(tmp_path):
 
 
 def test_export_dir_runs_each_rank_on_its_own_file(ckpts, tmp_path):
-    from fluid_mpi.checkpoint import export_parts
+    from fluid_mpi.model.checkpoint import export_parts
 
     ckpt = ckpts("fluid", 2)
     export_parts(ckpt, tmp_path / "parts")
@@ -101,7 +101,7 @@ def test_warns_when_fault_tolerance_is_off(ckpts, tmp_path):
 def test_plain_mpirun_is_fault_tolerant_with_the_venv_config(ckpts, tmp_path):
     """The README's plain `mpirun -np 2 ... fluid-mpi infer` (no --with-ft): scripts/setup.sh switched
     ULFM on in the venv's MCA files, so there is no warning and a killed rank is survived."""
-    from fluid_mpi.launch import find_mpirun
+    from fluid_mpi.mpirun import find_mpirun
 
     if not (find_mpirun() or "").startswith(str(REPO / ".venv")):
         pytest.skip("not the venv's Open MPI: its MCA files are not ours")

@@ -1,6 +1,6 @@
 """The coordinator's bookkeeping, without MPI."""
-from fluid_mpi.faults import FaultPlan
-from fluid_mpi.scheduler import WorkQueue, dynamic_width, expected_share, fluid_subset, split_batches
+from fluid_mpi.runtime.faults import FaultPlan
+from fluid_mpi.runtime.scheduler import WorkQueue, dynamic_width, expected_share, fluid_subset, split_batches
 
 
 def test_split_batches():

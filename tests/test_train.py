@@ -1,10 +1,10 @@
 """Training: nested incremental training freezes earlier groups; runs are deterministic."""
 import torch
 
-from fluid_mpi import data
-from fluid_mpi.evaluate import accuracy_report
-from fluid_mpi.models import Widths
-from fluid_mpi.train import TrainConfig, train
+from fluid_mpi.model import data
+from fluid_mpi.model.evaluate import accuracy_report
+from fluid_mpi.model.models import Widths
+from fluid_mpi.model.train import TrainConfig, train
 
 
 def _snap(module):

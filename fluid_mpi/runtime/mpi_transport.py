@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from mpi4py import MPI
 
-from .errors import PeerFailure
+from ..errors import PeerFailure
 from .faults import note_failure
 
 HDR = 5  # header: four int64 fields of the protocol + the payload's CRC-32

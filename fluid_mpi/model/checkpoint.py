@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .models import FAMILIES, Widths, build_model
 from .partition import FluidPart, SlicePart, fluid_state, narrow, slice_state
 

@@ -1,4 +1,4 @@
-"""Rank 0's loop for Fluid runs, over any transport with the :class:`~fluid_mpi.mpi_comm.MpiTransport`
+"""Rank 0's loop for Fluid runs, over any transport with the :class:`~fluid_mpi.runtime.mpi_transport.MpiTransport`
 interface (tests pass a fake one).
 
 - HT: each worker holds up to ``credit`` batches; a reply is its request for more, so a slow device
@@ -19,8 +19,8 @@ from collections import OrderedDict, deque
 import numpy as np
 import torch
 
-from .data import to_tensor_batch
-from .errors import PeerFailure
+from ..model.data import to_tensor_batch
+from ..errors import PeerFailure
 from .faults import die
 from .outputs import PredictionSink
 from .protocol import CMD_FEATURES, CMD_LOGITS, CMD_STOP, Job, failure_record, header, stamp_death

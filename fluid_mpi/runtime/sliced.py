@@ -15,10 +15,10 @@ import time
 import numpy as np
 import torch
 
-from .data import to_tensor_batch
-from .errors import PeerFailure
+from ..model.data import to_tensor_batch
+from ..errors import PeerFailure
 from .faults import die, frozen
-from .partition import N_STAGES, narrow
+from ..model.partition import N_STAGES, narrow
 from .protocol import CMD_RUN, CMD_STOP, Job, failure_record, header, stamp_death
 from .scheduler import dynamic_width, split_batches
 

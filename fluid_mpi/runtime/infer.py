@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from . import faults
-from .errors import FluidError, LaunchError
+from ..errors import FluidError, LaunchError
 from .outputs import PredictionSink, answered_indices, human_summary, write_summary
 from .protocol import Job, failure_record
 
@@ -64,7 +64,7 @@ def plan_layout(family: str, parts: int, size: int, width: int | None) -> tuple[
 def run_infer(opts: InferOptions) -> tuple[int, bool]:
     """Run on this rank; returns the exit code and whether to finalize MPI normally (only without
     fault tolerance: with ULFM the process ends with os._exit, see faults.planned_exit)."""
-    from .mpi_comm import MpiTransport, ft_enabled  # starts MPI: keep it out of --help
+    from .mpi_transport import MpiTransport, ft_enabled  # starts MPI: keep it out of --help
 
     import faulthandler
     import signal
@@ -75,7 +75,7 @@ def run_infer(opts: InferOptions) -> tuple[int, bool]:
 
 
 def _run(t, opts: InferOptions) -> int:
-    from .mpi_comm import ft_enabled
+    from .mpi_transport import ft_enabled
 
     if t.size > 1:
         faults.install_unplanned_exit_guard()
@@ -85,7 +85,7 @@ def _run(t, opts: InferOptions) -> int:
     rank, size = t.rank, t.size
     part = meta = error = None
     try:
-        from .checkpoint import load_meta, load_part
+        from ..model.checkpoint import load_meta, load_part
 
         meta = load_meta(opts.checkpoint)
         width, where = plan_layout(meta["family"], meta["parts"], size, opts.width)
@@ -143,7 +143,7 @@ def _warm_up(part) -> None:
 
 
 def _load_inputs(opts: InferOptions, skip: set[int] | None = None):
-    from .data import load_split
+    from ..model.data import load_split
 
     ds = load_split(opts.data_dir, "test").take(opts.limit)
     idx = np.arange(len(ds))

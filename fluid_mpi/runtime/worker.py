@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .data import to_tensor_batch
-from .errors import PeerFailure
+from ..model.data import to_tensor_batch
+from ..errors import PeerFailure
 from .faults import die
 from .protocol import CMD_FEATURES, CMD_STOP, IMAGE, Job, header, stamp_death
 from .scheduler import expected_share

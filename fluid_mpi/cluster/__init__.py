@@ -1,0 +1,1 @@
+"""Cluster layer: the virtual cluster and the elastic launcher."""

@@ -171,6 +171,8 @@ def bench(quick, out, data_dir, parts) -> None:
 
 from .cluster.vcluster_cli import vcluster  # noqa: E402
 cli.add_command(vcluster)
+from .cluster.launch_cli import launch  # noqa: E402
+cli.add_command(launch)
 
 
 def main() -> None:

@@ -1,0 +1,285 @@
+"""The elastic driver's decisions (the Horovod Elastic / torchrun pattern): which hosts run the next
+attempt, when an attempt is over, when to relaunch, when to give up and when a returning host rejoins.
+
+Plain Python: MPI, processes and files come in through the ``Launcher``/``Outputs`` protocols, hosts are
+probed through a callable and time comes from a clock, so every decision is unit-tested with fakes
+(tests/test_elastic.py). ``runner.py`` provides the real ones.
+
+Why a driver at all (shared/MPI_NOTES.md): when a host's Open MPI daemon is lost (power cut) PRRTE ends
+the whole job within about a second, and a pulled cable hangs it for minutes. A process death on a live
+host is survived in-job by ULFM and needs nothing from here but a clean end.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+# exit codes of `fluid-mpi infer` (its `stop` event) and of `fluid-mpi launch`
+OK, BAD_INPUT, STOPPED, SILENT, DRAINED = 0, 2, 3, 4, 5
+INTERRUPTED = 130
+
+
+class Job(Protocol):
+    """One running mpirun."""
+
+    def poll(self) -> int | None: ...  # exit code once it ended
+    def drain(self) -> None: ...  # ask infer to stop at a safe point (exit 5)
+    def kill(self) -> None: ...  # end mpirun's whole process group now
+
+
+class Launcher(Protocol):
+    """Starts mpirun on a set of hosts and cleans hosts up."""
+
+    def start(self, hosts: Sequence[str], attempt: int) -> Job: ...
+    def cleanup(self, hosts: Sequence[str]) -> None: ...  # kill this run's processes on those hosts
+
+
+class Outputs(Protocol):
+    """The files the ranks write: events (JSON lines) and predictions."""
+
+    def new_events(self) -> list[dict]: ...  # events appended since the last call
+    def progress(self) -> int: ...  # grows whenever an answer is written (file size)
+    def answered(self) -> int: ...  # distinct input indices answered so far
+
+
+@dataclass
+class Clock:
+    """Time as the driver sees it: a monotonic ``now`` and a ``sleep``."""
+
+    now: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+
+
+@dataclass
+class Settings:
+    """Knobs of the driver, with the reason for every default."""
+
+    np: int
+    max_restarts: int = 3
+    # lost hosts are probed once a second: the issue's rejoin goal is 5 s, a probe costs ~10 ms
+    probe_every: float = 1.0
+    # after infer's `stop` event, mpirun normally exits within ~1 s (ranks os._exit, PRRTE tears its
+    # daemons down over TCP); after a survived death it may never exit (issue 9), so 3 s then kill
+    stop_grace: float = 3.0
+    # no answer and no event for this long: probe the hosts from outside. A pulled cable otherwise hangs
+    # the job for ~8 min (PRRTE's keepalive); infer's own --rank-timeout deadline should fire first
+    stall_timeout: float = 30.0
+    # a drain (SIGUSR2) finishes the in-flight batches: a few batch times; 10 s then kill and relaunch
+    drain_timeout: float = 10.0
+    # the loop's cadence: fine enough to time answers to 0.1 s, one stat() per tick
+    tick: float = 0.1
+
+
+@dataclass
+class Failure:
+    """One lost device (seen from outside) or one in-job failure (from infer's events)."""
+
+    host: str
+    fault: str  # lost daemon | silent | process exit | damaged message
+    detected_ms: float | None  # from the last answer before it (outside) or infer's own figure
+    source: str = "launcher"  # launcher | infer
+    wall_detected: float = field(default_factory=time.time)
+    next_answer_ms: float | None = None  # last answer before the fault -> first answer after it
+    last_answer: float | None = None  # monotonic time of the last answer before it (outside only)
+
+    def record(self) -> dict:
+        """The summary entry."""
+        return {"host": self.host, "fault": self.fault, "detected_ms": _ms(self.detected_ms),
+                "next_answer_ms": _ms(self.next_answer_ms), "seen_by": self.source,
+                "detected_at": round(self.wall_detected, 3)}
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+@dataclass
+class AttemptEnd:
+    """How one attempt ended: infer's code (from its `stop` event) or mpirun's, and why."""
+
+    code: int | None  # None: killed by the driver without a stop event
+    stop: dict | None  # infer's stop event, if any
+    reason: str  # exited | stalled | drained | interrupted | killed after stop
+    returned: list[str] = field(default_factory=list)  # lost hosts that answer again (rejoin)
+
+
+class Driver:
+    """Runs attempts until every input is answered or it gives up; see :meth:`run`."""
+
+    def __init__(self, hosts: Sequence[str], settings: Settings, launcher: Launcher, outputs: Outputs,
+                 probe: Callable[[Sequence[str]], dict[str, bool]], emit: Callable[..., None],
+                 clock: Clock | None = None, interrupted: Callable[[], bool] = lambda: False):
+        self.all_hosts, self.s = list(hosts), settings
+        self.launcher, self.outputs, self.probe, self.emit = launcher, outputs, probe, emit
+        self.clock, self.interrupted = clock or Clock(), interrupted
+        self.lost: dict[str, Failure] = {}
+        self.failures: list[Failure] = []
+        self.rejoins: list[dict] = []
+        self.attempts: list[dict] = []
+        self.start_info: dict = {}
+        self.last_answer: float | None = None
+        self._progress = 0
+        self._waiting: list = []  # failures and rejoins waiting for the next answer
+        self._returned_at: dict[str, float] = {}  # lost host -> when a probe first answered again
+
+    def active_hosts(self) -> list[str]:
+        """The hosts of the next attempt: hostfile order, lost ones left out, at most -np of them."""
+        return [h for h in self.all_hosts if h not in self.lost][: self.s.np]
+
+    def min_hosts(self) -> int:
+        """Static needs every slice (the width it started with); Fluid and Dynamic go on with one."""
+        return self.start_info.get("ranks", 1) if self.start_info.get("family") == "static" else 1
+
+    def run(self) -> tuple[int, str]:
+        """Attempts until done; returns (exit code, one-line message)."""
+        restarts = 0
+        attempt = 0
+        self._progress = self.outputs.progress()  # answers from before (--resume) are not new
+        while True:
+            hosts = self.active_hosts()
+            if len(hosts) < self.min_hosts() or not hosts:
+                return STOPPED, f"{len(hosts)} host(s) left, {self.min_hosts()} needed"
+            attempt += 1
+            if attempt > 1:
+                self.emit("relaunch", hosts=hosts, attempt=attempt, todo=self._todo())
+            end = self.watch(self.launcher.start(hosts, attempt), hosts)
+            self.attempts.append({"attempt": attempt, "hosts": hosts, "code": end.code, "reason": end.reason})
+            if end.reason == "interrupted":
+                self.launcher.cleanup(self.all_hosts)
+                return INTERRUPTED, "interrupted"
+            if end.code == OK and self._complete():
+                return OK, "every input answered"
+            if end.code == BAD_INPUT:
+                return BAD_INPUT, (end.stop or {}).get("message") or "infer rejected its input"
+            if end.code == STOPPED:
+                return STOPPED, (end.stop or {}).get("message") or "infer stopped after a failure"
+            if end.returned:  # rejoin: a drained (or drain-timed-out) attempt is not a failure
+                self.launcher.cleanup(hosts)
+                for host in end.returned:
+                    lost = self.lost.pop(host)
+                    item = {"host": host, "lost_at": round(lost.wall_detected, 3),
+                            "returned_at": self._returned_at.pop(host, self.clock.now())}
+                    self.rejoins.append(item)
+                    self._waiting.append(item)
+                continue
+            self._mark_lost(end, hosts)
+            self.launcher.cleanup(hosts)
+            restarts += 1
+            if restarts > self.s.max_restarts:
+                return STOPPED, f"gave up after {self.s.max_restarts} restart(s)"
+
+    def watch(self, job: Job, hosts: Sequence[str]) -> AttemptEnd:
+        """Follow one attempt until mpirun ends, is drained, or must be killed."""
+        now = self.clock.now
+        started = now()
+        seen = started  # last sign of life: an answer or an event
+        stop: dict | None = None
+        stop_at = drain_at = None
+        next_probe = started + self.s.probe_every
+        back: list[str] = []  # lost hosts that answered again, for which the attempt is being drained
+        while True:
+            if self.interrupted():
+                job.kill()
+                return AttemptEnd(None, stop, "interrupted")
+            for ev in self.outputs.new_events():
+                seen = now()
+                stop, stop_at = (ev, now()) if ev.get("event") == "stop" else (stop, stop_at)
+                self._infer_event(ev)
+            if self._answered_now():
+                seen = now()
+            code = job.poll()
+            if code is not None:
+                reason = "drained" if drain_at is not None else "exited"
+                return AttemptEnd(_code(stop, code), stop, reason, back)
+            if stop_at is not None and now() - stop_at > self.s.stop_grace:
+                job.kill()
+                return AttemptEnd(_code(stop, None), stop, "killed after stop", back)
+            if drain_at is not None and now() - drain_at > self.s.drain_timeout:
+                job.kill()
+                return AttemptEnd(None, stop, "drained", back)
+            if stop is None and drain_at is None and now() - seen > self.s.stall_timeout:
+                job.kill()
+                return AttemptEnd(None, None, "stalled")
+            lost = [h for h in self.all_hosts if h in self.lost]
+            if lost and stop is None and drain_at is None and now() >= next_probe:
+                next_probe = now() + self.s.probe_every
+                returned = [h for h, ok in self.probe(lost).items() if ok]
+                for host in returned:
+                    self._returned_at.setdefault(host, now())
+                if returned and len(hosts) < self.s.np:
+                    job.drain()
+                    drain_at, back = now(), returned
+            self.clock.sleep(self.s.tick)
+
+    def _answered_now(self) -> bool:
+        """Note a new answer; close the figures of failures and rejoins that were waiting for one."""
+        size = self.outputs.progress()
+        if size <= self._progress:
+            return False
+        self._progress = size
+        t = self.clock.now()
+        for item in self._waiting:
+            if isinstance(item, Failure):
+                if item.last_answer is not None:
+                    item.next_answer_ms = (t - item.last_answer) * 1000
+            else:
+                item["ms"] = round((t - item.pop("returned_at")) * 1000, 1)
+                self.emit("rejoin", host=item["host"], ms=item["ms"])
+        self._waiting = []
+        self.last_answer = t
+        return True
+
+    def _infer_event(self, ev: dict) -> None:
+        """Learn from infer's events: the run's shape, and in-job failures for the summary."""
+        kind = ev.get("event")
+        if kind == "start":
+            self.start_info = self.start_info or dict(ev)
+        elif kind == "failure":
+            f = Failure(str(ev.get("host")), str(ev.get("fault")), ev.get("detected_ms"), "infer",
+                        ev.get("t", time.time()))
+            self.failures.append(f)
+        elif kind == "answering_again":
+            pending = [f for f in self.failures if f.source == "infer" and f.next_answer_ms is None]
+            if pending:
+                pending[-1].next_answer_ms = ev.get("after_failure_ms")
+
+    def _mark_lost(self, end: AttemptEnd, hosts: Sequence[str]) -> None:
+        """After a failed attempt: infer's silent hosts, else the hosts that do not answer a probe."""
+        silent = list((end.stop or {}).get("silent_hosts") or [])
+        fault = "silent" if silent or end.reason == "stalled" else "lost daemon"
+        answers = self.probe(list(hosts))
+        gone = silent + [h for h in hosts if not answers.get(h, False) and h not in silent]
+        for host in gone:
+            detected = self.clock.now()
+            since = None if self.last_answer is None else (detected - self.last_answer) * 1000
+            f = Failure(host, fault, since, last_answer=self.last_answer)
+            self.lost[host] = f
+            self.failures.append(f)
+            self._waiting.append(f)
+            self.emit("host_lost", host=host, fault=fault, detected_ms=_ms(since))
+
+    def _complete(self) -> bool:
+        images = self.start_info.get("images")
+        return images is None or self.outputs.answered() >= images
+
+    def _todo(self) -> int | None:
+        images = self.start_info.get("images")
+        return None if images is None else images - self.outputs.answered()
+
+    def summary(self, code: int, message: str) -> dict:
+        """The launcher's summary: outcome, attempts, every failure, every rejoin."""
+        return {"exit_code": code, "message": message, "answered": self.outputs.answered(),
+                "images": self.start_info.get("images"), "family": self.start_info.get("family"),
+                "mode": self.start_info.get("mode"), "hosts": self.all_hosts,
+                "lost": sorted(self.lost), "attempts": self.attempts,
+                "failures": [f.record() for f in self.failures],
+                "rejoins": [{k: v for k, v in r.items() if k != "returned_at"} for r in self.rejoins]}
+
+
+def _code(stop: dict | None, mpirun_code: int | None) -> int | None:
+    """infer's exit code comes from its stop event; without one mpirun's code says nothing reliable
+    (a lost daemon may end mpirun with 0), so it is None unless the stop event was seen."""
+    if stop is not None and stop.get("exit_code") is not None:
+        return int(stop["exit_code"])
+    return None if mpirun_code in (0, None) else mpirun_code

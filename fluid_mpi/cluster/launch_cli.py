@@ -1,0 +1,136 @@
+"""``fluid-mpi launch``: the elastic launcher (click + stdlib at import time; the rest is imported when
+the command runs). It checks every host, runs mpirun itself and relaunches on the hosts that answer
+when a device is lost; see docs/cluster-elastic.md."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import sys
+import uuid
+from pathlib import Path
+
+import click
+
+
+def _fail(message: str, code: int = 2) -> None:
+    click.echo(f"fluid-mpi launch: error: {message}", err=True)
+    sys.exit(code)
+
+
+@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                 "help_option_names": ["-h", "--help"]})
+@click.option("-np", "--np", "np_", type=click.IntRange(1), required=True, help="Ranks (devices) at most.")
+@click.option("--hostfile", type=click.Path(dir_okay=False), required=True,
+              help="Open MPI hostfile, one device per line, in rank order (the first one coordinates).")
+@click.option("--checkpoint", "-c", required=True, envvar="FLUID_MPI_CHECKPOINT",
+              help="Checkpoint file, or an export directory (every host then needs part-0..part-J).")
+@click.option("--max-restarts", type=click.IntRange(0), default=3, show_default=True,
+              help="Relaunches after failures before giving up (rejoins do not count).")
+@click.option("--resume", is_flag=True, help="Go on from the predictions and events files of an earlier run.")
+@click.option("--run-dir", type=click.Path(file_okay=False), default="runs/launch", show_default=True,
+              help="Per-attempt hostfiles, mpirun logs and infer summaries; default home of the outputs.")
+@click.option("--predictions", type=click.Path(dir_okay=False), default=None,
+              help="Predictions (the record of what is answered). Default RUN_DIR/predictions.jsonl.")
+@click.option("--events", type=click.Path(dir_okay=False), default=None,
+              help="JSON-lines events of infer and of the launcher. Default RUN_DIR/events.jsonl.")
+@click.option("--summary", type=click.Path(dir_okay=False), default=None,
+              help="The launcher's JSON summary. Default RUN_DIR/summary.json.")
+@click.option("--rank-timeout", type=click.FloatRange(0.1), default=10.0, show_default=True,
+              help="infer's in-job silence deadline (seconds).")
+@click.option("--stall-timeout", type=click.FloatRange(1), default=None,
+              help="No answer and no event for this long: probe the hosts from outside and relaunch. "
+                   "Default: 2 x --rank-timeout + 10 s (infer's own deadline should fire first).")
+@click.option("--stop-grace", type=click.FloatRange(0), default=3.0, show_default=True,
+              help="Seconds mpirun may linger after infer's stop event before its group is killed.")
+@click.option("--probe-interval", type=click.FloatRange(0.1), default=1.0, show_default=True,
+              help="Seconds between probes of lost hosts (rejoin).")
+@click.option("--mpirun-arg", multiple=True, help="Extra mpirun argument (repeatable).")
+@click.pass_context
+def launch(ctx: click.Context, np_: int, hostfile: str, checkpoint: str, max_restarts: int, resume: bool,
+           run_dir: str, predictions: str | None, events: str | None, summary: str | None,
+           rank_timeout: float, stall_timeout: float | None, stop_grace: float, probe_interval: float,
+           mpirun_arg: tuple[str, ...]) -> None:
+    """Elastic inference: run `fluid-mpi infer` under mpirun on the hostfile's devices; when a device is
+    lost (power cut, cable pulled, frozen) relaunch on the devices that answer, skipping the inputs
+    already answered; take a device back when it answers again. Other options go to infer.
+
+    Exit codes: 0 every input answered; 2 a host or an option is unusable (before any work); 3 stopped
+    (restarts used up, too few devices, or infer could not go on) -- the last line gives the command that
+    resumes; 130 interrupted (every rank on every host is killed).
+    """
+    from . import hosts as hostlib
+    from .elastic import Clock, Driver, Settings
+    from .runner import EventLog, FileOutputs, MpirunLauncher, read_indices
+    from ..mpirun import find_mpirun, mpi_env
+
+    run_path = Path(run_dir).resolve()
+    preds = Path(predictions or run_path / "predictions.jsonl").resolve()
+    evs = Path(events or run_path / "events.jsonl").resolve()
+    summ = Path(summary or run_path / "summary.json").resolve()
+    for path in (run_path, preds.parent, evs.parent, summ.parent):
+        path.mkdir(parents=True, exist_ok=True)
+    try:
+        slots = hostlib.parse_hostfile(hostfile)
+    except (OSError, ValueError) as exc:
+        _fail(f"hostfile: {exc}")
+    mpirun = find_mpirun()
+    if mpirun is None:
+        _fail("no mpirun found: run scripts/setup.sh (it installs Open MPI 5 from PyPI)")
+    names = [s.hostname for s in slots]
+    agent = hostlib.agent_command()
+    problems = _preflight(hostlib, agent, names, checkpoint, np_)
+    if problems:
+        for line in problems:
+            click.echo(f"fluid-mpi launch: error: {line}", err=True)
+        sys.exit(2)
+    if not resume:  # a fresh run: earlier answers must not be skipped
+        preds.unlink(missing_ok=True)
+        evs.unlink(missing_ok=True)
+    infer_args = ["--checkpoint", str(Path(checkpoint).resolve()), "--predictions", str(preds),
+                  "--events", str(evs), "--rank-timeout", str(rank_timeout), *ctx.args]
+    run_id = uuid.uuid4().hex[:12]
+    env = mpi_env()
+    env["FLUID_MPI_RUN_ID"] = run_id
+    launcher = MpirunLauncher(mpirun, infer_args, run_path, run_id, agent, env, mpirun_arg)
+    emit = EventLog(evs)
+    stop_flag: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: stop_flag.append(signum))
+    settings = Settings(np=np_, max_restarts=max_restarts, probe_every=probe_interval, stop_grace=stop_grace,
+                        stall_timeout=stall_timeout or 2 * rank_timeout + 10)
+    driver = Driver(names, settings, launcher, FileOutputs(evs, preds),
+                    lambda hs: hostlib.probe_many(agent, hs), emit, Clock(), lambda: bool(stop_flag))
+    code, message = driver.run()
+    report = driver.summary(code, message)
+    report["duplicates"] = read_indices(preds)[1]
+    report.update(run_id=run_id, predictions=str(preds), events=str(evs))
+    status = "ok" if code == 0 else "interrupted" if code == 130 else "stopped"
+    emit("launcher_stop", status=status, answered=report["answered"], images=report["images"])
+    summ.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    of = f" of {report['images']}" if report["images"] is not None else ""
+    if code == 0:
+        click.echo(f"fluid-mpi launch: done: {report['answered']}{of} inputs answered, "
+                   f"{len(report['failures'])} failure(s), {len(report['attempts'])} attempt(s); summary {summ}")
+        return
+    again = ["fluid-mpi", "launch", "-np", str(np_), "--hostfile", str(Path(hostfile).resolve()),
+             "--checkpoint", str(Path(checkpoint).resolve()), "--max-restarts", str(max_restarts),
+             "--run-dir", str(run_path), "--predictions", str(preds), "--events", str(evs),
+             "--summary", str(summ), "--rank-timeout", str(rank_timeout), *ctx.args, "--resume"]
+    click.echo(f"fluid-mpi launch: {status}: {message}: {report['answered']}{of} inputs answered; "
+               f"resume with: {shlex.join(again)}", err=True)
+    sys.exit(128 + stop_flag[0] if stop_flag else code)
+
+
+def _preflight(hostlib, agent: list[str], names: list[str], checkpoint: str, np_: int) -> list[str]:
+    """Every host answers, has this fluid-mpi and Open MPI version, and the files it may need."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not Path(checkpoint).exists():
+        return [f"{os.uname().nodename}: missing {Path(checkpoint).resolve()}"]
+    here = hostlib.local_facts()
+    with ThreadPoolExecutor(max_workers=min(len(names), 16)) as pool:
+        facts = pool.map(lambda ih: hostlib.host_facts(agent, ih[1], hostlib.needed_paths(
+            checkpoint, ih[0], np_)), enumerate(names))
+        return hostlib.preflight_problems(dict(zip(names, facts)), here["fluid_mpi"], here["ompi"])

@@ -1,0 +1,169 @@
+"""The thin real layer under the elastic driver: mpirun in its own process group, the events and
+predictions files, and the launcher's own event lines. Everything that decides lives in elastic.py."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from . import hosts as hostlib
+
+# Open MPI flags for a run across hosts (shared/MPI_NOTES.md): ULFM on; TCP between hosts; HAN off
+# (open ULFM bugs); one rank per host in hostfile order; no binding (hosts of a virtual cluster share
+# the same cores, and binding would pin every rank to core 0)
+MPIRUN_FLAGS = ["--map-by", "node", "--bind-to", "none", "--with-ft", "ulfm", "--mca", "btl", "tcp,self",
+                "--mca", "coll", "^han"]
+# after SIGKILL to its group mpirun is reaped at once; the bound only guards a wedged process table
+REAP_TIMEOUT_S = 2.0
+
+
+class MpirunJob:
+    """One mpirun, leader of its own process group (so one kill ends it and every local child)."""
+
+    def __init__(self, cmd: list[str], env: dict, log: Path):
+        self.cmd, self.log = cmd, log
+        with open(log, "ab") as fh:
+            self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=fh,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+    def poll(self) -> int | None:
+        """mpirun's exit code once it ended."""
+        return self.proc.poll()
+
+    def drain(self) -> None:
+        """SIGUSR2 to mpirun: it forwards it to every rank; infer finishes in-flight work and exits 5."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGUSR2)
+
+    def kill(self) -> None:
+        """SIGKILL to mpirun's whole process group (remote ranks are the cleanup's job)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=REAP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+class MpirunLauncher:
+    """Starts ``mpirun … python -X fluid_run=ID -m fluid_mpi.cli infer …`` on a subset of hosts. The
+    ``-X`` option is ignored by Python but puts the run's marker on every rank's command line, so that
+    ``pkill -f`` through the agent can end exactly this run's processes on any host."""
+
+    def __init__(self, mpirun: str, infer_args: Sequence[str], run_dir: Path, run_id: str,
+                 agent: Sequence[str], env: dict, mpirun_args: Sequence[str] = (),
+                 python: str = sys.executable, summary: str | None = None):
+        self.mpirun, self.infer_args, self.run_dir = mpirun, list(infer_args), run_dir
+        self.run_id, self.agent, self.env = run_id, list(agent), env
+        self.mpirun_args, self.python, self.summary = list(mpirun_args), python, summary
+        self.jobs: list[MpirunJob] = []
+
+    @property
+    def marker(self) -> str:
+        """The string on every rank's command line."""
+        return f"fluid_run={self.run_id}"
+
+    def command(self, hosts: Sequence[str], attempt: int) -> list[str]:
+        """The mpirun command of one attempt (its hostfile is written here)."""
+        hostfile = hostlib.write_hostfile(hosts, self.run_dir / f"hosts-{attempt}")
+        summary = ["--summary", str(self.run_dir / f"infer-{attempt}.json")]
+        return [self.mpirun, "--hostfile", str(hostfile), "-np", str(len(hosts)), *MPIRUN_FLAGS,
+                *self.mpirun_args, self.python, "-X", self.marker, "-m", "fluid_mpi.cli", "infer",
+                *self.infer_args, "--resume", *summary]
+
+    def start(self, hosts: Sequence[str], attempt: int) -> MpirunJob:
+        """Run one attempt; its output goes to RUN_DIR/mpirun-ATTEMPT.log."""
+        job = MpirunJob(self.command(hosts, attempt), self.env, self.run_dir / f"mpirun-{attempt}.log")
+        self.jobs.append(job)
+        return job
+
+    def cleanup(self, hosts: Sequence[str]) -> None:
+        """Kill what is left of this run on those hosts (ranks of a killed job, frozen ones included)."""
+        for job in self.jobs:
+            if job.poll() is None:
+                job.kill()
+        if hosts:
+            hostlib.kill_marked(self.agent, hosts, self.marker)
+
+
+class FileOutputs:
+    """Reads the events file incrementally (only complete lines, not the launcher's own) and the
+    predictions file's size and answers."""
+
+    def __init__(self, events: Path, predictions: Path):
+        self.events, self.predictions = events, predictions
+        self.offset = events.stat().st_size if events.exists() else 0  # earlier runs' events are history
+
+    def new_events(self) -> list[dict]:
+        """Complete event lines appended since the last call, the launcher's own left out."""
+        try:
+            with open(self.events, "rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read()
+        except FileNotFoundError:
+            return []
+        complete = data[: data.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        out = []
+        for line in complete.splitlines():
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(ev, dict) and ev.get("by") != "launch":
+                out.append(ev)
+        return out
+
+    def progress(self) -> int:
+        """The predictions file's size: it grows with every answered batch."""
+        try:
+            return self.predictions.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def answered(self) -> int:
+        """Distinct input indices in the predictions file."""
+        return len(read_indices(self.predictions)[0])
+
+
+def read_indices(path: Path) -> tuple[set[int], int]:
+    """(distinct input indices, how many lines repeated one) in a predictions file; a torn last line
+    (no newline yet) is not counted."""
+    seen: set[int] = set()
+    repeats = 0
+    try:
+        with open(path, "rb") as fh:
+            for line in fh:
+                if not line.endswith(b"\n"):
+                    break
+                try:
+                    idx = int(json.loads(line)["index"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+                repeats += idx in seen
+                seen.add(idx)
+    except FileNotFoundError:
+        pass
+    return seen, repeats
+
+
+class EventLog:
+    """The launcher's own lines in the shared events file: ``{"t", "event", "by": "launch", ...}``."""
+
+    def __init__(self, path: Path, echo: bool = True):
+        self.path, self.echo = path, echo
+
+    def __call__(self, event: str, **fields) -> None:
+        line = json.dumps({"t": round(time.time(), 3), "event": event, "by": "launch", **fields})
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+        if self.echo:
+            detail = ", ".join(f"{k} {v}" for k, v in fields.items())
+            print(f"fluid-mpi launch: {event}: {detail}", file=sys.stderr, flush=True)

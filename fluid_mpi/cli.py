@@ -50,9 +50,10 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the accuracy report as JSON.")
 def train(family, parts, data_dir, epochs, seed, batch_size, lr, limit, widths, out, as_json) -> None:
     """Train a model and write a checkpoint (nested incremental training for fluid)."""
-    from .model import checkpoint, data, evaluate
+    from .model import data
     from .model.models import Widths
-    from .model.train import TrainConfig, train as run_train
+    from .model.recipe import train_and_save
+    from .model.train import TrainConfig
 
     try:
         values = [int(v) for v in widths.split(",")]
@@ -64,14 +65,10 @@ def train(family, parts, data_dir, epochs, seed, batch_size, lr, limit, widths, 
     w = Widths(*values)
     cfg = TrainConfig(family, parts, w, epochs, batch_size, lr, seed, limit)
     train_ds, test_ds = data.load_split(data_dir, "train"), data.load_split(data_dir, "test")
-    model, log = run_train(cfg, train_ds, progress=not as_json)
-    acc = evaluate.accuracy_report(model, family, test_ds)
-    meta = {"family": family, "parts": parts, "widths": w.as_dict(), "train": cfg.as_dict(), "log": log,
-            "accuracy": acc, "test_data": test_ds.source}
-    checkpoint.save_checkpoint(out, model, meta)
-    _report(meta, acc, as_json)
+    _, meta = train_and_save(cfg, train_ds, test_ds, out, progress=not as_json)
+    _report(meta, meta["accuracy"], as_json)
     if not as_json:
-        click.echo(f"trained in {log['train_seconds']:.1f} s on {log['data']}; wrote {out}")
+        click.echo(f"trained in {meta['log']['train_seconds']:.1f} s on {meta['log']['data']}; wrote {out}")
 
 
 def _report(meta: dict, acc: dict, as_json: bool) -> None:

@@ -20,17 +20,13 @@ def run_mpi(np_: int, args: list[str], tmp: Path, timeout: float = 90, ft: bool 
 
 
 def _train(tmp_path_factory, family: str, parts: int, limit: int = 800, epochs: int = 1) -> Path:
-    from fluid_mpi.model import checkpoint, data
-    from fluid_mpi.model.evaluate import accuracy_report
-    from fluid_mpi.model.train import TrainConfig, train
+    from fluid_mpi.model import data
+    from fluid_mpi.model.recipe import train_and_save
+    from fluid_mpi.model.train import TrainConfig
 
     cfg = TrainConfig(family, parts, epochs=epochs, limit=limit, seed=1)
-    model, log = train(cfg, data.load_split(None, "train"), progress=False)
-    test = data.load_split(None, "test").take(200)
-    meta = {"family": family, "parts": parts, "widths": cfg.widths.as_dict(), "train": cfg.as_dict(),
-            "log": log, "accuracy": accuracy_report(model, family, test), "test_data": test.source}
     path = tmp_path_factory.mktemp("ckpt") / f"{family}{parts}.pt"
-    checkpoint.save_checkpoint(path, model, meta)
+    train_and_save(cfg, data.load_split(None, "train"), data.load_split(None, "test").take(200), path)
     return path
 
 

@@ -107,39 +107,60 @@ def export(ckpt, out_dir) -> None:
         click.echo(f"{path}\t{path.stat().st_size} bytes")
 
 
+def _infer_options(fn):
+    """The options of ``infer`` (defaults from :class:`~fluid_mpi.runtime.options.InferOptions`)."""
+    from .runtime.faults import HOWS
+    from .runtime.options import COMBINES, MODES, InferOptions as D
+
+    opts = [
+        click.option("--checkpoint", "-c", type=click.Path(), required=True, envvar="FLUID_MPI_CHECKPOINT",
+                     help="A checkpoint file, or a directory written by `fluid-mpi export` (part-J.pt per rank)."),
+        click.option("--mode", type=click.Choice(MODES), default=D.mode, show_default=True,
+                     help="Fluid only: ha = every rank sees every image, combined head; ht = ranks classify "
+                          "different images."),
+        DATA_DIR,
+        click.option("--batch-size", "-b", type=click.IntRange(1, 4096), default=D.batch_size, show_default=True),
+        click.option("--limit", type=click.IntRange(1), default=None, help="Infer the first N test images."),
+        click.option("--summary", type=click.Path(dir_okay=False), default=None, help="Write a JSON summary here."),
+        click.option("--predictions", type=click.Path(dir_okay=False), default=None,
+                     help="Write one JSON line per input here (flushed per batch, fsynced every 50 ms)."),
+        click.option("--events", type=click.Path(dir_okay=False), default=None,
+                     help="Append one JSON line per event here (start, failure, recovery, take-over, stop)."),
+        click.option("--resume", is_flag=True,
+                     help="Skip the inputs already in --predictions and append the rest (after a stopped run)."),
+        click.option("--with-logits", is_flag=True, help="Add the logits to every prediction line."),
+        click.option("--width", type=click.IntRange(1), default=None,
+                     help="Dynamic only: run width k on ranks 0..k-1."),
+        click.option("--combine", type=click.Choice(COMBINES), default=D.combine, show_default=True,
+                     help="Fluid HA: combined subset head, or average of the groups' own heads."),
+        click.option("--rank-timeout", type=click.FloatRange(0.1), default=D.rank_timeout, show_default=True,
+                     help="Seconds a rank may hold a batch (or stay silent) before it is treated as lost."),
+        click.option("--kill-rank", multiple=True, metavar="R[:HOW[:AFTER]]",
+                     help="Fault injection: world rank R dies (repeatable; HOW and AFTER per rank override "
+                          "--kill-how/--kill-after)."),
+        click.option("--kill-after", type=click.IntRange(0), default=None,
+                     help="...after computing this many batches (default: halfway through its share)."),
+        click.option("--kill-how", type=click.Choice(HOWS), default=D.kill_how, show_default=True),
+        click.option("--quiet", "-q", is_flag=True, help="No progress output or human summary."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
 @cli.command()
-@click.option("--checkpoint", "-c", type=click.Path(), required=True, envvar="FLUID_MPI_CHECKPOINT",
-              help="A checkpoint file, or a directory written by `fluid-mpi export` (part-J.pt per rank).")
-@click.option("--mode", type=click.Choice(["ha", "ht"]), default="ha", show_default=True,
-              help="Fluid only: ha = every rank sees every image, combined head; ht = ranks classify "
-                   "different images.")
-@DATA_DIR
-@click.option("--batch-size", "-b", type=click.IntRange(1, 4096), default=64, show_default=True)
-@click.option("--limit", type=click.IntRange(1), default=None, help="Infer the first N test images.")
-@click.option("--summary", type=click.Path(dir_okay=False), default=None, help="Write a JSON summary here.")
-@click.option("--predictions", type=click.Path(dir_okay=False), default=None,
-              help="Write one JSON line per input here (flushed per batch).")
-@click.option("--with-logits", is_flag=True, help="Add the logits to every prediction line.")
-@click.option("--width", type=click.IntRange(1), default=None, help="Dynamic only: run width k on ranks 0..k-1.")
-@click.option("--combine", type=click.Choice(["head", "avg"]), default="head", show_default=True,
-              help="Fluid HA: combined subset head, or average of the groups' own heads.")
-@click.option("--rank-timeout", type=click.FloatRange(0.1), default=10.0, show_default=True,
-              help="Seconds a rank may hold a batch before it is treated as frozen.")
-@click.option("--kill-rank", type=click.IntRange(0), multiple=True,
-              help="Fault injection: this world rank dies (repeatable).")
-@click.option("--kill-after", type=click.IntRange(0), default=None,
-              help="...after answering this many batches (default: halfway through its share).")
-@click.option("--kill-how", type=click.Choice(["kill", "term", "segv", "raise", "exit", "hang"]),
-              default="kill", show_default=True)
-@click.option("--quiet", "-q", is_flag=True, help="No progress output or human summary.")
+@_infer_options
 def infer(**kw) -> None:
     """Distributed inference: run under `mpirun -np K`; each rank holds one sub-network.
 
-    Without mpirun it runs as a single rank. Exit codes: 0 done (failures survived show in the
-    summary), 2 bad input, 3 the run stopped after a failure (answers so far are kept).
+    Without mpirun it runs as a single rank. Exit codes: 0 every input answered (failures survived are
+    in the summary), 2 bad input, 3 the run stopped after a failure (answers so far are kept), 4 a device
+    went silent and could not be excluded in-job (relaunch without it: `fluid-mpi launch` does), 5
+    stopped at a safe point on request (SIGUSR2).
     """
     from .runtime import faults
-    from .runtime.infer import InferOptions, run_infer
+    from .runtime.infer import run_infer
+    from .runtime.options import InferOptions
 
     code, finalize = run_infer(InferOptions(**kw))
     faults.planned_exit(code, finalize)  # with ULFM: os._exit, never hang in MPI_Finalize after a failure

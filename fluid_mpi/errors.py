@@ -33,3 +33,19 @@ class PeerFailure(Exception):
     def __init__(self, message: str, ranks: tuple[int, ...] = ()):
         super().__init__(message)
         self.ranks = ranks  # world ranks known to have failed, when the transport could tell
+
+
+class RecoveryFailed(Exception):
+    """Raised by the transport's ``shrink`` when the survivors cannot agree within the deadline (a live
+    process that takes no part: frozen on a host this rank cannot see) or the shrink itself failed.
+    The runtime loops catch it and stop cleanly (exit 3); nothing blocks forever."""
+
+
+class DeviceSilent(Exception):
+    """Raised by the coordinator's liveness check when a rank can neither be heard nor killed and
+    excluded in-job (cable pulled, frozen board). The coordinator stops with exit 4, naming the hosts,
+    so that ``fluid-mpi launch`` relaunches without them."""
+
+    def __init__(self, message: str, ranks: list[int], hosts: list[str]):
+        super().__init__(message)
+        self.ranks, self.hosts = ranks, hosts

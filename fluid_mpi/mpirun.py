@@ -32,7 +32,8 @@ def mpi_env() -> dict:
 @dataclass
 class Launched:
     """What one mpirun left: exit code (None when killed at the timeout), output, wall time, and the
-    summary and predictions it wrote."""
+    summary, predictions and events it wrote (``torn``: prediction lines that are not whole JSON objects,
+    counted, never silently dropped)."""
 
     returncode: int | None
     stdout: str
@@ -40,6 +41,8 @@ class Launched:
     seconds: float
     summary: dict | None
     predictions: list[dict]
+    events: list[dict]
+    torn: int
 
 
 def run_infer(np_: int, args: list[str], out_dir: Path, name: str, timeout: float = 120, ft: bool = True,
@@ -49,13 +52,13 @@ def run_infer(np_: int, args: list[str], out_dir: Path, name: str, timeout: floa
     if mpirun is None:
         raise FileNotFoundError("no mpirun found: run scripts/setup.sh (it installs Open MPI 5 from PyPI)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary, preds = out_dir / f"{name}.json", out_dir / f"{name}.jsonl"
-    for stale in (summary, preds):
+    summary, preds, events = out_dir / f"{name}.json", out_dir / f"{name}.jsonl", out_dir / f"{name}.events.jsonl"
+    for stale in (summary, preds, events):
         stale.unlink(missing_ok=True)
     cmd = [mpirun, "-np", str(np_), "--oversubscribe", "--bind-to", "none"]
     cmd += (["--with-ft", "ulfm"] if ft else []) + (extra_mpi or [])
     cmd += [sys.executable, "-m", "fluid_mpi.cli", "infer", *args, "--summary", str(summary),
-            "--predictions", str(preds), "-q"] + (["--with-logits"] if with_logits else [])
+            "--predictions", str(preds), "--events", str(events), "-q"] + (["--with-logits"] if with_logits else [])
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=mpi_env(),
                             start_new_session=True)
@@ -68,7 +71,17 @@ def run_infer(np_: int, args: list[str], out_dir: Path, name: str, timeout: floa
         rc = None
     seconds = time.monotonic() - t0
     data = json.loads(summary.read_text()) if summary.exists() else None
-    lines = []
-    if preds.exists():
-        lines = [json.loads(line) for line in preds.read_text().splitlines() if line.endswith("}")]
-    return Launched(rc, out, err, seconds, data, lines)
+    lines, torn = read_json_lines(preds)
+    return Launched(rc, out, err, seconds, data, lines, read_json_lines(events)[0], torn)
+
+
+def read_json_lines(path: Path) -> tuple[list[dict], int]:
+    """The JSON objects of a JSON-lines file, and how many lines were not whole objects."""
+    good, torn = [], 0
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                good.append(json.loads(line))
+            except ValueError:
+                torn += 1
+    return good, torn

@@ -1,10 +1,6 @@
 """The coordinator's bookkeeping, without MPI."""
 from fluid_mpi.runtime.faults import FaultPlan
-from fluid_mpi.runtime.scheduler import WorkQueue, dynamic_width, expected_share, fluid_subset, split_batches
-
-
-def test_split_batches():
-    assert split_batches(list(range(5)), 2) == [[0, 1], [2, 3], [4]]
+from fluid_mpi.runtime.scheduler import WorkQueue, dynamic_width, expected_share, fluid_subset
 
 
 def test_queue_answers_each_batch_once_and_requeues_in_flight():

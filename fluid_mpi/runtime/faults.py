@@ -1,20 +1,30 @@
-"""Deterministic fault injection for ``--kill-rank``: rank R dies after answering N batches.
+"""Deterministic fault injection for ``--kill-rank``: rank R dies after computing N batches of its own.
 
-How it dies (``--kill-how``):
+``--kill-rank R`` uses ``--kill-how`` / ``--kill-after``; ``--kill-rank R:HOW`` or ``R:HOW:AFTER`` gives that
+rank its own fault, so tests can combine faults (``--kill-rank 1 --kill-rank 2:hang``).
+
+How it dies:
 - ``kill``  SIGKILL, a power cut (default);  ``term`` SIGTERM;  ``segv`` SIGSEGV;
 - ``raise`` an uncaught exception, ``exit`` ``sys.exit(1)``: both would leave the rank hung in
   ``MPI_Finalize`` (MPI_NOTES trap 1), so :func:`install_unplanned_exit_guard` turns any unplanned exit
   into a SIGKILL -- a death ULFM can see;
-- ``hang``  SIGSTOP: a frozen device that ULFM does not see; the coordinator's ``--rank-timeout`` catches it.
+- ``hang``  SIGSTOP: a frozen device that ULFM does not see; the liveness policy catches it.
+
+:class:`FaultInjector` is the one place where a rank decides to die; every runtime loop calls its
+:meth:`~FaultInjector.tick` after each batch it computed.
 """
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import LaunchError
 
 HOWS = ("kill", "term", "segv", "raise", "exit", "hang")
 
@@ -24,18 +34,58 @@ class InjectedFault(RuntimeError):
 
 
 @dataclass(frozen=True)
-class FaultPlan:
-    """Which world ranks die, after how many answered batches, and how."""
-
-    ranks: tuple[int, ...] = ()
-    after: int | None = None  # None: halfway through this rank's expected share
+class Fault:
     how: str = "kill"
+    after: int | None = None  # None: halfway through this rank's expected share
 
-    def after_for(self, expected_batches: int) -> int:
-        return self.after if self.after is not None else max(0, expected_batches // 2)
 
-    def should_die(self, world_rank: int, answered: int, expected_batches: int) -> bool:
-        return world_rank in self.ranks and answered >= self.after_for(expected_batches)
+@dataclass(frozen=True)
+class FaultPlan:
+    """Which world ranks die, after how many batches of their own, and how."""
+
+    faults: dict[int, Fault] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, specs: tuple[str, ...] | list[str], how: str = "kill", after: int | None = None) -> "FaultPlan":
+        """``R``, ``R:HOW`` or ``R:HOW:AFTER`` per spec; ``how``/``after`` are the defaults."""
+        faults = {}
+        for spec in specs:
+            bits = str(spec).split(":")
+            try:
+                rank = int(bits[0])
+                f_after = int(bits[2]) if len(bits) > 2 and bits[2] != "" else after
+            except ValueError:
+                raise LaunchError(f"--kill-rank {spec!r}: expected R, R:HOW or R:HOW:AFTER") from None
+            f_how = bits[1] if len(bits) > 1 and bits[1] else how
+            if rank < 0 or f_how not in HOWS or len(bits) > 3 or (f_after is not None and f_after < 0):
+                raise LaunchError(f"--kill-rank {spec!r}: expected R, R:HOW or R:HOW:AFTER with HOW one of "
+                                  f"{', '.join(HOWS)}")
+            faults[rank] = Fault(f_how, f_after)
+        return cls(faults)
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return tuple(sorted(self.faults))
+
+
+class FaultInjector:
+    """Counts the batches this rank computed and kills it when its planned fault is due."""
+
+    def __init__(self, plan: FaultPlan, world_rank: int, stamp_dir: str):
+        self.fault = plan.faults.get(world_rank)
+        self.world_rank, self.stamp_dir = world_rank, stamp_dir
+        self.computed = 0
+
+    def tick(self, expected_batches: int) -> None:
+        """One more batch computed here (its answer already handed on); die if the plan says so."""
+        self.computed += 1
+        f = self.fault
+        if f is None:
+            return
+        after = f.after if f.after is not None else max(0, expected_batches // 2)
+        if self.computed >= after:
+            stamp_death(self.stamp_dir, self.world_rank, self.computed, f.how)
+            die(f.how)
 
 
 def die(how: str) -> None:
@@ -52,6 +102,7 @@ def die(how: str) -> None:
         os.kill(os.getpid(), signal.SIGSEGV)
     elif how == "hang":
         os.kill(os.getpid(), signal.SIGSTOP)
+        return  # continued (SIGCONT): carry on as a slow rank would
     elif how == "raise":
         raise InjectedFault("injected fault: uncaught exception")
     elif how == "exit":
@@ -60,6 +111,10 @@ def die(how: str) -> None:
 
 
 _planned = {"done": False, "failure_seen": False}
+
+# Open MPI 5.0.11's launcher sometimes never exited when a survivor ended right after a peer's death
+# (1 in 8 runs); half a second for it to settle made that 0 in 14.
+SETTLE_AFTER_FAILURE_S = 0.5
 
 
 def planned_exit(code: int, finalize: bool = False) -> None:
@@ -72,9 +127,7 @@ def planned_exit(code: int, finalize: bool = False) -> None:
     if finalize:
         sys.exit(code)
     if _planned["failure_seen"]:
-        # Open MPI 5.0.11's launcher sometimes never exited when a survivor ended right after a peer's
-        # death (1 in 8 runs); half a second for it to settle made that 0 in 14.
-        time.sleep(0.5)
+        time.sleep(SETTLE_AFTER_FAILURE_S)
     os._exit(code)
 
 
@@ -102,30 +155,27 @@ def install_unplanned_exit_guard() -> None:
     atexit.register(guard)
 
 
-def process_state(pid: int) -> str:
-    """State letter of process ``pid`` on this host from /proc ('' when it does not exist)."""
+def _stamp_path(stamp_dir: str, world_rank: int) -> Path:
+    ns = "".join(c if c.isalnum() else "_" for c in os.environ.get("PMIX_NAMESPACE", "local"))
+    return Path(stamp_dir) / f"fluid-mpi-death-{ns}-{world_rank}.json"
+
+
+def stamp_death(stamp_dir: str, world_rank: int, after_batch: int, how: str) -> None:
+    """The victim of an injected fault notes when it dies, so the coordinator can report how long
+    detection took (possible when both see the same file system, as on one host)."""
     try:
-        stat = open(f"/proc/{pid}/stat", encoding="ascii").read()
+        _stamp_path(stamp_dir, world_rank).write_text(
+            json.dumps({"rank": world_rank, "t": time.time(), "after_batch": after_batch, "how": how}))
     except OSError:
-        return ""
-    return stat[stat.rindex(")") + 2:][:1]
+        pass
 
 
-def frozen(pid: int) -> bool:
-    """True when process ``pid`` on this host is stopped (SIGSTOP: state T or t in /proc)."""
-    return process_state(pid) in ("T", "t")
-
-
-def alive_checker(hosts: list[tuple[str, int]]):
-    """``alive(world_rank)``: False only when that rank runs on this host and its process is gone, a
-    zombie, or stopped (a frozen coordinator: the survivors then give up within seconds instead of
-    waiting forever); ranks on other hosts are left to ULFM."""
-    import socket
-
-    me = socket.gethostname()
-
-    def alive(world_rank: int) -> bool:
-        host, pid = hosts[world_rank]
-        return host != me or process_state(pid) not in ("", "Z", "X", "T", "t")
-
-    return alive
+def read_death(stamp_dir: str, world_rank: int) -> dict | None:
+    """The victim's death note, removed once read; None when there is none (a real failure)."""
+    path = _stamp_path(stamp_dir, world_rank)
+    try:
+        note = json.loads(path.read_text())
+        path.unlink()
+        return note
+    except (OSError, ValueError):
+        return None

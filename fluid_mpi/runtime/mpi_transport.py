@@ -1,30 +1,29 @@
 """The MPI transport: the only module that imports mpi4py.
 
-Short functions and one small class over a communicator, in the style of mpi4py.futures: the runtime
-loops (``coordinator.py``, ``worker.py``, ``sliced.py``) take a :class:`MpiTransport` as a parameter and
-never touch MPI themselves, so they are unit-tested with a fake transport.
+One small class over a communicator implementing :class:`~fluid_mpi.runtime.transport.Transport`; the
+runtime loops (``coordinator.py``, ``worker.py``, ``sliced.py``) take it as a parameter and never touch
+MPI themselves, so they are unit-tested with a fake transport.
 
 Failure handling (ULFM, Open MPI 5): the working communicator is a ``Dup`` of WORLD with
 ``MPI.ERRORS_RETURN``; a failed or revoked operation raises :class:`~fluid_mpi.errors.PeerFailure`;
-:meth:`MpiTransport.recover` revokes, shrinks and returns the world ranks that were lost.
+:meth:`MpiTransport.shrink` revokes and shrinks within a deadline (called by ``transport.recover``).
 Waiting is ``Test`` + a short sleep (never a blocking call that burns a core or cannot time out).
 """
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import sys
 import threading
 import time
 import zlib
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from mpi4py import MPI
 
-from ..errors import PeerFailure
-from .faults import note_failure
+from ..errors import PeerFailure, RecoveryFailed
+from .transport import Backoff
 
 HDR = 5  # header: four int64 fields of the protocol + the payload's CRC-32
 TAG_HDR, TAG_PAY = 11, 12
@@ -49,27 +48,6 @@ def ft_enabled() -> bool:
         except OSError:
             continue
     return False
-
-
-def _give_up(message: str) -> None:
-    print(f"fluid-mpi: {message}", file=sys.stderr, flush=True)
-    os._exit(3)
-
-
-class Backoff:
-    """Polling rhythm: spin briefly (low latency), then sleep in growing steps (leave the core to the
-    workers; MPI_NOTES measured blocking receives burning 57-100 % of a core)."""
-
-    def __init__(self, spins: int = 200, max_sleep: float = 5e-4):
-        self.spins, self.max_sleep, self.n = spins, max_sleep, 0
-
-    def reset(self) -> None:
-        self.n = 0
-
-    def pause(self) -> None:
-        self.n += 1
-        if self.n > self.spins:
-            time.sleep(min(self.max_sleep, 2e-5 * (self.n - self.spins)))
 
 
 class Handle:
@@ -97,7 +75,6 @@ class MpiTransport:
         self.members = list(range(self.world_size))  # world rank of each rank of self.comm
         self._sends: list = []
         self._graveyard: list = []
-        self.on_stall = None  # callable() -> bool, see _complete
         self.backoff = Backoff()
 
     # --- who is who -------------------------------------------------------------------------------
@@ -145,7 +122,7 @@ class MpiTransport:
                 self._call(self.comm.Isend, payload, dest, TAG_PAY)]
         self._sends.append((reqs, header, payload))
 
-    def flush_sends(self, timeout: float = 5.0) -> bool:
+    def flush_sends(self, timeout: float) -> bool:
         """Wait (bounded) for outstanding sends; True when all completed."""
         end = time.monotonic() + timeout
         while self._sends and time.monotonic() < end:
@@ -188,70 +165,76 @@ class MpiTransport:
         # one Test per request: Testall reports a peer's failure only as MPI_ERR_IN_STATUS
         return all([self._call(r.Test) for r in reqs])
 
-    def wait(self, handle: Handle, timeout: float | None = None) -> bool:
+    def wait(self, handle: Handle, timeout: float) -> bool:
         """Poll until the message arrived (True) or ``timeout`` seconds passed (False)."""
-        end = None if timeout is None else time.monotonic() + timeout
+        end = time.monotonic() + timeout
         self.backoff.reset()
         while not self.ready(handle):
-            if end is not None and time.monotonic() > end:
+            if time.monotonic() > end:
                 return False
             self.backoff.pause()
         return True
 
-    def pause(self) -> None:
-        self.backoff.pause()
-
     # --- collectives (non-blocking + polling, so they can time out) --------------------------------
-    def _complete(self, req, timeout: float | None) -> None:
-        """Poll a collective. After ``timeout`` seconds ask ``self.on_stall`` (e.g. kill a frozen rank);
-        keep waiting if it acted, else raise TimeoutError."""
-        end = None if timeout is None else time.monotonic() + timeout
+    def _complete(self, req, timeout: float, on_stall: Callable[[], bool] | None) -> None:
+        """Poll a collective. After ``timeout`` seconds ask ``on_stall`` (e.g. kill a frozen rank); keep
+        waiting if it returned True, else raise TimeoutError."""
+        end = time.monotonic() + timeout
         self.backoff.reset()
         while not self._call(req.Test):
-            if end is not None and time.monotonic() > end:
-                if self.on_stall is None or not self.on_stall():
+            if time.monotonic() > end:
+                if on_stall is None or not on_stall():
                     raise TimeoutError("collective did not complete in time")
                 end = time.monotonic() + timeout
             self.backoff.pause()
 
-    def bcast(self, buf: np.ndarray, timeout: float | None = None) -> np.ndarray:
-        self._complete(self._call(self.comm.Ibcast, buf, 0), timeout)
+    def bcast(self, buf: np.ndarray, timeout: float, on_stall: Callable[[], bool] | None = None) -> np.ndarray:
+        self._complete(self._call(self.comm.Ibcast, buf, 0), timeout, on_stall)
         return buf
 
-    def allgather(self, mine: np.ndarray, timeout: float | None = None) -> np.ndarray:
+    def allgather(self, mine: np.ndarray, timeout: float,
+                  on_stall: Callable[[], bool] | None = None) -> np.ndarray:
         mine = np.ascontiguousarray(mine, dtype=np.float32)
         out = np.empty((self.size,) + mine.shape, dtype=np.float32)
-        self._complete(self._call(self.comm.Iallgather, mine, out), timeout)
+        self._complete(self._call(self.comm.Iallgather, mine, out), timeout, on_stall)
         return out
 
-    def gather(self, mine: np.ndarray, timeout: float | None = None) -> np.ndarray | None:
+    def gather(self, mine: np.ndarray, timeout: float,
+               on_stall: Callable[[], bool] | None = None) -> np.ndarray | None:
         mine = np.ascontiguousarray(mine, dtype=np.float32)
         out = np.empty((self.size,) + mine.shape, dtype=np.float32) if self.rank == 0 else None
-        self._complete(self._call(self.comm.Igather, mine, out, 0), timeout)
+        self._complete(self._call(self.comm.Igather, mine, out, 0), timeout, on_stall)
         return out
 
-    # --- recovery ---------------------------------------------------------------------------------
-    def recover(self, timeout: float | None = None) -> list[int]:
-        """Revoke, shrink, and continue on the survivors. Returns the world ranks lost.
+    # --- recovery (callers use transport.recover, the one recovery path) ---------------------------
+    def shrink(self, timeout: float) -> list[int]:
+        """Revoke, then shrink to the survivors within ``timeout`` seconds; returns the world ranks lost.
 
-        With ``timeout``: a shrink that cannot finish (a frozen, not dead, process takes no part in
-        it) ends this process with exit code 3 after ``timeout`` seconds instead of blocking forever.
-        (A watchdog thread, because ``Ishrink`` failed with MPI_ERR_INTERN in Open MPI 5.0.11 here.)
-        """
-        note_failure()
+        The shrink runs in a helper thread (MPI is initialised with THREAD_MULTIPLE and this thread makes
+        no MPI call meanwhile) because ``Ishrink`` failed with MPI_ERR_INTERN in Open MPI 5.0.11 here and a
+        blocking ``Shrink`` waits forever for a live process that takes no part (a frozen rank). On
+        timeout this raises RecoveryFailed; the caller stops and ends the process, thread included."""
         try:
             self.comm.Revoke()
         except MPI.Exception:
             pass  # already revoked
-        watchdog = None
-        if timeout is not None:
-            watchdog = threading.Timer(timeout, _give_up, args=(f"rank {self.world_rank()}: cannot "
-                                       "agree with the survivors (a rank is frozen); stopping",))
-            watchdog.daemon = True
-            watchdog.start()
-        new = self.comm.Shrink()
-        if watchdog is not None:
-            watchdog.cancel()
+        box: dict = {}
+
+        def run() -> None:
+            try:
+                box["comm"] = self.comm.Shrink()
+            except MPI.Exception as exc:
+                box["error"] = exc
+
+        helper = threading.Thread(target=run, name="fluid-mpi-shrink", daemon=True)
+        helper.start()
+        helper.join(timeout)
+        if helper.is_alive():
+            raise RecoveryFailed(f"the survivors could not agree within {timeout:g} s (a rank is frozen "
+                                 "or unreachable)")
+        if "error" in box:
+            raise RecoveryFailed(f"shrink failed: {box['error']}")
+        new = box["comm"]
         new.Set_errhandler(MPI.ERRORS_RETURN)
         ranks = MPI.Group.Translate_ranks(new.Get_group(), list(range(new.Get_size())), self.comm.Get_group())
         survivors = [self.members[r] for r in ranks]
@@ -266,12 +249,4 @@ class MpiTransport:
         try:
             self.comm.Revoke()
         except MPI.Exception:
-            pass
-
-    @staticmethod
-    def kill(pid: int) -> None:
-        """SIGKILL a rank on this host (a frozen device), which ULFM then reports as failed."""
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
             pass

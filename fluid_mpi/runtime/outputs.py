@@ -1,30 +1,56 @@
-"""What a run leaves behind: JSON-lines predictions (flushed per batch, so an answer written before a
-failure is kept) and one JSON summary. Pure Python; the runtime loops call it."""
+"""What a run leaves behind: JSON-lines predictions (the durable record of what was answered, which
+take-over and ``--resume`` rely on) and one JSON summary. Pure Python; the runtime loops call it."""
 from __future__ import annotations
 
 import json
 import os
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+# Predictions are flushed to the OS after every batch (a dead process loses nothing) and fsynced at most
+# every 50 ms (a power cut of the coordinator's device loses at most that much, which --resume answers
+# again, once). Measured here: fsync 170 µs vs flush 4 µs per batch-64 write; per batch it would cost
+# ~6 % of a High-Throughput coordinator's time at 22k images/s, at 50 ms intervals ~0.3 %.
+FSYNC_INTERVAL_S = 0.05
 
-def answered_indices(path: str | os.PathLike) -> set[int]:
-    """Input indices already answered in a predictions file (a torn last line is ignored)."""
-    done: set[int] = set()
-    try:
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                if not line.endswith("\n"):
-                    break
-                try:
-                    done.add(int(json.loads(line)["index"]))
-                except (ValueError, KeyError, TypeError):
-                    continue
-    except FileNotFoundError:
-        pass
-    return done
+
+@dataclass
+class Answered:
+    """Indices already in a predictions file, and how many torn/corrupt lines were found there."""
+
+    indices: set[int] = field(default_factory=set)
+    torn: int = 0
+
+
+def read_answered(path: str | os.PathLike | None, repair: bool = False) -> Answered:
+    """Read a predictions file. A line that is not a complete JSON object with an ``index`` (a half-written
+    last line left by a process that died mid-write) is counted in ``torn``; with ``repair`` the file is cut
+    back to its last complete line (only a torn *last* line can be cut; a corrupt line elsewhere is
+    counted and left)."""
+    out = Answered()
+    if path is None or not Path(path).exists():
+        return out
+    data = Path(path).read_bytes()
+    good_end = 0
+    for raw in data.splitlines(keepends=True):
+        try:
+            rec = json.loads(raw)
+            out.indices.add(int(rec["index"]))
+            if raw.endswith(b"\n"):
+                good_end += len(raw)
+                continue
+        except (ValueError, KeyError, TypeError):
+            pass
+        out.torn += 1
+        if raw.endswith(b"\n"):
+            good_end += len(raw)
+    if repair and good_end < len(data):
+        with open(path, "rb+") as fh:
+            fh.truncate(good_end)
+    return out
 
 
 class PredictionSink:
@@ -44,10 +70,9 @@ class PredictionSink:
         self.timeline: list[tuple[float, int]] = []  # (seconds since start, images answered)
         self.t0 = time.perf_counter()
         self._fh = None
+        self._synced = 0.0
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            if append:
-                _drop_torn_tail(path)
             self._fh = open(path, "a" if append else "w", encoding="utf-8")
 
     def write(self, indices: np.ndarray, labels: np.ndarray, logits: np.ndarray, rank: int,
@@ -74,25 +99,61 @@ class PredictionSink:
             self.bar.update(len(indices))
         if self._fh is not None and lines:
             self._fh.write("\n".join(lines) + "\n")
-            self._fh.flush()  # an answer written before a failure is kept
+            self._fh.flush()  # a dead process loses nothing
+            now = time.monotonic()
+            if now - self._synced >= FSYNC_INTERVAL_S:
+                self.sync()
+                self._synced = now
+
+    def sync(self) -> None:
+        """Make everything written so far durable (also called before a stop and at close)."""
+        if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         if self._fh is not None:
+            self.sync()
             self._fh.close()
             self._fh = None
 
 
-def _drop_torn_tail(path) -> None:
-    """Cut a half-written last line (left by a coordinator that died mid-write)."""
-    try:
-        with open(path, "rb+") as fh:
-            data = fh.read()
-            if data and not data.endswith(b"\n"):
-                fh.truncate(data.rfind(b"\n") + 1)
-    except FileNotFoundError:
-        pass
+@dataclass
+class Summary:
+    """The JSON summary of one run (``--summary``), built from the sink and the event log."""
+
+    family: str
+    mode: str
+    checkpoint: str
+    data: str
+    batch_size: int
+    combine: str | None
+    width_start: int | None
+    width_end: int | None
+    ranks_start: int
+    ranks_end: int
+    images: int
+    answered: int
+    answered_here: int
+    resumed: int
+    torn_lines_repaired: int
+    duplicates: int
+    correct: int
+    accuracy: float
+    elapsed_s: float
+    images_per_s: float
+    status: str
+    exit_code: int
+    message: str
+    failures: list[dict]
+    events: list[dict]
+    timeline: list
+    takeover: dict | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def write_summary(path: str | os.PathLike | None, summary: dict) -> None:
@@ -112,8 +173,9 @@ def human_summary(s: dict) -> str:
              f"  answered {s['answered']}/{s['images']} images, accuracy {s['accuracy']:.2f} %, "
              f"{s['images_per_s']:.1f} images/s in {s['elapsed_s']:.2f} s, duplicates {s['duplicates']}"]
     for f in s.get("failures", []):
-        lines.append(f"  failure: rank {f['rank']} ({f.get('how', '?')}) after batch {f.get('after_batch')}, "
-                     f"detected in {f.get('detected_ms')} ms; continued on {s['ranks_end']} rank(s)")
+        lines.append(f"  failure: rank {f['rank']} on {f.get('host', '?')} ({f.get('fault')}, "
+                     f"{f.get('how', '?')}) after batch {f.get('after_batch')}, detected in "
+                     f"{f.get('detected_ms')} ms; continued on {s['ranks_end']} rank(s)")
     if s.get("message"):
         lines.append(f"  {s['message']}")
     return "\n".join(lines)

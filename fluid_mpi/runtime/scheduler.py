@@ -6,11 +6,6 @@ import time
 from collections import deque
 
 
-def split_batches(indices: list[int], batch_size: int) -> list[list[int]]:
-    """Input indices cut into batches, in order."""
-    return [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
-
-
 class WorkQueue:
     """Batches waiting, in flight (per world rank, with send time) and answered. A batch is answered at
     most once; a failed rank's in-flight batches go back to the front of the queue."""
@@ -23,6 +18,10 @@ class WorkQueue:
 
     def has_pending(self) -> bool:
         return bool(self.pending)
+
+    def idle(self) -> bool:
+        """Nothing in flight anywhere."""
+        return not any(self.in_flight.values())
 
     def finished(self) -> bool:
         return len(self.answered) == self.n_batches

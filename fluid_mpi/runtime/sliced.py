@@ -4,46 +4,52 @@ exchanged (allgather) between layers and the partial logits gathered and summed 
 The baselines' failure behaviour, as the paper describes it: Static stops at any failure; Dynamic
 goes on at a smaller width when it loses a slice other than slice 0 (width = the prefix of slices still
 alive) and stops when slice 0 (the coordinator's) is lost. Stopping is clean: every answer so far is
-kept, one line says what was lost, and every survivor exits non-zero.
+kept, one line says what was lost, every survivor exits 3, and the summary is written (by rank 0, or by
+the lowest survivor when rank 0 is the one lost). Every collective has a deadline (``rank_timeout``); on
+a stall the liveness policy kills what this host sees frozen, and otherwise the run stops.
 """
 from __future__ import annotations
 
-import socket
 import sys
 import time
 
 import numpy as np
 import torch
 
+from ..errors import PeerFailure, RecoveryFailed
 from ..model.data import to_tensor_batch
-from ..errors import PeerFailure
-from .faults import die, frozen
 from ..model.partition import N_STAGES, narrow
-from .protocol import CMD_RUN, CMD_STOP, Job, failure_record, header, stamp_death
-from .scheduler import dynamic_width, split_batches
-
-EXIT_FAILED = 3
+from .events import EventLog, FailureTracker
+from .faults import FaultInjector
+from .liveness import Liveness, coordinator_silence_limit
+from .outputs import PredictionSink
+from .protocol import CMD_RUN, CMD_STOP, EXIT_FAILED, STOP_FLUSH_S, Job, Outcome, header
+from .scheduler import dynamic_width
+from .transport import Transport, recover
+from .worker import WorkerEnd, stop_worker
 
 
 class SlicedRun:
     """One rank's part of a Static/Dynamic run (rank 0 also coordinates)."""
 
-    def __init__(self, transport, part, job: Job, sink=None, hosts=None):
+    def __init__(self, transport: Transport, part, job: Job, liveness: Liveness, sink: PredictionSink | None = None,
+                 events: EventLog | None = None):
         self.t, self.full_part, self.job, self.sink = transport, part, job, sink
-        self.hosts = hosts or []
-        transport.on_stall = self._kill_frozen
+        self.liveness, self.events = liveness, events or EventLog(None)
+        self.tracker = FailureTracker(self.events, liveness.hosts, job.stamp_dir, time.time())
+        self.injector = FaultInjector(job.faults, transport.world_rank(), job.stamp_dir)
         self.width = job.width or part.width
         self.parts = {part.width: part}
-        self.failures: list[dict] = []
         self.answered = 0
         self.message = ""
+        self.silent_s = 0.0  # a worker's time waiting on a coordinator it cannot observe
 
     def part_at(self, width: int):
         if width not in self.parts:
             self.parts[width] = narrow(self.full_part, width)
         return self.parts[width]
 
-    def forward(self, x: torch.Tensor, width: int, timeout: float | None) -> np.ndarray | None:
+    def forward(self, x: torch.Tensor, width: int) -> np.ndarray | None:
         """The distributed forward; ranks at or beyond ``width`` contribute zeros to the exchanges."""
         active = self.t.rank < width
         part = self.part_at(width) if active else None
@@ -55,70 +61,68 @@ class SlicedRun:
             else:
                 mine = np.zeros(self._shape(i, len(x)), np.float32)
             if i < N_STAGES - 1:
-                full = self.t.allgather(mine, timeout)[:width]  # (width, n, c, h, w)
+                full = self.t.allgather(mine, self.job.rank_timeout, self._on_stall)[:width]  # (width, n, c, h, w)
                 shared = torch.from_numpy(np.concatenate(list(full), axis=1))
             else:
-                gathered = self.t.gather(mine, timeout)
+                gathered = self.t.gather(mine, self.job.rank_timeout, self._on_stall)
                 return None if gathered is None else gathered[:width].sum(0)
         return None
 
-    def _kill_frozen(self) -> bool:
-        """A collective stalled: kill ranks on this host that are frozen (SIGSTOP); ULFM then reports
-        them as failed. False when there is none to kill (the caller stops the run)."""
-        me = socket.gethostname()
-        victims = [(r, pid) for r, (host, pid) in enumerate(self.hosts)
-                   if host == me and r != self.t.world_rank() and frozen(pid)]
-        for r, pid in victims:
-            print(f"fluid-mpi: rank {r} frozen for {self.job.rank_timeout:g} s: killing pid {pid}",
-                  file=sys.stderr, flush=True)
-            self.t.kill(pid)
-        return bool(victims)
+    def _on_stall(self) -> bool:
+        """A collective stalled for ``rank_timeout``: True to keep waiting. The coordinator kills peers it
+        sees frozen on its host (ULFM then reports them); a worker kills a frozen coordinator on its host,
+        and waits for one it cannot observe up to the silence limit."""
+        me = self.t.world_rank()
+        if me == self.t.world_rank(0):
+            killed = self.liveness.kill_stopped([w for w in self.t.members if w != me])
+            for w in killed:
+                self.events.emit("kill", rank=w, host=self.liveness.host(w), pid=self.liveness.hosts[w][1],
+                                 reason=f"stopped, and a collective stalled for {self.job.rank_timeout:g} s")
+            return bool(killed)
+        coordinator = self.t.world_rank(0)
+        if self.liveness.lost(coordinator):
+            return self.liveness.kill(coordinator)
+        self.silent_s += self.job.rank_timeout
+        return self.silent_s < coordinator_silence_limit(self.job.rank_timeout)
 
     def _shape(self, stage: int, n: int) -> tuple:
         w = self.full_part.widths
         return [(n, w.c1, 12, 12), (n, w.c2, 4, 4), (n, 10)][stage]
 
     # --- coordinator ------------------------------------------------------------------------------
-    def coordinate(self) -> dict:
+    def coordinate(self) -> Outcome:
         job = self.job
-        batches = split_batches(list(range(len(job.indices))), job.batch_size)
         b, status, t0 = 0, "ok", time.perf_counter()
-        while b < len(batches):
-            rows = batches[b]
+        while b < job.n_batches:
+            rows = job.rows(b)
             try:
-                self.t.bcast(header(CMD_RUN, b, len(rows), self.width, len(batches)), job.rank_timeout)
-                imgs = np.ascontiguousarray(job.images[rows[0]:rows[-1] + 1])
-                self.t.bcast(imgs, job.rank_timeout)
-                logits = self.forward(to_tensor_batch(imgs), self.width, job.rank_timeout)
-                self.sink.write(job.indices[rows[0]:rows[-1] + 1], job.labels[rows[0]:rows[-1] + 1], logits,
-                                self.t.world_rank(), {"width": self.width})
+                imgs = np.ascontiguousarray(job.images[rows])
+                self.t.bcast(header(CMD_RUN, b, len(imgs), self.width, job.n_batches), job.rank_timeout,
+                             self._on_stall)
+                self.t.bcast(imgs, job.rank_timeout, self._on_stall)
+                logits = self.forward(to_tensor_batch(imgs), self.width)
+                self.sink.write(job.indices[rows], job.labels[rows], logits, self.t.world_rank(),
+                                {"width": self.width})
+                self.tracker.answered()
                 b += 1
                 self.answered += 1
-                self._maybe_die(len(batches))
+                self.injector.tick(job.n_batches)
             except TimeoutError:
                 status = self._stop(f"a rank did not answer within {job.rank_timeout:g} s and could "
                                     f"not be killed; the {job.family} DNN cannot go on")
                 break
-            except PeerFailure:
-                if not self._recover():
+            except (PeerFailure, RecoveryFailed) as exc:
+                if not self._recover(exc):
                     status = "failed"
                     break
         elapsed = time.perf_counter() - t0
         if status == "ok":
             self._broadcast_stop(0)
-        return {"elapsed_s": elapsed, "failures": self.failures, "ranks_end": self.t.size,
-                "status": status, "message": self.message, "width_end": self.width}
-
-    def _maybe_die(self, n_batches: int) -> None:
-        plan = self.job.faults
-        me = self.t.world_rank()
-        if plan.should_die(me, self.answered, n_batches):
-            stamp_death(self.job.stamp_dir, me, self.answered, plan.how)
-            die(plan.how)
+        return Outcome(elapsed, self.t.size, status, self.message, width_end=self.width)
 
     def _broadcast_stop(self, code: int) -> None:
         try:
-            self.t.bcast(header(CMD_STOP, 0, 0, code, 0), 2.0)
+            self.t.bcast(header(CMD_STOP, 0, 0, code, 0), STOP_FLUSH_S)
         except (PeerFailure, TimeoutError):
             pass
 
@@ -128,49 +132,61 @@ class SlicedRun:
         self.t.revoke()  # wake every rank waiting in a collective; they exit on their own
         return "failed"
 
-    def _recover(self) -> bool:
+    def _recover(self, exc: Exception) -> bool:
         """After a failure: shrink, then go on at a smaller width (Dynamic) or stop. True to go on."""
+        if isinstance(exc, RecoveryFailed):
+            self._stop(str(exc))
+            return False
         t_detect = time.time()
-        lost = self.t.recover()
-        for w in lost:
-            self.failures.append(failure_record(w, self.job.stamp_dir, t_detect, None, self.answered,
-                                                self.sink.t0 if self.sink else None))
+        try:
+            lost = recover(self.t, self.liveness, self.job.rank_timeout, self.events)
+        except RecoveryFailed as again:
+            self._stop(str(again))
+            return False
+        self.tracker.lost(lost, t_detect, {}, self.answered, killed=self.liveness.killed)
         new_width = dynamic_width(self.t.members, self.width) if self.job.family == "dynamic" else 0
         lost_txt = ", ".join(f"rank {w} (slice {w})" for w in lost)
-        if new_width == 0 or self.job.family == "static":
-            self.message = (f"lost {lost_txt}: the {self.job.family} DNN needs every slice"
-                            if self.job.family == "static" else f"lost {lost_txt}: slice 0 is gone")
+        if new_width == 0:
+            self.message = (f"lost {lost_txt}: the static DNN needs every slice" if self.job.family == "static"
+                            else f"lost {lost_txt}: slice 0 is gone")
             print(f"fluid-mpi: {self.message}; stopping after {self.answered} batches", file=sys.stderr,
                   flush=True)
             self._broadcast_stop(EXIT_FAILED)
             return False
         print(f"fluid-mpi: lost {lost_txt}; dynamic DNN continues at width {new_width} "
               f"(was {self.width})", file=sys.stderr, flush=True)
+        self.events.emit("width_switch", width=new_width, was=self.width, after_batch=self.answered)
         self.width = new_width
         return True
 
     # --- worker -----------------------------------------------------------------------------------
-    def serve(self) -> int:
-        """A worker's loop; returns its exit code."""
+    def serve(self) -> WorkerEnd:
+        """A worker's loop."""
         hdr = np.zeros(5, np.int64)  # [cmd, batch, n, width (exit code with STOP), batches in the run]
+        lost_all: list[int] = []
         while True:
             try:
-                self.t.bcast(hdr)
+                self.t.bcast(hdr, self.job.rank_timeout, self._on_stall)
+                self.silent_s = 0.0
                 cmd, batch, n, width, n_batches = (int(v) for v in hdr)
                 if cmd == CMD_STOP:
-                    return width  # the exit code travels in the last field
-                imgs = self.t.bcast(np.empty((n, 28, 28), np.uint8))
-                self.forward(to_tensor_batch(imgs), width, None)
+                    return WorkerEnd(width)  # the exit code travels in the width field
+                imgs = self.t.bcast(np.empty((n, 28, 28), np.uint8), self.job.rank_timeout, self._on_stall)
+                self.forward(to_tensor_batch(imgs), width)
                 self.answered += 1
-                self._maybe_die(n_batches)
+                self.injector.tick(n_batches)
+            except TimeoutError:
+                return stop_worker(f"rank {self.t.world_rank()}: the coordinator has been silent for "
+                                   f"{coordinator_silence_limit(self.job.rank_timeout):g} s")
             except PeerFailure:
-                # a frozen rank would keep the survivors from agreeing: give up after the deadline
-                lost = self.t.recover(timeout=self.job.rank_timeout)
-                if self.t.world_rank(0) != 0 or 0 in lost:
+                try:
+                    lost_all += recover(self.t, self.liveness, self.job.rank_timeout)
+                except RecoveryFailed as exc:
+                    return stop_worker(f"rank {self.t.world_rank()}: {exc}")
+                if 0 in lost_all:
                     print(f"fluid-mpi: rank {self.t.world_rank()}: slice 0 / coordinator lost; stopping",
                           file=sys.stderr, flush=True)
-                    return EXIT_FAILED
+                    return WorkerEnd(EXIT_FAILED, coordinator_lost=True, lost=lost_all)
                 if self.job.family == "static":
                     hdr[:] = 0
                     continue  # the coordinator's STOP follows on the shrunk communicator
-

@@ -1,55 +1,89 @@
 """A worker rank's loop for Fluid runs: receive a batch, run its group, send features (HA) or logits
-(HT) back, ask for the next by answering. Survives other workers' failures (recover and go on) and
-reports the coordinator's death to the caller, who decides whether to take over."""
+(HT) back, ask for the next by answering. Survives other workers' failures (the one recovery path) and
+reports the coordinator's loss to the caller, who decides whether to take over.
+
+Every wait has a deadline: each ``rank_timeout`` of silence the liveness policy is asked about the
+coordinator (dead or frozen on this host: kill it, recover, take over); a coordinator silent for longer
+than :func:`~fluid_mpi.runtime.liveness.coordinator_silence_limit` makes the worker stop (exit 3).
+"""
 from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from ..errors import PeerFailure, RecoveryFailed
 from ..model.data import to_tensor_batch
-from ..errors import PeerFailure
-from .faults import die
-from .protocol import CMD_FEATURES, CMD_STOP, IMAGE, Job, header, stamp_death
+from .faults import FaultInjector
+from .liveness import Liveness, coordinator_silence_limit
+from .protocol import CMD_FEATURES, CMD_STOP, EXIT_FAILED, IMAGE, Job, header
 from .scheduler import expected_share
+from .transport import Transport, recover
 
 
-def serve_fluid(transport, part, job: Job, peer_alive=None) -> tuple[str, object]:
-    """Serve until told to stop. Returns ``("stop", exit_code)`` or ``("coordinator-lost", lost_ranks)``
-    when world rank of the coordinator is among the lost (the caller may take over).
+@dataclass
+class WorkerEnd:
+    """How a worker's loop ended: told to stop (``code``), or the coordinator was lost (``lost``: every
+    world rank lost so far; the caller may take over)."""
 
-    ``peer_alive(world_rank) -> bool`` is a second opinion on the coordinator, asked every 2 s of
-    silence: ULFM missed the coordinator's death in about 1 of 10 runs here, leaving workers waiting.
-    """
-    t, plan = transport, job.faults
+    code: int = 0
+    coordinator_lost: bool = False
+    lost: list[int] = field(default_factory=list)
+
+
+def stop_worker(message: str) -> WorkerEnd:
+    print(f"fluid-mpi: {message}; stopping", file=sys.stderr, flush=True)
+    return WorkerEnd(EXIT_FAILED)
+
+
+def wait_for_coordinator(t: Transport, handle, job: Job, liveness: Liveness) -> bool:
+    """Wait for the coordinator's next message. False when it has been silent past the limit; raises
+    PeerFailure when this host sees it dead or frozen (a frozen one is killed first, so ULFM agrees)."""
     coordinator = t.world_rank(0)
-    answered = 0
+    silent = 0.0
+    while not t.wait(handle, job.rank_timeout):
+        silent += job.rank_timeout
+        if liveness.lost(coordinator):
+            liveness.kill(coordinator)
+            raise PeerFailure("the coordinator's process is dead or frozen", (coordinator,))
+        if silent >= coordinator_silence_limit(job.rank_timeout):
+            return False
+    return True
+
+
+def serve_fluid(t: Transport, part, job: Job, liveness: Liveness) -> WorkerEnd:
+    """Serve until told to stop or the coordinator is lost."""
+    injector = FaultInjector(job.faults, t.world_rank(), job.stamp_dir)
+    coordinator = t.world_rank(0)
+    lost_all: list[int] = []
+
     def post():
         return t.recv_start(0, job.batch_size * IMAGE, np.uint8, IMAGE)
 
     handle = post()
     while True:
         try:
-            while not t.wait(handle, timeout=2.0):
-                if peer_alive is not None and not peer_alive(coordinator):
-                    raise PeerFailure("the coordinator's process is gone", (coordinator,))
-            cmd, batch, n, arg = (int(v) for v in handle.header[:4])
+            if not wait_for_coordinator(t, handle, job, liveness):
+                return stop_worker(f"rank {t.world_rank()}: the coordinator (rank {coordinator}) has been "
+                                   f"silent for {coordinator_silence_limit(job.rank_timeout):g} s")
+            cmd, batch, n, n_batches = (int(v) for v in handle.header[:4])
             if cmd == CMD_STOP:
-                t.flush_sends(timeout=2.0)
-                return "stop", arg
+                t.flush_sends(job.rank_timeout)
+                return WorkerEnd(n_batches)  # the exit code travels in the last field
             imgs = handle.payload[:n * IMAGE].reshape(n, 28, 28).copy()
             handle = post()  # the next batch may arrive while this one is computed
-            me = t.world_rank()
-            # arg = the run's batch count, so the default --kill-after (halfway) is known here too
-            if plan.should_die(me, answered, expected_share(arg, t.size, job.mode)):
-                stamp_death(job.stamp_dir, me, answered, plan.how)
-                die(plan.how)
             with torch.no_grad():
                 x = to_tensor_batch(imgs)
                 out = part.features(x) if cmd == CMD_FEATURES else part.logits(x)
-            t.send(0, header(cmd, batch, n, me), out.numpy())
-            answered += 1
+            t.send(0, header(cmd, batch, n, t.world_rank()), out.numpy())
+            injector.tick(expected_share(n_batches, t.size, job.mode))
         except PeerFailure:
-            lost = t.recover(timeout=5.0)  # exits with a clear line if the survivors cannot agree
-            if coordinator in lost:
-                return "coordinator-lost", lost
+            try:
+                lost_all += recover(t, liveness, job.rank_timeout)
+            except RecoveryFailed as exc:
+                return stop_worker(f"rank {t.world_rank()}: {exc}")
+            if coordinator in lost_all:
+                return WorkerEnd(EXIT_FAILED, coordinator_lost=True, lost=lost_all)
             handle = post()

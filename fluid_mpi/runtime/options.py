@@ -1,0 +1,37 @@
+"""The options of ``fluid-mpi infer`` and the one place for their defaults (stdlib only, so the CLI can
+read them without importing numpy, torch or MPI)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import faults
+
+MODES = ("ha", "ht")
+COMBINES = ("head", "avg")
+
+
+@dataclass
+class InferOptions:
+    """Every option of ``fluid-mpi infer``; the CLI takes its defaults from here."""
+
+    checkpoint: str
+    mode: str = "ha"
+    data_dir: str | None = None
+    batch_size: int = 64
+    limit: int | None = None
+    summary: str | None = None
+    predictions: str | None = None
+    events: str | None = None
+    resume: bool = False
+    with_logits: bool = False
+    width: int | None = None
+    combine: str = "head"
+    # a batch of 64 takes milliseconds even on a Pi-class core: 10 s of silence is a frozen or lost device
+    rank_timeout: float = 10.0
+    kill_rank: tuple[str, ...] = field(default_factory=tuple)
+    kill_after: int | None = None
+    kill_how: str = "kill"
+    quiet: bool = False
+
+    def fault_plan(self) -> faults.FaultPlan:
+        return faults.FaultPlan.parse(self.kill_rank, self.kill_how, self.kill_after)

@@ -1,13 +1,10 @@
-"""Virtual cluster: emulated hosts on one machine, for multi-host MPI runs with injected faults (root only).
-
-Each host is a network namespace ``NAME-HOST`` with one interface ``eth0`` (address ``SUBNET.i``), joined by
-a veth pair to a bridge inside a switch namespace ``NAME-sw`` (nothing is added to the root namespace's
-network). Its processes also live in cgroup v1 directories ``fluid-mpi-NAME/HOST`` (cpu, freezer). A launch
-agent (a shell script written by :meth:`VCluster.up`) stands in for ssh: ``AGENT HOST CMD...`` joins the
-host's cgroups, enters its namespace under its own hostname (``unshare --uts``) and runs CMD through sh.
-"""
+"""Virtual cluster (root only): host H of instance NAME is a network namespace ``NAME-H`` whose ``eth0`` is wired
+by a veth pair to a bridge in a switch namespace ``NAME-sw`` (the root namespace's network is untouched); its
+processes live in cgroup v1 ``fluid-mpi-NAME/H`` (cpu, freezer). The launch agent stands in for ssh:
+``AGENT H CMD...`` joins H's cgroups, enters its namespace under its own hostname and runs CMD through sh."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -17,6 +14,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
 from ..errors import FluidError
 
@@ -24,17 +22,26 @@ SUBNET = "10.213.0"  # private /24 used only inside the namespaces we create
 PREFIX_LEN = 24
 HEAD, HEAD_OCTET, MAX_NODES = "head", 254, 200
 DEFAULT_NAME = "fmpi"
-NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")  # short: "NAME-254" must fit a 15-char interface name
+NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")  # short: "NAME-254" must fit a 15-character interface name
 STATE_ROOT = Path("/run/fluid-mpi-vcluster")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CONTROLLERS = ("cpu", "freezer")
 HOSTS_FILE = Path("/etc/hosts")
 CMD_TIMEOUT = 15.0  # an ip/tc call takes milliseconds; the bound only guards against a wedged kernel call
-SETTLE_TIMEOUT = 5.0  # SIGKILLed processes and a FREEZING cgroup settle in well under a second
+SETTLE_TIMEOUT = 5.0  # SIGKILLed tasks vanish and a FREEZING cgroup turns FROZEN well within a second
 POLL = 0.05  # polling interval while waiting for the above
 TBF_LATENCY = "50ms"  # tbf queue bound: packets waiting longer are dropped, like a small switch buffer
 RATE_RE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit)$")
-DELAY_RE = re.compile(r"^\d+(?:\.\d+)?(?:us|ms|s)$")
+AGENT = """#!/bin/sh
+# fluid-mpi vcluster {name}: launch agent standing in for ssh. Usage: agent HOST CMD...
+# Joins HOST's cgroups (on a frozen host the agent freezes too, like ssh to a hung board), then runs CMD
+# through sh in HOST's network namespace under HOST's own hostname.
+host="$1"; shift
+case "$host" in {hosts}) ;; *) echo "ssh: Could not resolve hostname $host" >&2; exit 255;; esac
+[ -e "{state}/unreachable/$host" ] && {{ echo "ssh: connect to host $host port 22: No route to host" >&2; exit 255; }}
+{joins}
+exec ip netns exec "{name}-$host" unshare --uts sh -c "hostname $host; $*"
+"""
 
 
 class VClusterError(FluidError):
@@ -50,43 +57,43 @@ def resolve_name(name: str | None = None) -> str:
 
 
 def agent_path(name: str | None = None) -> str:
-    """Path of the launch agent (use as PRRTE's ``plm_ssh_agent``) of instance ``name``."""
+    """Path of the launch agent (PRRTE's ``plm_ssh_agent``) of instance ``name``."""
     return str(STATE_ROOT / resolve_name(name) / "agent")
 
 
 def mpirun_env(base: dict, name: str | None = None) -> dict:
-    """``base`` plus what ``mpirun --hostfile HOSTFILE`` needs to start its daemons through the agent.
-
-    Run the venv's mpirun by its absolute path: PRRTE then passes its prefix to the remote ``prted``."""
+    """``base`` plus what ``mpirun --hostfile HOSTFILE`` needs to start its daemons through the agent. Run
+    the venv's mpirun by its absolute path: PRRTE then passes its prefix on to the remote ``prted``."""
     env = dict(base)
     env["PRTE_MCA_plm_ssh_agent"] = agent_path(name)
-    env.setdefault("HOME", "/root")  # opal_init fails with "Unable to get the user home directory" without it
+    env.setdefault("HOME", "/root")  # opal_init fails ("Unable to get the user home directory") without it
     if os.geteuid() == 0:
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     return env
 
 
 def hosts(name: str | None = None, include_head: bool = False) -> list[str]:
-    """Host names of the running instance in hostfile order (node1..nodeN), plus ``head`` if asked and
-    present; ``[]`` when the instance is not up."""
-    state = VCluster(name).load()
-    if state is None:
-        return []
-    names = [f"node{i}" for i in range(1, state["n"] + 1)]
-    return names + ([HEAD] if include_head and state["head"] else [])
+    """Hosts of the running instance in hostfile order, then ``head`` if asked for; [] when it is not up."""
+    with contextlib.suppress(OSError, ValueError):
+        state = json.loads((STATE_ROOT / resolve_name(name) / "state.json").read_text())
+        return [h for h in state["hosts"] if include_head or h != HEAD]
+    return []
 
 
-def _run(args: list[str], check: bool = True, timeout: float = CMD_TIMEOUT) -> subprocess.CompletedProcess:
+def _run(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
     try:
-        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=CMD_TIMEOUT)
     except FileNotFoundError:
         raise VClusterError(f"{args[0]} not found: install iproute2 (ip, tc) and util-linux (unshare)") from None
     except subprocess.TimeoutExpired:
-        raise VClusterError(f"{shlex.join(args)}: no answer within {timeout:g} s") from None
+        raise VClusterError(f"{shlex.join(args)}: no answer within {CMD_TIMEOUT:g} s") from None
     if check and proc.returncode:
-        reason = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[0]
-        raise VClusterError(f"{shlex.join(args)}: {reason}")
+        raise VClusterError(f"{shlex.join(args)}: {_first_line(proc)}")
     return proc
+
+
+def _first_line(proc: subprocess.CompletedProcess) -> str:  # of stderr: tc and ip say it all there
+    return (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[0]
 
 
 def _alive(pid: int) -> bool:
@@ -96,30 +103,32 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _write(path: Path, value: str) -> bool:
-    try:
-        path.write_text(value)
-        return True
-    except OSError:
-        return False
+def _settle(done: Callable[[], bool]) -> bool:
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    while not done():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(POLL)
+    return True
 
 
 class VCluster:
     """One instance of the virtual cluster; its state lives in ``/run/fluid-mpi-vcluster/NAME/``."""
 
     def __init__(self, name: str | None = None):
+        if os.geteuid() != 0:
+            raise VClusterError("vcluster needs root (network namespaces, cgroups, /etc/hosts)")
         self.name = resolve_name(name)
         self.dir = STATE_ROOT / self.name
         self.state_file = self.dir / "state.json"
         self.switch = f"{self.name}-sw"
 
-    # -- naming ------------------------------------------------------------------------------------
     def ns(self, host: str) -> str:
         """Network namespace of ``host``."""
         return f"{self.name}-{host}"
 
     def veth(self, host: str) -> str:
-        """Switch-side end of ``host``'s cable (the host side is ``eth0``)."""
+        """Switch-side end of ``host``'s cable ``NAME-i`` (the host side is ``eth0`` with address SUBNET.i)."""
         return f"{self.name}-{HEAD_OCTET if host == HEAD else host[4:]}"
 
     def cgroup(self, controller: str, host: str | None = None) -> Path:
@@ -127,19 +136,17 @@ class VCluster:
         base = CGROUP_ROOT / controller / f"fluid-mpi-{self.name}"
         return base / host if host else base
 
-    # -- state -------------------------------------------------------------------------------------
     def load(self) -> dict | None:
         """The state file's content, or None when the instance is not up."""
-        try:
+        with contextlib.suppress(OSError, ValueError):
             return json.loads(self.state_file.read_text())
-        except (OSError, ValueError):
-            return None
+        return None
 
     def _save(self, state: dict) -> None:
         self.state_file.write_text(json.dumps(state, indent=1))
 
-    def _require(self, host: str | None = None) -> dict:
-        _check_root()
+    def require(self, host: str | None = None) -> dict:
+        """The state, after checking that the instance is up and has ``host`` (if given)."""
         state = self.load()
         if state is None:
             raise VClusterError(f"no virtual cluster {self.name!r}: run `fluid-mpi vcluster up N --hostfile F`")
@@ -147,88 +154,60 @@ class VCluster:
             raise VClusterError(f"no host {host!r} in vcluster {self.name!r} (hosts: {', '.join(state['hosts'])})")
         return state
 
-    # -- up / down ---------------------------------------------------------------------------------
     def up(self, n: int, hostfile: str, head: bool = False) -> bool:
-        """Make hosts node1..nodeN (and ``head``) and write ``hostfile``. Returns False when a cluster of
-        the same shape was already up (nothing changed but the hostfile); a different shape is torn down."""
-        _check_root()
+        """Make hosts node1..nodeN (and ``head``), write ``hostfile``; False when a cluster of that shape was
+        already up (only the hostfile is written). A cluster of another shape is torn down first."""
         if not 1 <= n <= MAX_NODES:
             raise VClusterError(f"N must be between 1 and {MAX_NODES}, not {n}")
+        names = [f"node{i}" for i in range(1, n + 1)] + ([HEAD] if head else [])
         state = self.load()
-        existed = state is not None and state["n"] == n and state["head"] == head
+        existed = state is not None and list(state["hosts"]) == names
         if not existed:
             self.down()
-            self._make(n, head)
-        Path(hostfile).write_text("".join(f"node{i} slots=1\n" for i in range(1, n + 1)))
+            try:
+                self._make(names)
+            except BaseException:
+                self.down()
+                raise
+        Path(hostfile).write_text("".join(f"{h} slots=1\n" for h in names if h != HEAD))
         return not existed
 
-    def _make(self, n: int, head: bool) -> None:
-        names = [f"node{i}" for i in range(1, n + 1)] + ([HEAD] if head else [])
+    def _make(self, names: list[str]) -> None:
         try:
             _run(["ip", "netns", "add", self.switch])
         except VClusterError as exc:
             raise VClusterError(f"network namespaces refused here ({exc})") from None
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "unreachable").mkdir(exist_ok=True)
-        try:
-            _run(["ip", "-n", self.switch, "link", "add", "br0", "type", "bridge"])
-            _run(["ip", "-n", self.switch, "link", "set", "br0", "up"])
-            hosts_state = {}
-            for host in names:
-                octet = HEAD_OCTET if host == HEAD else int(host[4:])
-                self._make_host(host, f"{SUBNET}.{octet}")
-                hosts_state[host] = {"addr": f"{SUBNET}.{octet}", "powered": True, "cable": "up",
-                                     "cpus": None, "shape": None}
-            self._write_agent(names)
-            self._hosts_block([f"{h['addr']} {host}" for host, h in hosts_state.items()])
-            self._save({"name": self.name, "n": n, "head": head, "subnet": f"{SUBNET}.0/{PREFIX_LEN}",
-                        "hosts": hosts_state})
-        except BaseException:
-            self.down()
-            raise
-
-    def _make_host(self, host: str, addr: str) -> None:
-        ns, veth = self.ns(host), self.veth(host)
-        _run(["ip", "netns", "add", ns])
-        _run(["ip", "-n", self.switch, "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns])
-        _run(["ip", "-n", self.switch, "link", "set", veth, "master", "br0", "up"])
-        _run(["ip", "-n", ns, "addr", "add", f"{addr}/{PREFIX_LEN}", "dev", "eth0"])
-        for dev in ("lo", "eth0"):
-            _run(["ip", "-n", ns, "link", "set", dev, "up"])
-        for ctl in CONTROLLERS:
-            if (CGROUP_ROOT / ctl / "cgroup.procs").exists():
+        (self.dir / "unreachable").mkdir(parents=True, exist_ok=True)
+        sw = ["ip", "-n", self.switch, "link"]
+        _run(sw + ["add", "br0", "type", "bridge"])
+        _run(sw + ["set", "br0", "up"])
+        hosts_state = {}
+        for host in names:
+            ns, veth, addr = self.ns(host), self.veth(host), f"{SUBNET}.{self.veth(host).split('-')[1]}"
+            _run(["ip", "netns", "add", ns])
+            _run(sw + ["add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns])
+            _run(sw + ["set", veth, "master", "br0", "up"])
+            _run(["ip", "-n", ns, "addr", "add", f"{addr}/{PREFIX_LEN}", "dev", "eth0"])
+            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+            _run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+            for ctl in (c for c in CONTROLLERS if (CGROUP_ROOT / c / "cgroup.procs").exists()):
                 self.cgroup(ctl, host).mkdir(parents=True, exist_ok=True)
-
-    def _write_agent(self, names: list[str]) -> None:
-        joins = "\n".join(f'd={self.cgroup(ctl)}/"$host"; [ -d "$d" ] && {{ echo $$ > "$d/cgroup.procs" || exit 255; }}'
-                          for ctl in CONTROLLERS)
-        script = f"""#!/bin/sh
-# fluid-mpi vcluster {self.name}: launch agent standing in for ssh. Usage: agent HOST CMD...
-# Joins HOST's cgroups (a frozen host freezes the agent too, like ssh to a hung board), then runs CMD
-# through sh inside HOST's network namespace under HOST's own hostname.
-host="$1"; shift
-case "$host" in {'|'.join(names)}) ;; *) echo "ssh: Could not resolve hostname $host" >&2; exit 255;; esac
-if [ -e "{self.dir}/unreachable/$host" ]; then
-    echo "ssh: connect to host $host port 22: No route to host" >&2; exit 255
-fi
-{joins}
-exec ip netns exec "{self.name}-$host" unshare --uts sh -c "hostname $host; $*"
-"""
-        path = Path(agent_path(self.name))
-        path.write_text(script)
-        path.chmod(0o755)
+            hosts_state[host] = {"addr": addr, "powered": True, "cable": "up", "cpus": None, "shape": None}
+        joins = "\n".join(f'd={self.cgroup(c)}/"$host"; [ -d "$d" ] && {{ echo $$ > "$d/cgroup.procs" || exit 255; }}'
+                          for c in CONTROLLERS)
+        agent = Path(agent_path(self.name))
+        agent.write_text(AGENT.format(name=self.name, hosts="|".join(names), state=self.dir, joins=joins))
+        agent.chmod(0o755)
+        self._hosts_block([f"{h['addr']} {host}" for host, h in hosts_state.items()])
+        self._save({"name": self.name, "subnet": f"{SUBNET}.0/{PREFIX_LEN}", "hosts": hosts_state})
 
     def _hosts_block(self, lines: list[str]) -> None:
-        """Replace (or with no lines remove) this instance's block in /etc/hosts, edited in place."""
-        begin, end = f"# BEGIN fluid-mpi vcluster {self.name}", f"# END fluid-mpi vcluster {self.name}"
+        # replaces (with no lines: removes) this instance's block; in place, as /etc/hosts may be a bind mount
+        tag = f"fluid-mpi vcluster {self.name}"
         text = HOSTS_FILE.read_text() if HOSTS_FILE.exists() else ""
-        kept, inside = [], False
-        for line in text.splitlines():
-            if line in (begin, end):
-                inside = line == begin
-            elif not inside:
-                kept.append(line)
-        new = "\n".join(kept + ([begin, *lines, end] if lines else [])) + "\n"
+        new = re.sub(rf"^# BEGIN {tag}\n.*?^# END {tag}\n", "", text, flags=re.M | re.S)
+        if lines:
+            new = new.rstrip("\n") + "\n" + "\n".join([f"# BEGIN {tag}", *lines, f"# END {tag}"]) + "\n"
         if new != text:
             HOSTS_FILE.write_text(new)
 
@@ -239,53 +218,40 @@ exec ip netns exec "{self.name}-$host" unshare --uts sh -c "hostname $host; $*"
 
     def pids(self, host: str) -> list[int]:
         """Processes in ``host``: in its network namespace or in its cgroups."""
-        found = set(int(p) for p in _run(["ip", "netns", "pids", self.ns(host)], check=False).stdout.split())
+        found = {int(p) for p in _run(["ip", "netns", "pids", self.ns(host)], check=False).stdout.split()}
         for ctl in CONTROLLERS:
-            try:
+            with contextlib.suppress(OSError):
                 found.update(int(p) for p in (self.cgroup(ctl, host) / "cgroup.procs").read_text().split())
-            except OSError:
-                pass
         return sorted(found)
 
-    def _kill(self, pids: list[int]) -> None:
+    def _kill(self, hosts_: list[str]) -> None:
+        for host in hosts_:  # SIGKILL does not reach a task in a frozen v1 cgroup until it is thawed
+            with contextlib.suppress(OSError):
+                (self.cgroup("freezer", host) / "freezer.state").write_text("THAWED")
+        pids = [p for host in hosts_ for p in self.pids(host)]
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + SETTLE_TIMEOUT
-        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(POLL)
+        _settle(lambda: not any(_alive(p) for p in pids))
 
     def down(self) -> None:
         """Remove everything of this instance: processes, namespaces, cgroups, /etc/hosts block, state."""
-        _check_root()
-        host_names = {ns[len(self.name) + 1:] for ns in self.namespaces()} - {"sw"}
+        names = {ns[len(self.name) + 1:] for ns in self.namespaces()} - {"sw"}
         for ctl in CONTROLLERS:
             if self.cgroup(ctl).is_dir():
-                host_names |= {p.name for p in self.cgroup(ctl).iterdir() if p.is_dir()}
-        for host in host_names:  # SIGKILL does not reach a task in a frozen v1 cgroup until it is thawed
-            _write(self.cgroup("freezer", host) / "freezer.state", "THAWED")
-        self._kill([p for host in host_names for p in self.pids(host)])
+                names |= {p.name for p in self.cgroup(ctl).iterdir() if p.is_dir()}
+        self._kill(sorted(names))
         for ns in self.namespaces():
             _run(["ip", "netns", "del", ns], check=False)
-        for ctl in CONTROLLERS:
-            for path in ([self.cgroup(ctl, h) for h in host_names] + [self.cgroup(ctl)]):
-                deadline = time.monotonic() + SETTLE_TIMEOUT  # rmdir is EBUSY until killed tasks are gone
-                while path.is_dir():
-                    try:
-                        path.rmdir()
-                    except OSError:
-                        if time.monotonic() > deadline:
-                            raise VClusterError(f"cannot remove cgroup {path}: processes remain") from None
-                        time.sleep(POLL)
+        for path in [self.cgroup(c, h) for c in CONTROLLERS for h in names] + [self.cgroup(c) for c in CONTROLLERS]:
+            with contextlib.suppress(FileNotFoundError):
+                path.rmdir()  # the killed tasks are gone (see _kill), so only a new stray one makes this fail
         self._hosts_block([])
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    # -- faults ------------------------------------------------------------------------------------
     def _set(self, host: str, **changes: object) -> None:
-        """Record ``changes`` for ``host``; its switch port (and the agent) follow powered + cable."""
-        state = self._require(host)
+        # the switch port (and the agent) follow powered + cable
+        state = self.require(host)
         h = state["hosts"][host]
         h.update(changes)
         reachable = h["powered"] and h["cable"] == "up"
@@ -299,38 +265,33 @@ exec ip netns exec "{self.name}-$host" unshare --uts sh -c "hostname $host; $*"
         self._set(host, cable="up" if up else "down")
 
     def power(self, host: str, on: bool) -> None:
-        """Off: link down and SIGKILL to every process in the host. On: link up (if the cable is), and the
-        host empty, as after a reboot."""
+        """Off: link down, SIGKILL to every process in the host. On: link up (if the cable is), host empty."""
         self._set(host, powered=on)
-        _write(self.cgroup("freezer", host) / "freezer.state", "THAWED")  # a frozen task ignores SIGKILL
-        self._kill(self.pids(host))
+        self._kill([host])
 
-    def _control(self, host: str, ctl: str, knob: str) -> Path:
-        """Adopt every process of ``host`` into its ``ctl`` cgroup (processes started without the agent
-        too) and return the path of ``knob`` there."""
-        self._require(host)
+    def _knob(self, host: str, ctl: str, knob: str) -> Path:
+        # adopts every process of the host into the cgroup first (those started without the agent too)
+        self.require(host)
         path = self.cgroup(ctl, host) / knob
         if not path.exists():
             raise VClusterError(f"cgroup v1 {ctl} controller not available at {CGROUP_ROOT / ctl}")
         for pid in self.pids(host):
-            _write(path.parent / "cgroup.procs", str(pid))
+            with contextlib.suppress(OSError):
+                (path.parent / "cgroup.procs").write_text(str(pid))
         return path
 
     def freeze(self, host: str, frozen: bool = True) -> None:
-        """Stop (``frozen``) or continue every process in the host, through the cgroup v1 freezer: processes
-        started there later by the agent freeze at once."""
-        path = self._control(host, "freezer", "freezer.state")
+        """Stop (``frozen``) or continue every process in the host through the cgroup v1 freezer; processes
+        the agent starts there later freeze at once."""
+        path = self._knob(host, "freezer", "freezer.state")
         want = "FROZEN" if frozen else "THAWED"
         path.write_text(want)
-        deadline = time.monotonic() + SETTLE_TIMEOUT  # FREEZING -> FROZEN once every task has stopped
-        while path.read_text().strip() != want:
-            if time.monotonic() > deadline:
-                raise VClusterError(f"{host} did not reach {want} within {SETTLE_TIMEOUT:g} s")
-            time.sleep(POLL)
+        if not _settle(lambda: path.read_text().strip() == want):  # FREEZING until every task has stopped
+            raise VClusterError(f"{host} did not reach {want} within {SETTLE_TIMEOUT:g} s")
 
     def slow(self, host: str, cpus: float) -> None:
         """Limit the host to ``cpus`` CPUs (CFS quota = cpus x period); 0 lifts the limit."""
-        path = self._control(host, "cpu", "cpu.cfs_quota_us")
+        path = self._knob(host, "cpu", "cpu.cfs_quota_us")
         period = int((path.parent / "cpu.cfs_period_us").read_text())
         path.write_text(str(max(1000, int(cpus * period)) if cpus else -1))  # the kernel's minimum quota: 1 ms
         state = self.load()
@@ -340,46 +301,28 @@ exec ip netns exec "{self.name}-$host" unshare --uts sh -c "hostname $host; $*"
     def shape(self, host: str | None, rate: str | None = None, delay: str | None = None,
               loss: float | None = None, clear: bool = False) -> list[str]:
         """Shape both directions of the host's link (all hosts when ``host`` is None): tbf for ``rate``,
-        netem for ``delay``/``loss`` (each direction gets the delay); ``clear`` removes it. Returns hosts."""
-        state = self._require(host)
-        if not clear and rate is None and delay is None and loss is None:
-            raise VClusterError("nothing to shape: give --rate, --delay, --loss or --clear")
-        if rate is not None and not RATE_RE.match(rate):
-            raise VClusterError(f"bad --rate {rate!r}: a number with bit, kbit, mbit or gbit (e.g. 100mbit)")
-        if delay is not None and not DELAY_RE.match(delay):
-            raise VClusterError(f"bad --delay {delay!r}: a number with us, ms or s (e.g. 20ms)")
-        if loss is not None and not 0 <= loss <= 100:
-            raise VClusterError(f"bad --loss {loss}: a percentage between 0 and 100")
-        netem = [] if clear else (["delay", delay] if delay else []) + (["loss", f"{loss}%"] if loss else [])
-        if netem or (not clear and (delay or loss is not None)):
+        netem for ``delay`` (each way) and ``loss`` (percent); ``clear`` removes it. Returns the hosts."""
+        state = self.require(host)
+        specs = [] if clear else _qdiscs(rate, delay, loss)
+        if specs and specs[0][0] == "netem":
             probe = _run(["tc", "-n", self.switch, "qdisc", "add", "dev", "br0", "root", "netem"], check=False)
             if probe.returncode:
-                reason = (probe.stderr.strip().splitlines() or ["unknown error"])[0]
-                raise VClusterError(f"netem is not available in this kernel (tc: {reason}): "
+                raise VClusterError(f"netem is not available in this kernel (tc: {_first_line(probe)}): "
                                     "--delay/--loss cannot be emulated here; --rate works")
             _run(["tc", "-n", self.switch, "qdisc", "del", "dev", "br0", "root"])
         targets = [host] if host else list(state["hosts"])
         for name in targets:
             for ns, dev in ((self.switch, self.veth(name)), (self.ns(name), "eth0")):
-                tc = ["tc", "-n", ns, "qdisc"]
-                _run(tc + ["del", "dev", dev, "root"], check=False)  # none there yet is fine
-                parent = ["root", "handle", "10:"]
-                if netem:
-                    _run(tc + ["add", "dev", dev, "root", "handle", "1:", "netem", *netem])
-                    parent = ["parent", "1:1", "handle", "10:"]
-                if rate and not clear:
-                    value, unit = RATE_RE.match(rate).groups()
-                    bits = float(value) * {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}[unit]
-                    burst = max(3000, int(bits / 8 / 100))  # 10 ms of traffic, at least two full frames
-                    _run(tc + ["add", "dev", dev, *parent, "tbf", "rate", rate, "burst", str(burst),
-                               "latency", TBF_LATENCY])
+                _run(["tc", "-n", ns, "qdisc", "del", "dev", dev, "root"], check=False)  # none there yet is fine
+                for i, spec in enumerate(specs, 1):  # netem at the root, tbf below it
+                    where = ["root"] if i == 1 else ["parent", f"{i - 1}:1"]
+                    _run(["tc", "-n", ns, "qdisc", "add", "dev", dev, *where, "handle", f"{i}:", *spec])
             state["hosts"][name]["shape"] = None if clear else {"rate": rate, "delay": delay, "loss": loss}
         self._save(state)
         return targets
 
     def status(self) -> dict:
         """What exists: per host its address, namespace, link, power, cable, freezer, cpu limit, qdiscs, pids."""
-        _check_root()
         state = self.load()
         if state is None:
             return {"name": self.name, "up": False, "namespaces": self.namespaces()}
@@ -387,13 +330,24 @@ exec ip netns exec "{self.name}-$host" unshare --uts sh -c "hostname $host; $*"
             link = _run(["ip", "-n", self.switch, "-o", "link", "show", "dev", self.veth(host)], check=False)
             frozen = self.cgroup("freezer", host) / "freezer.state"
             qdiscs = _run(["tc", "-n", self.switch, "qdisc", "show", "dev", self.veth(host)], check=False)
-            h.update(namespace=self.ns(host), veth=self.veth(host), pids=self.pids(host),
-                     link="up" if ",UP" in link.stdout.split(">")[0] else "down",
-                     frozen=frozen.exists() and frozen.read_text().strip() != "THAWED",
-                     qdiscs=[re.sub(r" refcnt \d+", "", q).strip() for q in qdiscs.stdout.splitlines() if "noqueue" not in q])
+            h.update(namespace=self.ns(host), pids=self.pids(host), link="up" if ",UP" in link.stdout.split(">")[0] else "down", frozen=frozen.exists() and frozen.read_text().strip() != "THAWED",
+                     qdiscs=[re.sub(r" refcnt \d+", "", q).strip() for q in qdiscs.stdout.splitlines()
+                             if "noqueue" not in q])
         return {"up": True, "agent": agent_path(self.name), **state}
 
 
-def _check_root() -> None:
-    if os.geteuid() != 0:
-        raise VClusterError("vcluster needs root (network namespaces, cgroups, /etc/hosts)")
+def _qdiscs(rate: str | None, delay: str | None, loss: float | None) -> list[list[str]]:
+    """tc qdisc specs for the shaping options, root first: netem (delay, loss), then tbf (rate)."""
+    specs = []
+    if delay is not None or loss is not None:
+        specs.append(["netem", *(["delay", delay] if delay else []), *(["loss", f"{loss}%"] if loss else [])])
+    if rate is not None:
+        match = RATE_RE.match(rate)
+        if not match:
+            raise VClusterError(f"bad --rate {rate!r}: a number with bit, kbit, mbit or gbit (e.g. 100mbit)")
+        bits = float(match[1]) * {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}[match[2]]
+        burst = max(3000, int(bits / 8 / 100))  # 10 ms of traffic, at least two full frames
+        specs.append(["tbf", "rate", rate, "burst", str(burst), "latency", TBF_LATENCY])
+    if not specs:
+        raise VClusterError("nothing to shape: give --rate, --delay, --loss or --clear")
+    return specs

@@ -75,7 +75,7 @@ def down(ctx: click.Context) -> None:
 @click.pass_context
 def exec_(ctx: click.Context, host: str, cmd: tuple[str, ...]) -> None:
     """Run CMD inside HOST as ssh would (through the launch agent); its exit code is passed through."""
-    _cluster(ctx)._require(host)
+    _cluster(ctx).require(host)
     cmd = cmd[1:] if cmd[:1] == ("--",) else cmd  # click keeps the "--" after a positional argument
     if not cmd:
         raise click.UsageError("exec needs a command after HOST --")

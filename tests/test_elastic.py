@@ -146,7 +146,8 @@ def test_power_off_relaunches_on_survivors_with_figures():
     assert code == 0 and len(w.answered) == IMAGES
     assert w.jobs[1].hosts == ["node1", "node3"]
     lost = [f for e, f in w.emitted if e == "host_lost"]
-    assert lost == [{"host": "node2", "fault": "lost daemon", "detected_ms": pytest.approx(100, abs=60)}]
+    assert lost == [{"host": "node2", "fault": "lost daemon", "detected_ms": pytest.approx(100, abs=60),
+                     "excluded": True}]
     relaunch = [f for e, f in w.emitted if e == "relaunch"]
     assert relaunch == [{"hosts": ["node1", "node3"], "attempt": 2, "todo": pytest.approx(700, abs=10)}]
     rec = d.summary(code, "")["failures"][0]
@@ -160,19 +161,24 @@ def test_coordinator_device_lost_next_host_coordinates():
     assert code == 0 and w.jobs[1].hosts == ["node2"]
 
 
-def test_silent_host_from_infer_exit_4():
+@pytest.mark.parametrize("answers", [False, True])
+def test_silent_host_from_infer_exit_4(answers):
+    """Infer's silent host is a failure; excluded when it does not answer a probe (frozen board, cable
+    pulled), cleaned up and used again when it does (one frozen rank on a live board)."""
     def silent(w, job):
         if job.elapsed() < 1.0:
             w.answer(10)
         elif job.code is None and not getattr(job, "stopped", False):
             job.stopped = True
-            job.stop(4, silent_hosts=["node2"])
-            job.code = 4
+            w.up["node2"] = answers
+            job.stop(4, silent_hosts=["node2"])  # mpirun lingers: killed at once after exit code 4
     w = World(["node1", "node2"], {1: silent, 2: steady()})
     d = w.driver(["node1", "node2"], 2)
     assert d.run()[0] == 0
-    assert [f["fault"] for e, f in w.emitted if e == "host_lost"] == ["silent"]
-    assert w.jobs[1].hosts == ["node1"]  # node2 answers probes (frozen agents may) but infer said silent
+    assert w.jobs[0].killed_at == pytest.approx(1.1, abs=0.15)
+    assert [(f["fault"], f["excluded"]) for e, f in w.emitted if e == "host_lost"] == [("silent", not answers)]
+    assert w.jobs[1].hosts == (["node1", "node2"] if answers else ["node1"])
+    assert w.cleaned[0] == ["node1", "node2"]
 
 
 def test_lingering_mpirun_killed_after_grace():

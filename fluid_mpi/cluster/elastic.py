@@ -1,13 +1,10 @@
 """The elastic driver's decisions (the Horovod Elastic / torchrun pattern): which hosts run the next
 attempt, when an attempt is over, when to relaunch, when to give up and when a returning host rejoins.
 
-Plain Python: MPI, processes and files come in through the ``Launcher``/``Outputs`` protocols, hosts are
-probed through a callable and time comes from a clock, so every decision is unit-tested with fakes
-(tests/test_elastic.py). ``runner.py`` provides the real ones.
-
-Why a driver at all (shared/MPI_NOTES.md): when a host's Open MPI daemon is lost (power cut) PRRTE ends
-the whole job within about a second, and a pulled cable hangs it for minutes. A process death on a live
-host is survived in-job by ULFM and needs nothing from here but a clean end.
+Plain Python: processes and files come in through the ``Launcher``/``Outputs`` protocols, probes through
+a callable, time from a clock; tests/test_elastic.py drives it with fakes, ``runner.py`` has the real ones.
+Why a driver (shared/MPI_NOTES.md): when a host's Open MPI daemon is lost PRRTE ends the whole job within
+a second, and a pulled cable hangs it for minutes; a process death on a live host is ULFM's, in-job.
 """
 from __future__ import annotations
 
@@ -93,7 +90,6 @@ class Failure:
 def _ms(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
 
-
 @dataclass
 class AttemptEnd:
     """How one attempt ended: infer's code (from its `stop` event) or mpirun's, and why."""
@@ -115,9 +111,7 @@ class Driver:
         self.clock, self.interrupted = clock or Clock(), interrupted
         self.lost: dict[str, Failure] = {}
         self.failures: list[Failure] = []
-        self.rejoins: list[dict] = []
-        self.attempts: list[dict] = []
-        self.start_info: dict = {}
+        self.rejoins, self.attempts, self.start_info = [], [], {}
         self.last_answer: float | None = None
         self._progress = 0
         self._waiting: list = []  # failures and rejoins waiting for the next answer
@@ -133,8 +127,7 @@ class Driver:
 
     def run(self) -> tuple[int, str]:
         """Attempts until done; returns (exit code, one-line message)."""
-        restarts = 0
-        attempt = 0
+        restarts = attempt = 0
         self._progress = self.outputs.progress()  # answers from before (--resume) are not new
         while True:
             hosts = self.active_hosts()
@@ -144,6 +137,7 @@ class Driver:
             if attempt > 1:
                 self.emit("relaunch", hosts=hosts, attempt=attempt, todo=self._todo())
             end = self.watch(self.launcher.start(hosts, attempt), hosts)
+            self._answered_now()  # answers written just before the end belong to this attempt
             self.attempts.append({"attempt": attempt, "hosts": hosts, "code": end.code, "reason": end.reason})
             if end.reason == "interrupted":
                 self.launcher.cleanup(self.all_hosts)
@@ -155,16 +149,12 @@ class Driver:
             if end.code == STOPPED:
                 return STOPPED, (end.stop or {}).get("message") or "infer stopped after a failure"
             if end.returned:  # rejoin: a drained (or drain-timed-out) attempt is not a failure
-                self.launcher.cleanup(hosts)
-                for host in end.returned:
-                    lost = self.lost.pop(host)
-                    item = {"host": host, "lost_at": round(lost.wall_detected, 3),
-                            "returned_at": self._returned_at.pop(host, self.clock.now())}
-                    self.rejoins.append(item)
-                    self._waiting.append(item)
+                self.launcher.cleanup(list(hosts) + end.returned)  # orphans of old attempts too
+                self._rejoin(end.returned)
                 continue
-            self._mark_lost(end, hosts)
-            self.launcher.cleanup(hosts)
+            back = self._mark_lost(end, hosts)
+            self.launcher.cleanup(list(hosts) + back)
+            self._rejoin(back)
             restarts += 1
             if restarts > self.s.max_restarts:
                 return STOPPED, f"gave up after {self.s.max_restarts} restart(s)"
@@ -178,12 +168,14 @@ class Driver:
         stop_at = drain_at = None
         next_probe = started + self.s.probe_every
         back: list[str] = []  # lost hosts that answered again, for which the attempt is being drained
+        running = False  # infer has started (its SIGUSR2 handler is in place): a drain is safe
         while True:
             if self.interrupted():
                 job.kill()
                 return AttemptEnd(None, stop, "interrupted")
             for ev in self.outputs.new_events():
                 seen = now()
+                running = running or ev.get("event") == "start"
                 stop, stop_at = (ev, now()) if ev.get("event") == "stop" else (stop, stop_at)
                 self._infer_event(ev)
             if self._answered_now():
@@ -192,7 +184,9 @@ class Driver:
             if code is not None:
                 reason = "drained" if drain_at is not None else "exited"
                 return AttemptEnd(_code(stop, code), stop, reason, back)
-            if stop_at is not None and now() - stop_at > self.s.stop_grace:
+            # a silent host's daemon cannot take part in PRRTE's teardown: no grace after exit code 4
+            grace = 0.0 if (stop or {}).get("exit_code") == SILENT else self.s.stop_grace
+            if stop_at is not None and now() - stop_at > grace:
                 job.kill()
                 return AttemptEnd(_code(stop, None), stop, "killed after stop", back)
             if drain_at is not None and now() - drain_at > self.s.drain_timeout:
@@ -202,7 +196,7 @@ class Driver:
                 job.kill()
                 return AttemptEnd(None, None, "stalled")
             lost = [h for h in self.all_hosts if h in self.lost]
-            if lost and stop is None and drain_at is None and now() >= next_probe:
+            if lost and running and stop is None and drain_at is None and now() >= next_probe:
                 next_probe = now() + self.s.probe_every
                 returned = [h for h, ok in self.probe(lost).items() if ok]
                 for host in returned:
@@ -216,6 +210,7 @@ class Driver:
         """Note a new answer; close the figures of failures and rejoins that were waiting for one."""
         size = self.outputs.progress()
         if size <= self._progress:
+            self._progress = size  # shrank: a resumed infer cut a torn last line; not an answer
             return False
         self._progress = size
         t = self.clock.now()
@@ -244,20 +239,39 @@ class Driver:
             if pending:
                 pending[-1].next_answer_ms = ev.get("after_failure_ms")
 
-    def _mark_lost(self, end: AttemptEnd, hosts: Sequence[str]) -> None:
-        """After a failed attempt: infer's silent hosts, else the hosts that do not answer a probe."""
+    def _mark_lost(self, end: AttemptEnd, hosts: Sequence[str]) -> list[str]:
+        """After a failed attempt: every host that does not answer a probe is lost, and infer's silent
+        hosts are failures too (a silent host that answers, e.g. one frozen rank on a live board, is
+        cleaned up and used again). Returns the hosts lost before that answer again (they rejoin)."""
         silent = list((end.stop or {}).get("silent_hosts") or [])
-        fault = "silent" if silent or end.reason == "stalled" else "lost daemon"
-        answers = self.probe(list(hosts))
-        gone = silent + [h for h in hosts if not answers.get(h, False) and h not in silent]
-        for host in gone:
+        earlier = [h for h in self.all_hosts if h in self.lost]
+        answers = self.probe(list(hosts) + earlier)
+        for host in hosts:
+            if host not in silent and answers.get(host, False):
+                continue
+            fault = "silent" if host in silent or end.reason == "stalled" else "lost daemon"
             detected = self.clock.now()
             since = None if self.last_answer is None else (detected - self.last_answer) * 1000
             f = Failure(host, fault, since, last_answer=self.last_answer)
-            self.lost[host] = f
             self.failures.append(f)
             self._waiting.append(f)
-            self.emit("host_lost", host=host, fault=fault, detected_ms=_ms(since))
+            if not answers.get(host, False):
+                self.lost[host] = f
+            self.emit("host_lost", host=host, fault=fault, detected_ms=_ms(since),
+                      excluded=host in self.lost)
+        back = [h for h in earlier if answers.get(h, False)]
+        for host in back:
+            self._returned_at.setdefault(host, self.clock.now())
+        return back
+
+    def _rejoin(self, hosts: Sequence[str]) -> None:
+        """Lost hosts that answer again are back for the next attempt; time them to its first answer."""
+        for host in hosts:
+            lost = self.lost.pop(host)
+            item = {"host": host, "lost_at": round(lost.wall_detected, 3),
+                    "returned_at": self._returned_at.pop(host, self.clock.now())}
+            self.rejoins.append(item)
+            self._waiting.append(item)
 
     def _complete(self) -> bool:
         images = self.start_info.get("images")

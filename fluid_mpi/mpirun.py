@@ -46,8 +46,10 @@ class Launched:
 
 
 def run_infer(np_: int, args: list[str], out_dir: Path, name: str, timeout: float = 120, ft: bool = True,
-              extra_mpi: list[str] | None = None, with_logits: bool = False) -> Launched:
-    """``mpirun -np N fluid-mpi infer ARGS --summary OUT/NAME.json --predictions OUT/NAME.jsonl``."""
+              extra_mpi: list[str] | None = None, with_logits: bool = False, keep: str | None = None) -> Launched:
+    """``mpirun -np N fluid-mpi infer ARGS --summary OUT/NAME.json --predictions OUT/NAME.jsonl
+    --events OUT/NAME.events.jsonl``; earlier outputs are removed first (``keep``: the predictions file
+    starts with this text instead, for ``--resume``)."""
     mpirun = find_mpirun()
     if mpirun is None:
         raise FileNotFoundError("no mpirun found: run scripts/setup.sh (it installs Open MPI 5 from PyPI)")
@@ -55,6 +57,8 @@ def run_infer(np_: int, args: list[str], out_dir: Path, name: str, timeout: floa
     summary, preds, events = out_dir / f"{name}.json", out_dir / f"{name}.jsonl", out_dir / f"{name}.events.jsonl"
     for stale in (summary, preds, events):
         stale.unlink(missing_ok=True)
+    if keep is not None:
+        preds.write_text(keep)
     cmd = [mpirun, "-np", str(np_), "--oversubscribe", "--bind-to", "none"]
     cmd += (["--with-ft", "ulfm"] if ft else []) + (extra_mpi or [])
     cmd += [sys.executable, "-m", "fluid_mpi.cli", "infer", *args, "--summary", str(summary),

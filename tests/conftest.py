@@ -12,11 +12,12 @@ SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
 
 
 def run_mpi(np_: int, args: list[str], tmp: Path, timeout: float = 90, ft: bool = True,
-            extra_mpi: list[str] | None = None, name: str = "run") -> Launched:
-    """``mpirun -np N fluid-mpi infer ARGS`` with logits in the predictions; skips without mpirun."""
+            extra_mpi: list[str] | None = None, name: str = "run", keep: str | None = None) -> Launched:
+    """``mpirun -np N fluid-mpi infer ARGS`` with logits in the predictions; skips without mpirun.
+    ``keep``: start from this predictions file content (for --resume) instead of none."""
     if find_mpirun() is None:
         pytest.skip("no mpirun found (install Open MPI: scripts/setup.sh does)")
-    return run_infer(np_, args, tmp, name, timeout, ft, extra_mpi, with_logits=True)
+    return run_infer(np_, args, tmp, name, timeout, ft, extra_mpi, with_logits=True, keep=keep)
 
 
 def _train(tmp_path_factory, family: str, parts: int, limit: int = 800, epochs: int = 1) -> Path:

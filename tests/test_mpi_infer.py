@@ -13,7 +13,9 @@ def assert_complete(res, n=LIMIT):
     s = res.summary
     assert s["status"] == "ok" and s["answered"] == n and s["duplicates"] == 0 and s["failures"] == []
     assert sorted(p["index"] for p in res.predictions) == list(range(n))
-    assert s["images_per_s"] > 0 and 0 <= s["accuracy"] <= 100
+    assert s["images_per_s"] > 0 and 0 <= s["accuracy"] <= 100 and res.torn == 0
+    assert res.events[0]["event"] == "start" and res.events[-1]["event"] == "stop"
+    assert res.events[-1]["exit_code"] == 0 and res.events[-1]["answered"] == n
 
 
 @pytest.mark.parametrize("k", [2, 3])
@@ -59,7 +61,7 @@ def test_fluid_subset_on_fewer_ranks(ckpts, tmp_path):
 @pytest.mark.parametrize("family,np_", [("static", 3), ("fluid", 3), ("dynamic", 3)])
 def test_wrong_np_is_one_line_exit_2(ckpts, tmp_path, family, np_):
     res = run_mpi(np_, ["-c", str(ckpts(family, 2)), "--limit", "10"], tmp_path, timeout=60)
-    assert res.returncode not in (0, None), res.stderr
+    assert res.returncode == 2, res.stderr
     errors = [line for line in res.stderr.splitlines() if line.startswith("fluid-mpi: error:")]
     assert len(errors) == 1 and f"-np {np_}" in errors[0], res.stderr
     assert "Traceback" not in res.stderr and res.summary is None
@@ -67,14 +69,39 @@ def test_wrong_np_is_one_line_exit_2(ckpts, tmp_path, family, np_):
 
 def test_kill_rank_beyond_np_is_an_error(ckpts, tmp_path):
     res = run_mpi(2, ["-c", str(ckpts("fluid", 2)), "--kill-rank", "5"], tmp_path, timeout=60)
-    assert res.returncode not in (0, None) and "--kill-rank 5: there are only ranks 0..1" in res.stderr
+    assert res.returncode == 2 and "--kill-rank 5: there are only ranks 0..1" in res.stderr
+
+
+@pytest.mark.parametrize("spec", ["1:melt", "x", "1:kill:-2"])
+def test_bad_kill_rank_spec_is_one_line_exit_2(ckpts, tmp_path, spec):
+    res = run_mpi(2, ["-c", str(ckpts("fluid", 2)), "--kill-rank", spec], tmp_path, timeout=60)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert sum(line.startswith("fluid-mpi: error: --kill-rank") for line in res.stderr.splitlines()) == 1
+
+
+def test_resume_skips_what_was_answered_and_repairs_a_torn_line(ckpts, tmp_path):
+    """A stopped run's predictions (here: the first 24 inputs, then a half-written line) are resumed:
+    every input ends up exactly once, the torn line is repaired and counted."""
+    ckpt = ckpts("fluid", 2)
+    first = run_mpi(2, ["-c", str(ckpt), "--limit", "24", "-b", "8"], tmp_path, name="resume")
+    assert first.returncode == 0, first.stderr
+    preds = tmp_path / "resume.jsonl"
+    kept = preds.read_text()
+    res = run_mpi(2, ["-c", str(ckpt), "--limit", "40", "-b", "8", "--resume"], tmp_path, name="resume",
+                  keep=kept + '{"index": 24, "lab')
+    assert_complete(res, 40)
+    s = res.summary
+    assert s["resumed"] == 24 and s["answered_here"] == 16 and s["torn_lines_repaired"] == 1
+    assert res.torn == 0
+    ref = reference_logits(ckpt, 40)
+    check_against(res.predictions, lambda p: ref[p["index"]])
 
 
 def test_bad_checkpoint_exits_2_on_every_rank(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_text("nope")
     res = run_mpi(2, ["-c", str(bad)], tmp_path, timeout=60)
-    assert res.returncode not in (0, None) and "Traceback" not in res.stderr
+    assert res.returncode == 2 and "Traceback" not in res.stderr
     assert sum(line.startswith("fluid-mpi: error:") for line in res.stderr.splitlines()) == 1
 
 

@@ -61,6 +61,7 @@ def coordinate(ctx: Context, lost_before: list[int] | None = None, lost_at: floa
         return EXIT_BAD_INPUT
     job = replace(ctx.job, images=ds.images[idx], labels=ds.labels[idx], indices=idx)
     hosts = ctx.liveness.hosts
+    ranks_start = t.size + len(lost_before or [])
     events.emit("start", coordinator=t.world_rank(), ranks=t.size, family=ctx.meta["family"], mode=job.mode,
                 hosts=[list(hosts[w]) for w in t.members], images=len(ds), todo=len(idx),
                 resumed=len(done.indices), torn_lines_repaired=done.torn)
@@ -84,7 +85,7 @@ def coordinate(ctx: Context, lost_before: list[int] | None = None, lost_at: floa
         outcome = loop.coordinate()
     sink.close()
     summary = _summary(ctx, events, outcome, ds.source, len(ds), len(done.indices) + len(sink.answered), sink,
-                       done, (t.size + len(lost_before)) if lost_before else t.size)
+                       done, ranks_start)
     if lost_before:
         summary.takeover = {"coordinator": t.world_rank(), "lost": lost_before, "answered_before": len(done.indices)}
     return _finish(opts, events, summary, outcome)

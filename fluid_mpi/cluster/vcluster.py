@@ -1,7 +1,6 @@
-"""Virtual cluster (root only): host H of instance NAME is a network namespace ``NAME-H`` whose ``eth0`` is wired
-by a veth pair to a bridge in a switch namespace ``NAME-sw`` (the root namespace's network is untouched); its
-processes live in cgroup v1 ``fluid-mpi-NAME/H`` (cpu, freezer). The launch agent stands in for ssh:
-``AGENT H CMD...`` joins H's cgroups, enters its namespace under its own hostname and runs CMD through sh."""
+"""Virtual cluster (root only): host H of instance NAME is a network namespace ``NAME-H``, its ``eth0`` wired to a
+bridge in a switch namespace ``NAME-sw``, its processes in cgroup v1 ``fluid-mpi-NAME/H`` (cpu, freezer); a launch
+agent stands in for ssh (``AGENT H CMD...`` joins H's cgroups and runs CMD in H under H's own hostname)."""
 from __future__ import annotations
 
 import contextlib
@@ -18,28 +17,21 @@ from typing import Callable
 
 from ..errors import FluidError
 
-SUBNET = "10.213.0"  # private /24 used only inside the namespaces we create
-PREFIX_LEN = 24
-HEAD, HEAD_OCTET, MAX_NODES = "head", 254, 200
-DEFAULT_NAME = "fmpi"
+SUBNET, PREFIX_LEN = "10.213.0", 24  # private /24 used only inside the namespaces we create
+HEAD, HEAD_OCTET, MAX_NODES, DEFAULT_NAME = "head", 254, 200, "fmpi"
 NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")  # short: "NAME-254" must fit a 15-character interface name
-STATE_ROOT = Path("/run/fluid-mpi-vcluster")
-CGROUP_ROOT = Path("/sys/fs/cgroup")
+STATE_ROOT, CGROUP_ROOT, HOSTS_FILE = Path("/run/fluid-mpi-vcluster"), Path("/sys/fs/cgroup"), Path("/etc/hosts")
 CONTROLLERS = ("cpu", "freezer")
-HOSTS_FILE = Path("/etc/hosts")
 CMD_TIMEOUT = 15.0  # an ip/tc call takes milliseconds; the bound only guards against a wedged kernel call
-SETTLE_TIMEOUT = 5.0  # SIGKILLed tasks vanish and a FREEZING cgroup turns FROZEN well within a second
-POLL = 0.05  # polling interval while waiting for the above
+SETTLE_TIMEOUT, POLL = 5.0, 0.05  # killed tasks vanish, a FREEZING cgroup turns FROZEN, well within a second
 TBF_LATENCY = "50ms"  # tbf queue bound: packets waiting longer are dropped, like a small switch buffer
 RATE_RE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit)$")
 AGENT = """#!/bin/sh
-# fluid-mpi vcluster {name}: launch agent standing in for ssh. Usage: agent HOST CMD...
-# Joins HOST's cgroups (on a frozen host the agent freezes too, like ssh to a hung board), then runs CMD
-# through sh in HOST's network namespace under HOST's own hostname.
+# fluid-mpi vcluster {name}: launch agent standing in for ssh (agent HOST CMD...); a frozen HOST freezes it too
 host="$1"; shift
 case "$host" in {hosts}) ;; *) echo "ssh: Could not resolve hostname $host" >&2; exit 255;; esac
 [ -e "{state}/unreachable/$host" ] && {{ echo "ssh: connect to host $host port 22: No route to host" >&2; exit 255; }}
-{joins}
+for d in {cgroups}; do [ -d "$d/$host" ] && {{ echo $$ > "$d/$host/cgroup.procs" || exit 255; }}; done
 exec ip netns exec "{name}-$host" unshare --uts sh -c "hostname $host; $*"
 """
 
@@ -62,22 +54,23 @@ def agent_path(name: str | None = None) -> str:
 
 
 def mpirun_env(base: dict, name: str | None = None) -> dict:
-    """``base`` plus what ``mpirun --hostfile HOSTFILE`` needs to start its daemons through the agent. Run
-    the venv's mpirun by its absolute path: PRRTE then passes its prefix on to the remote ``prted``."""
-    env = dict(base)
-    env["PRTE_MCA_plm_ssh_agent"] = agent_path(name)
-    env.setdefault("HOME", "/root")  # opal_init fails ("Unable to get the user home directory") without it
-    if os.geteuid() == 0:
-        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    return env
+    """``base`` plus what ``mpirun --hostfile F`` needs to start its daemons through the agent (run the venv's
+    mpirun by its absolute path: PRRTE then passes its prefix on to the remote ``prted``)."""
+    root = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"} if os.geteuid() == 0 else {}
+    # HOME: without it opal_init fails with "Unable to get the user home directory"
+    return {"HOME": "/root", **base, **root, "PRTE_MCA_plm_ssh_agent": agent_path(name)}
 
 
 def hosts(name: str | None = None, include_head: bool = False) -> list[str]:
     """Hosts of the running instance in hostfile order, then ``head`` if asked for; [] when it is not up."""
+    state = _load(STATE_ROOT / resolve_name(name) / "state.json")
+    return [h for h in state["hosts"] if include_head or h != HEAD] if state else []
+
+
+def _load(path: Path) -> dict | None:
     with contextlib.suppress(OSError, ValueError):
-        state = json.loads((STATE_ROOT / resolve_name(name) / "state.json").read_text())
-        return [h for h in state["hosts"] if include_head or h != HEAD]
-    return []
+        return json.loads(path.read_text())
+    return None
 
 
 def _run(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
@@ -87,29 +80,16 @@ def _run(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
         raise VClusterError(f"{args[0]} not found: install iproute2 (ip, tc) and util-linux (unshare)") from None
     except subprocess.TimeoutExpired:
         raise VClusterError(f"{shlex.join(args)}: no answer within {CMD_TIMEOUT:g} s") from None
-    if check and proc.returncode:
-        raise VClusterError(f"{shlex.join(args)}: {_first_line(proc)}")
+    if check and proc.returncode:  # ip and tc say what is wrong on the first line of stderr
+        raise VClusterError(f"{shlex.join(args)}: {(proc.stderr.strip().splitlines() or ['failed'])[0]}")
     return proc
-
-
-def _first_line(proc: subprocess.CompletedProcess) -> str:  # of stderr: tc and ip say it all there
-    return (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[0]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def _settle(done: Callable[[], bool]) -> bool:
     deadline = time.monotonic() + SETTLE_TIMEOUT
-    while not done():
-        if time.monotonic() > deadline:
-            return False
+    while not done() and time.monotonic() < deadline:
         time.sleep(POLL)
-    return True
+    return done()
 
 
 class VCluster:
@@ -119,9 +99,8 @@ class VCluster:
         if os.geteuid() != 0:
             raise VClusterError("vcluster needs root (network namespaces, cgroups, /etc/hosts)")
         self.name = resolve_name(name)
-        self.dir = STATE_ROOT / self.name
+        self.dir, self.switch = STATE_ROOT / self.name, f"{self.name}-sw"
         self.state_file = self.dir / "state.json"
-        self.switch = f"{self.name}-sw"
 
     def ns(self, host: str) -> str:
         """Network namespace of ``host``."""
@@ -133,21 +112,11 @@ class VCluster:
 
     def cgroup(self, controller: str, host: str | None = None) -> Path:
         """cgroup v1 directory of the instance (or of ``host``) under ``controller``."""
-        base = CGROUP_ROOT / controller / f"fluid-mpi-{self.name}"
-        return base / host if host else base
-
-    def load(self) -> dict | None:
-        """The state file's content, or None when the instance is not up."""
-        with contextlib.suppress(OSError, ValueError):
-            return json.loads(self.state_file.read_text())
-        return None
-
-    def _save(self, state: dict) -> None:
-        self.state_file.write_text(json.dumps(state, indent=1))
+        return CGROUP_ROOT / controller / f"fluid-mpi-{self.name}" / (host or "")
 
     def require(self, host: str | None = None) -> dict:
         """The state, after checking that the instance is up and has ``host`` (if given)."""
-        state = self.load()
+        state = _load(self.state_file)
         if state is None:
             raise VClusterError(f"no virtual cluster {self.name!r}: run `fluid-mpi vcluster up N --hostfile F`")
         if host is not None and host not in state["hosts"]:
@@ -155,13 +124,11 @@ class VCluster:
         return state
 
     def up(self, n: int, hostfile: str, head: bool = False) -> bool:
-        """Make hosts node1..nodeN (and ``head``), write ``hostfile``; False when a cluster of that shape was
-        already up (only the hostfile is written). A cluster of another shape is torn down first."""
+        """Make node1..nodeN (and ``head``), write ``hostfile``; False (no-op) if that shape is up; else rebuild."""
         if not 1 <= n <= MAX_NODES:
             raise VClusterError(f"N must be between 1 and {MAX_NODES}, not {n}")
         names = [f"node{i}" for i in range(1, n + 1)] + ([HEAD] if head else [])
-        state = self.load()
-        existed = state is not None and list(state["hosts"]) == names
+        existed = list((_load(self.state_file) or {"hosts": []})["hosts"]) == names
         if not existed:
             self.down()
             try:
@@ -188,18 +155,18 @@ class VCluster:
             _run(sw + ["add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns])
             _run(sw + ["set", veth, "master", "br0", "up"])
             _run(["ip", "-n", ns, "addr", "add", f"{addr}/{PREFIX_LEN}", "dev", "eth0"])
-            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
-            _run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+            for dev in ("lo", "eth0"):
+                _run(["ip", "-n", ns, "link", "set", dev, "up"])
             for ctl in (c for c in CONTROLLERS if (CGROUP_ROOT / c / "cgroup.procs").exists()):
                 self.cgroup(ctl, host).mkdir(parents=True, exist_ok=True)
-            hosts_state[host] = {"addr": addr, "powered": True, "cable": "up", "cpus": None, "shape": None}
-        joins = "\n".join(f'd={self.cgroup(c)}/"$host"; [ -d "$d" ] && {{ echo $$ > "$d/cgroup.procs" || exit 255; }}'
-                          for c in CONTROLLERS)
+            hosts_state[host] = {"addr": addr, "powered": True, "cable": "up", "cpus": None}
         agent = Path(agent_path(self.name))
-        agent.write_text(AGENT.format(name=self.name, hosts="|".join(names), state=self.dir, joins=joins))
+        cgroups = " ".join(str(self.cgroup(c)) for c in CONTROLLERS)
+        agent.write_text(AGENT.format(name=self.name, hosts="|".join(names), state=self.dir, cgroups=cgroups))
         agent.chmod(0o755)
         self._hosts_block([f"{h['addr']} {host}" for host, h in hosts_state.items()])
-        self._save({"name": self.name, "subnet": f"{SUBNET}.0/{PREFIX_LEN}", "hosts": hosts_state})
+        state = {"name": self.name, "subnet": f"{SUBNET}.0/{PREFIX_LEN}", "hosts": hosts_state}
+        self.state_file.write_text(json.dumps(state, indent=1))
 
     def _hosts_block(self, lines: list[str]) -> None:
         # replaces (with no lines: removes) this instance's block; in place, as /etc/hosts may be a bind mount
@@ -213,8 +180,8 @@ class VCluster:
 
     def namespaces(self) -> list[str]:
         """Every network namespace of this instance that exists now (hosts and switch)."""
-        out = _run(["ip", "netns", "list"]).stdout
-        return [line.split()[0] for line in out.splitlines() if line.startswith(f"{self.name}-")]
+        listing = _run(["ip", "netns", "list"]).stdout.splitlines()
+        return [line.split()[0] for line in listing if line.startswith(f"{self.name}-")]
 
     def pids(self, host: str) -> list[int]:
         """Processes in ``host``: in its network namespace or in its cgroups."""
@@ -228,18 +195,16 @@ class VCluster:
         for host in hosts_:  # SIGKILL does not reach a task in a frozen v1 cgroup until it is thawed
             with contextlib.suppress(OSError):
                 (self.cgroup("freezer", host) / "freezer.state").write_text("THAWED")
-        pids = [p for host in hosts_ for p in self.pids(host)]
-        for pid in pids:
+        for pid in [p for host in hosts_ for p in self.pids(host)]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        _settle(lambda: not any(_alive(p) for p in pids))
+        _settle(lambda: not any(self.pids(host) for host in hosts_))  # a zombie is in neither list
 
     def down(self) -> None:
         """Remove everything of this instance: processes, namespaces, cgroups, /etc/hosts block, state."""
         names = {ns[len(self.name) + 1:] for ns in self.namespaces()} - {"sw"}
-        for ctl in CONTROLLERS:
-            if self.cgroup(ctl).is_dir():
-                names |= {p.name for p in self.cgroup(ctl).iterdir() if p.is_dir()}
+        for top in (self.cgroup(c) for c in CONTROLLERS if self.cgroup(c).is_dir()):
+            names |= {p.name for p in top.iterdir() if p.is_dir()}
         self._kill(sorted(names))
         for ns in self.namespaces():
             _run(["ip", "netns", "del", ns], check=False)
@@ -258,7 +223,7 @@ class VCluster:
         _run(["ip", "-n", self.switch, "link", "set", self.veth(host), "up" if reachable else "down"])
         marker = self.dir / "unreachable" / host
         marker.unlink(missing_ok=True) if reachable else marker.touch()
-        self._save(state)
+        self.state_file.write_text(json.dumps(state, indent=1))
 
     def cable(self, host: str, up: bool) -> None:
         """Plug in (``up``) or pull out the host's cable: its switch port goes up or down."""
@@ -281,11 +246,9 @@ class VCluster:
         return path
 
     def freeze(self, host: str, frozen: bool = True) -> None:
-        """Stop (``frozen``) or continue every process in the host through the cgroup v1 freezer; processes
-        the agent starts there later freeze at once."""
+        """Stop (``frozen``) or continue every process in the host (cgroup v1 freezer: later ones too)."""
         path = self._knob(host, "freezer", "freezer.state")
-        want = "FROZEN" if frozen else "THAWED"
-        path.write_text(want)
+        path.write_text(want := "FROZEN" if frozen else "THAWED")
         if not _settle(lambda: path.read_text().strip() == want):  # FREEZING until every task has stopped
             raise VClusterError(f"{host} did not reach {want} within {SETTLE_TIMEOUT:g} s")
 
@@ -294,21 +257,26 @@ class VCluster:
         path = self._knob(host, "cpu", "cpu.cfs_quota_us")
         period = int((path.parent / "cpu.cfs_period_us").read_text())
         path.write_text(str(max(1000, int(cpus * period)) if cpus else -1))  # the kernel's minimum quota: 1 ms
-        state = self.load()
-        state["hosts"][host]["cpus"] = cpus or None
-        self._save(state)
+        self._set(host, cpus=cpus or None)
 
     def shape(self, host: str | None, rate: str | None = None, delay: str | None = None,
-              loss: float | None = None, clear: bool = False) -> list[str]:
-        """Shape both directions of the host's link (all hosts when ``host`` is None): tbf for ``rate``,
-        netem for ``delay`` (each way) and ``loss`` (percent); ``clear`` removes it. Returns the hosts."""
-        state = self.require(host)
-        specs = [] if clear else _qdiscs(rate, delay, loss)
+              loss: float | None = None) -> list[str]:
+        """Shape both directions of the host's link (all hosts when ``host`` is None): tbf for ``rate``, netem
+        for ``delay`` (each way) and ``loss`` (percent); with none of them, remove the shaping. Returns the hosts."""
+        state, specs = self.require(host), []  # tc qdiscs, root first: netem (delay, loss), then tbf (rate)
+        if delay is not None or loss is not None:
+            specs.append(["netem", *(["delay", delay] if delay else []), *(["loss", f"{loss}%"] if loss else [])])
+        if rate is not None:
+            match = RATE_RE.match(rate)
+            if not match:
+                raise VClusterError(f"bad --rate {rate!r}: a number with bit, kbit, mbit or gbit (e.g. 100mbit)")
+            bits = float(match[1]) * {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}[match[2]]
+            burst = max(3000, int(bits / 8 / 100))  # 10 ms of traffic, at least two full frames
+            specs.append(["tbf", "rate", rate, "burst", str(burst), "latency", TBF_LATENCY])
         if specs and specs[0][0] == "netem":
             probe = _run(["tc", "-n", self.switch, "qdisc", "add", "dev", "br0", "root", "netem"], check=False)
-            if probe.returncode:
-                raise VClusterError(f"netem is not available in this kernel (tc: {_first_line(probe)}): "
-                                    "--delay/--loss cannot be emulated here; --rate works")
+            if probe.returncode:  # tc: "Specified qdisc kind is unknown"
+                raise VClusterError("netem is not in this kernel: --delay/--loss cannot be emulated (--rate can)")
             _run(["tc", "-n", self.switch, "qdisc", "del", "dev", "br0", "root"])
         targets = [host] if host else list(state["hosts"])
         for name in targets:
@@ -317,37 +285,15 @@ class VCluster:
                 for i, spec in enumerate(specs, 1):  # netem at the root, tbf below it
                     where = ["root"] if i == 1 else ["parent", f"{i - 1}:1"]
                     _run(["tc", "-n", ns, "qdisc", "add", "dev", dev, *where, "handle", f"{i}:", *spec])
-            state["hosts"][name]["shape"] = None if clear else {"rate": rate, "delay": delay, "loss": loss}
-        self._save(state)
         return targets
 
     def status(self) -> dict:
-        """What exists: per host its address, namespace, link, power, cable, freezer, cpu limit, qdiscs, pids."""
-        state = self.load()
-        if state is None:
-            return {"name": self.name, "up": False, "namespaces": self.namespaces()}
+        """What exists: hosts (address, power, cable, link, cpu limit, freezer, root qdisc, pids), or up: False."""
+        state = _load(self.state_file) or {"hosts": {}, "leftover_namespaces": self.namespaces()}
         for host, h in state["hosts"].items():
-            link = _run(["ip", "-n", self.switch, "-o", "link", "show", "dev", self.veth(host)], check=False)
+            tc = _run(["tc", "-n", self.switch, "qdisc", "show", "dev", self.veth(host), "root"], check=False).stdout
             frozen = self.cgroup("freezer", host) / "freezer.state"
-            qdiscs = _run(["tc", "-n", self.switch, "qdisc", "show", "dev", self.veth(host)], check=False)
-            h.update(namespace=self.ns(host), pids=self.pids(host), link="up" if ",UP" in link.stdout.split(">")[0] else "down", frozen=frozen.exists() and frozen.read_text().strip() != "THAWED",
-                     qdiscs=[re.sub(r" refcnt \d+", "", q).strip() for q in qdiscs.stdout.splitlines()
-                             if "noqueue" not in q])
-        return {"up": True, "agent": agent_path(self.name), **state}
-
-
-def _qdiscs(rate: str | None, delay: str | None, loss: float | None) -> list[list[str]]:
-    """tc qdisc specs for the shaping options, root first: netem (delay, loss), then tbf (rate)."""
-    specs = []
-    if delay is not None or loss is not None:
-        specs.append(["netem", *(["delay", delay] if delay else []), *(["loss", f"{loss}%"] if loss else [])])
-    if rate is not None:
-        match = RATE_RE.match(rate)
-        if not match:
-            raise VClusterError(f"bad --rate {rate!r}: a number with bit, kbit, mbit or gbit (e.g. 100mbit)")
-        bits = float(match[1]) * {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}[match[2]]
-        burst = max(3000, int(bits / 8 / 100))  # 10 ms of traffic, at least two full frames
-        specs.append(["tbf", "rate", rate, "burst", str(burst), "latency", TBF_LATENCY])
-    if not specs:
-        raise VClusterError("nothing to shape: give --rate, --delay, --loss or --clear")
-    return specs
+            h.update(namespace=self.ns(host), link="up" if h["powered"] and h["cable"] == "up" else "down",
+                     frozen=frozen.exists() and frozen.read_text().strip() != "THAWED", pids=self.pids(host),
+                     qdisc=" ".join(re.sub(r" refcnt \d+", "", tc).split()) if "noqueue" not in tc else None)
+        return {"name": self.name, "up": bool(state["hosts"]), "agent": agent_path(self.name), **state}

@@ -150,7 +150,9 @@ def slow(ctx: click.Context, host: str, cpus: float) -> None:
 def shape(ctx: click.Context, host: str | None, rate: str | None, delay: str | None, loss: float | None,
           clear: bool) -> None:
     """Shape HOST's link (all hosts without HOST): tbf for --rate, netem for --delay/--loss."""
-    targets = _cluster(ctx).shape(host, rate, delay, loss, clear)
+    if clear == (rate is not None or delay is not None or loss is not None):
+        raise click.UsageError("give --rate, --delay and/or --loss, or --clear alone")
+    targets = _cluster(ctx).shape(host, rate, delay, loss)
     what = "cleared" if clear else ", ".join(f"{k} {v}" for k, v in
                                              (("rate", rate), ("delay", delay), ("loss %", loss)) if v is not None)
     click.echo(f"{' '.join(targets)}: shaping {what}")
@@ -165,7 +167,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=1))
     elif not info["up"]:
-        left = f" (leftover namespaces: {' '.join(info['namespaces'])})" if info["namespaces"] else ""
+        left = " ".join(info["leftover_namespaces"])
+        left = f" (leftover namespaces: {left}; `down` removes them)" if left else ""
         click.echo(f"vcluster {ctx.obj}: not up{left}")
     else:
         click.echo(f"vcluster {ctx.obj}: {info['subnet']}, agent {info['agent']}")
@@ -173,4 +176,4 @@ def status(ctx: click.Context, as_json: bool) -> None:
             cpus = f"{h['cpus']:g}" if h["cpus"] else "-"
             click.echo(f"{host:7} {h['addr']:14} link {h['link']:4} power {'on ' if h['powered'] else 'off'} "
                        f"cable {h['cable']:4} {'FROZEN' if h['frozen'] else 'running'} cpus {cpus} "
-                       f"shaping {'; '.join(h['qdiscs']) or '-'} pids {' '.join(map(str, h['pids'])) or '-'}")
+                       f"shaping {(h['qdisc'] or '-').removeprefix('qdisc ')} pids {' '.join(map(str, h['pids'])) or '-'}")

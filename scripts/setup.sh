@@ -31,3 +31,7 @@ if [ -d .venv/etc ]; then
         printf 'hwloc_default_binding_policy = none\nrmaps_default_mapping_policy = :oversubscribe\n' \
             >> .venv/etc/prte-mca-params.conf
 fi
+# `fluid-mpi vcluster` needs ip and tc (iproute2, missing from minimal Debian images); unshare is in util-linux.
+if [ "$(id -u)" = 0 ] && ! command -v tc >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    apt-get install -y -qq iproute2 >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq iproute2; }
+fi

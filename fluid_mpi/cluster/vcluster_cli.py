@@ -174,6 +174,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
         click.echo(f"vcluster {ctx.obj}: {info['subnet']}, agent {info['agent']}")
         for host, h in info["hosts"].items():
             cpus = f"{h['cpus']:g}" if h["cpus"] else "-"
+            shaping, pids = (h["qdisc"] or "-").removeprefix("qdisc "), " ".join(map(str, h["pids"])) or "-"
             click.echo(f"{host:7} {h['addr']:14} link {h['link']:4} power {'on ' if h['powered'] else 'off'} "
                        f"cable {h['cable']:4} {'FROZEN' if h['frozen'] else 'running'} cpus {cpus} "
-                       f"shaping {(h['qdisc'] or '-').removeprefix('qdisc ')} pids {' '.join(map(str, h['pids'])) or '-'}")
+                       f"shaping {shaping} pids {pids}")

@@ -6,8 +6,8 @@ one step of ``wait`` or of a collective), never inside ``send``; ``delay`` may b
 ``(world, batch)``, which reorders replies. Every poll advances the fake clock by ``tick`` seconds.
 Fates of a peer (world rank ``w``):
 
-- ``die(w)``: its process is gone; the next ``ready`` on a message from it, or any collective, raises
-  PeerFailure, and ``shrink`` removes it (``die_after[w] = n``: dies holding the batch after ``n`` answers);
+- ``die(w)``: its process is gone; the next ``ready`` on a message from it, a ``send`` to it, or any
+  collective raises PeerFailure, and ``shrink`` removes it (``die_after[w] = n``: dies holding the batch after ``n`` answers);
 - ``freeze(w)``: it never answers again and takes no part in a shrink. On this host its state is 'stopped',
   so the liveness policy kills it (a death). On a far host (``far=``) its state is not observable and the
   kill ``"fails"`` (unreachable) or is ``"ignored"`` (delivered, but no death is ever reported)
@@ -158,8 +158,8 @@ class FakeTransport:
 
     # --- point to point ---------------------------------------------------------------------------
     def send(self, dest: int, hdr: np.ndarray, payload: np.ndarray) -> None:
-        self._check(())
         w, h = self.members[dest], [int(v) for v in hdr]
+        self._check((w,))  # like ULFM: a send to a peer known to have failed raises
         self.sent.append((w, h, np.array(payload, copy=True)))
         if h[0] == CMD_STOP:
             self.stops[w] = h[3]

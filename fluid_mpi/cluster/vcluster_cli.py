@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+from typing import Callable
 
 import click
 
@@ -43,7 +44,9 @@ def vcluster(ctx: click.Context, name: str) -> None:
     \b
     fluid-mpi vcluster up 2 --hostfile hosts.txt
     fluid-mpi vcluster exec node1 -- env PRTE_MCA_plm_ssh_agent=/run/fluid-mpi-vcluster/fmpi/agent \\
-        mpirun --hostfile hosts.txt -np 2 --map-by node hostname
+        "$PWD/.venv/bin/mpirun" --allow-run-as-root --hostfile hosts.txt -np 2 --map-by node hostname
+
+    More in docs/vcluster.md.
     """
     ctx.obj = vc.resolve_name(name)
 
@@ -83,22 +86,25 @@ def exec_(ctx: click.Context, host: str, cmd: tuple[str, ...]) -> None:
     os.execv(agent, [agent, host, " ".join(shlex.quote(c) for c in cmd)])
 
 
-@vcluster.command("power-off")
-@HOST
-@click.pass_context
-def power_off(ctx: click.Context, host: str) -> None:
-    """SIGKILL to every process in HOST; its link down."""
-    _cluster(ctx).power(host, on=False)
-    click.echo(f"{host}: powered off")
+def _host_command(name: str, doc: str, done: str, act: Callable[[vc.VCluster, str], None]) -> None:
+    """Register ``fluid-mpi vcluster NAME HOST``: ``act`` on the host, then one line "HOST: DONE"."""
+
+    @vcluster.command(name, help=doc)
+    @HOST
+    @click.pass_context
+    def command(ctx: click.Context, host: str) -> None:
+        act(_cluster(ctx), host)
+        click.echo(f"{host}: {done}")
 
 
-@vcluster.command("power-on")
-@HOST
-@click.pass_context
-def power_on(ctx: click.Context, host: str) -> None:
-    """Bring HOST back empty, as after a reboot (link up unless its cable is out)."""
-    _cluster(ctx).power(host, on=True)
-    click.echo(f"{host}: powered on")
+for _args in (("power-off", "SIGKILL to every process in HOST; its link down.", "powered off",
+               lambda c, h: c.power(h, on=False)),
+              ("power-on", "Bring HOST back empty, as after a reboot (link up unless its cable is out).",
+               "powered on", lambda c, h: c.power(h, on=True)),
+              ("freeze", "Stop every process in HOST (cgroup freezer; processes started later too).", "frozen",
+               lambda c, h: c.freeze(h, True)),
+              ("thaw", "Continue every process in HOST.", "thawed", lambda c, h: c.freeze(h, False))):
+    _host_command(*_args)
 
 
 @vcluster.command()
@@ -109,24 +115,6 @@ def cable(ctx: click.Context, host: str, state: str) -> None:
     """Plug in (up) or pull out (down) HOST's network cable."""
     _cluster(ctx).cable(host, state == "up")
     click.echo(f"{host}: cable {state}")
-
-
-@vcluster.command()
-@HOST
-@click.pass_context
-def freeze(ctx: click.Context, host: str) -> None:
-    """Stop every process in HOST (cgroup freezer; later ones too)."""
-    _cluster(ctx).freeze(host, True)
-    click.echo(f"{host}: frozen")
-
-
-@vcluster.command()
-@HOST
-@click.pass_context
-def thaw(ctx: click.Context, host: str) -> None:
-    """Continue every process in HOST."""
-    _cluster(ctx).freeze(host, False)
-    click.echo(f"{host}: thawed")
 
 
 @vcluster.command()

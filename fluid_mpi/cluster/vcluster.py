@@ -129,6 +129,7 @@ class VCluster:
             raise VClusterError(f"N must be between 1 and {MAX_NODES}, not {n}")
         names = [f"node{i}" for i in range(1, n + 1)] + ([HEAD] if head else [])
         existed = list((_load(self.state_file) or {"hosts": []})["hosts"]) == names
+        Path(hostfile).write_text("".join(f"{h} slots=1\n" for h in names if h != HEAD))  # first: may fail
         if not existed:
             self.down()
             try:
@@ -136,7 +137,6 @@ class VCluster:
             except BaseException:
                 self.down()
                 raise
-        Path(hostfile).write_text("".join(f"{h} slots=1\n" for h in names if h != HEAD))
         return not existed
 
     def _make(self, names: list[str]) -> None:

@@ -18,7 +18,7 @@ class VClusterGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (FluidError, click.UsageError) as exc:
+        except (FluidError, click.UsageError, OSError) as exc:  # OSError: e.g. an unwritable hostfile or cgroup fs
             message = exc.format_message() if isinstance(exc, click.UsageError) else str(exc)
             click.echo(f"fluid-mpi: error: {message}", err=True)
             ctx.exit(2)

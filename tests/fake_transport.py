@@ -18,7 +18,7 @@ Coordinator side: ``parts`` (world -> FluidPart) are simulated Fluid workers com
 Worker side: ``push(0, header, payload)`` scripts the coordinator's messages and ``bcasts`` its broadcasts
 (a callable in ``bcasts`` is run on the fake when reached, e.g. ``lambda t: t.die(0)``).
 ``when(cond, action)`` runs ``action(t)`` at the first poll where ``cond(t)``. ``late = True`` keeps replies
-sent before a shrink and delivers them after it (stale replies, counted in ``stale``);
+sent before a shrink and delivers them right after it (stale replies, counted in ``stale``);
 ``shrink_fails = True`` makes ``shrink`` raise RecoveryFailed.
 """
 from __future__ import annotations
@@ -267,9 +267,12 @@ class FakeTransport:
         self.members = [w for w in self.members if w not in self.dead]
         self.epoch += 1
         self.revoked = False
-        if not self.late:  # messages in flight on the old communicator are gone
-            for q in self.inbox.values():
+        for q in self.inbox.values():  # messages in flight on the old communicator are gone, or, when
+            if not self.late:          # late, arrive right after the shrink, ahead of anything new
                 q[:] = [m for m in q if m[4] is None]
+            for m in q:
+                if m[4] is not None:
+                    m[0] = min(m[0], self.polls)
         return lost
 
     def revoke(self) -> None:

@@ -261,3 +261,23 @@ def test_worker_dying_after_the_last_answer_does_not_crash_the_stop(setup, monke
     r = run(setup, monkeypatch, tmp_path, t, mode)
     check_once(r)
     assert r.outcome.status == "ok" and r.outcome.exit_code == 0 and t.stops.get(1) == 0
+
+
+@pytest.mark.parametrize("mode", ["ha", "ht"])
+def test_recovery_kills_a_stopped_worker_along_with_a_dead_one(setup, monkeypatch, tmp_path, mode):
+    """Rank 1 dies while rank 2 is frozen on this host: the shrink would wait for rank 2 forever, so the
+    recovery path kills it first and both are shrunk away at once."""
+    t = fake(setup, monkeypatch)
+    t.die_after[1] = 2
+    t.when(lambda t: 1 in t.dead, lambda t: t.freeze(2))
+    r = run(setup, monkeypatch, tmp_path, t, mode)
+    check_once(r)
+    check_logits(setup, r, mode)
+    assert r.outcome.status == "ok" and r.outcome.ranks_end == 1 and t.members == [0] and t.kills == [2]
+    [kill] = r.events.of("kill")
+    assert kill["rank"] == 2 and kill["reason"] == "stopped process found during recovery"
+    [rec] = r.events.of("recovered")
+    assert rec["lost"] == [1, 2] and rec["ranks"] == 1 and t.shrinks == 1
+    assert {f["rank"]: f["fault"] for f in r.events.of("failure")} == {1: "process exit", 2: "silent"}
+    if mode == "ha":
+        assert r.events.of("head_switch")[0]["head"] == "0"

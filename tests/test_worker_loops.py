@@ -319,3 +319,21 @@ def test_sliced_serve_stops_when_the_coordinator_is_silent(sliced, data, tmp_pat
     end, run = serve_sliced(t, sliced, "dynamic", tmp_path, monkeypatch)
     assert end == WorkerEnd(3) and not end.coordinator_lost and run.answered == 1 and t.kills == []
     assert t.clock() - t0 >= coordinator_silence_limit(RT)
+
+
+def test_sliced_coordinate_stops_when_the_shrink_fails(sliced, data, tmp_path, monkeypatch):
+    t = FakeTransport(3, slices={1: sliced[1][1], 2: sliced[1][2]})
+    t.shrink_fails = True
+    t.when(lambda t: gathers(t) == 2, lambda t: t.die(2))
+    o, sink, events = coordinate(t, sliced, "dynamic", data, tmp_path, monkeypatch)
+    assert o.status == "failed" and o.exit_code == 3 and "could not agree" in o.message
+    assert t.revokes == 1 and stops(t) == [] and len(sink.batches) == 2 and events.of("width_switch") == []
+
+
+def test_sliced_serve_stops_when_the_shrink_fails(sliced, data, tmp_path, monkeypatch):
+    t = FakeTransport(3, me=1, slices={0: sliced[1][0], 2: sliced[1][2]})
+    t.shrink_fails = True
+    script(t, data, [0], 3)
+    t.bcasts.append(lambda t: t.die(2))
+    end, run = serve_sliced(t, sliced, "dynamic", tmp_path, monkeypatch)
+    assert end == WorkerEnd(3) and not end.coordinator_lost and t.shrinks == 1

@@ -65,25 +65,21 @@ class FakeTransport:
         self.tick, self.clock = tick, clock or FakeClock()
         self.hosts = [(f"far{w}" if w in far else "fake", PID0 + w) for w in range(world_size)]
         self.proc = {w: "R" for w in range(world_size)}  # /proc state letter; "" = gone
-        self.dead: set[int] = set()
-        self.frozen: set[int] = set()
+        self.dead, self.frozen = set(), set()  # world ranks
         self.kill_mode: dict[int, str] = {}  # "dies" (default), "fails", "ignored"
-        self.die_after: dict[int, int] = {}
-        self.freeze_after: dict[int, int] = {}
+        self.die_after, self.freeze_after = {}, {}  # world -> answers before it dies / freezes
         self.inbox: dict[int, list] = {w: [] for w in range(world_size)}  # [due, seq, header, payload, epoch]
         self.bcasts: deque = deque()
         self.polls = self.epoch = self.seq = self.stale = self.shrinks = self.revokes = 0
         self.revoked = self.late = self.shrink_fails = False
         self.triggers: list = []
         self.sent: list[tuple[int, list[int], np.ndarray]] = []  # (world, header, payload) of every send
-        self.stops: dict[int, int] = {}  # world -> code of the STOP it was sent
-        self.kills: list[int] = []
+        self.stops, self.kills = {}, []  # world -> code of the STOP it was sent; world ranks killed
         self.delivered: list[tuple[int, int]] = []  # (world, batch) of every message received, in order
         self.answers: Counter = Counter()
         self.collectives: list[tuple[str, np.ndarray]] = []
         self._width, self._shared, self._stage = None, None, 0
 
-    # --- who is who -------------------------------------------------------------------------------
     @property
     def rank(self) -> int:
         return self.members.index(self.me)
@@ -95,7 +91,6 @@ class FakeTransport:
     def world_rank(self, r: int | None = None) -> int:
         return self.members[self.rank if r is None else r]
 
-    # --- script -----------------------------------------------------------------------------------
     def die(self, w: int, revoke: bool = False) -> None:
         """``revoke``: another rank noticed and revoked the communicator (wakes this one)."""
         self.dead.add(w)
@@ -117,7 +112,6 @@ class FakeTransport:
         self.seq += 1
         self.inbox[src].append([self.polls + delay, self.seq, np.asarray(hdr, np.int64), payload, epoch])
 
-    # --- the liveness policy's view (inject into the real Liveness) ---------------------------------
     def process_state(self, pid: int) -> str:
         return self.proc.get(pid - PID0, "")
 
@@ -140,7 +134,6 @@ class FakeTransport:
         return Liveness(self.hosts, here="fake", remote=self.remote_kill, local_kill=self.local_kill,
                         clock=self.clock)
 
-    # --- polling ----------------------------------------------------------------------------------
     def _poll(self) -> None:
         self.polls += 1
         self.clock.advance(self.tick)
@@ -156,7 +149,6 @@ class FakeTransport:
         if gone:
             raise PeerFailure(f"fake: rank(s) {gone} failed", gone)
 
-    # --- point to point ---------------------------------------------------------------------------
     def send(self, dest: int, hdr: np.ndarray, payload: np.ndarray) -> None:
         w, h = self.members[dest], [int(v) for v in hdr]
         self._check((w,))  # like ULFM: a send to a peer known to have failed raises
@@ -207,7 +199,6 @@ class FakeTransport:
     def flush_sends(self, timeout: float) -> bool:
         return True
 
-    # --- collectives ------------------------------------------------------------------------------
     def bcast(self, buf: np.ndarray, timeout: float, on_stall=None) -> np.ndarray:
         return self._collective("bcast", buf, timeout, on_stall)
 
@@ -256,7 +247,6 @@ class FakeTransport:
         with torch.no_grad():
             return narrow(self.slices[w], self._width).stage(self._stage, self._shared).numpy()
 
-    # --- recovery ---------------------------------------------------------------------------------
     def shrink(self, timeout: float) -> list[int]:
         self.shrinks += 1
         self.revoked = True

@@ -3,7 +3,6 @@ re-sent after a failure, which head is used, late/out-of-order/stale replies, th
 unreachable), a failed shrink and a drain. No MPI; time is the fake transport's clock."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np

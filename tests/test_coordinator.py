@@ -243,9 +243,6 @@ def test_drain_finishes_in_flight_and_stops_drained(setup, monkeypatch, tmp_path
     check_logits(setup, r, mode)
 
 
-@pytest.mark.xfail(strict=True, reason="runtime bug: FluidCoordinator.run sends STOP and flushes outside the "
-                   "PeerFailure handling; a worker that dies after the last answer makes run() raise "
-                   "PeerFailure instead of returning Outcome('ok') (SlicedRun._broadcast_stop catches it)")
 @pytest.mark.parametrize("mode", ["ha", "ht"])
 def test_worker_dying_after_the_last_answer_does_not_crash_the_stop(setup, monkeypatch, tmp_path, mode):
     t = fake(setup, monkeypatch)

@@ -236,9 +236,6 @@ def test_read_answered_counts_a_corrupt_middle_line_and_keeps_the_rest(tmp_path)
     assert path.read_bytes() == data  # only a torn last line can be cut
 
 
-@pytest.mark.xfail(strict=True, reason="runtime bug: read_answered adds the index of a complete last record "
-                   "that lacks its newline to `indices`, then repair=True cuts that record off the file: "
-                   "--resume/take-over skip an input that is no longer in the predictions")
 def test_read_answered_never_reports_an_index_that_repair_removed(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_bytes(lines_of(0, 1) + lines_of(2)[:-1])  # died between the record and its newline

@@ -124,9 +124,12 @@ class FluidCoordinator:
             return Outcome(time.perf_counter() - t0, len(self.t.members), "silent" if silent else "failed",
                            str(exc), silent_hosts=silent)
         elapsed = time.perf_counter() - t0
-        for w in self.workers():
-            self.t.send(self.t.members.index(w), header(CMD_STOP, 0, 0, 0), np.zeros(0, np.uint8))
-        self.t.flush_sends(STOP_FLUSH_S)
+        try:
+            for w in self.workers():
+                self.t.send(self.t.members.index(w), header(CMD_STOP, 0, 0, 0), np.zeros(0, np.uint8))
+            self.t.flush_sends(STOP_FLUSH_S)
+        except PeerFailure:
+            pass  # a worker lost after the last answer: every input is answered, it has nothing to stop
         status = "drained" if drained else "ok"
         return Outcome(elapsed, len(self.t.members), status,
                        "stopped at a safe point on request" if drained else "")
@@ -175,6 +178,8 @@ class FluidCoordinator:
         return drained
 
     def _run_ha(self, depth: int = 2) -> bool:
+        """``depth`` batches in flight: the next batch is already at the workers while this one's features
+        come back (one more gave no gain: the workers compute one batch at a time)."""
         job = self.job
         pending = deque(range(job.n_batches))
         inflight: OrderedDict[int, dict] = OrderedDict()  # batch -> {world rank: features}

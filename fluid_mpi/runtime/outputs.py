@@ -29,27 +29,30 @@ def read_answered(path: str | os.PathLike | None, repair: bool = False) -> Answe
     """Read a predictions file. A line that is not a complete JSON object with an ``index`` (a half-written
     last line left by a process that died mid-write) is counted in ``torn``; with ``repair`` the file is cut
     back to its last complete line (only a torn *last* line can be cut; a corrupt line elsewhere is
-    counted and left)."""
+    counted and left), and a complete last record whose newline is missing gets it back (it is kept)."""
     out = Answered()
     if path is None or not Path(path).exists():
         return out
     data = Path(path).read_bytes()
-    good_end = 0
+    good_end, newline_missing = 0, False
     for raw in data.splitlines(keepends=True):
         try:
             rec = json.loads(raw)
             out.indices.add(int(rec["index"]))
-            if raw.endswith(b"\n"):
-                good_end += len(raw)
-                continue
+            good_end += len(raw)
+            newline_missing = not raw.endswith(b"\n")  # complete record, died before its newline
+            continue
         except (ValueError, KeyError, TypeError):
             pass
         out.torn += 1
         if raw.endswith(b"\n"):
-            good_end += len(raw)
-    if repair and good_end < len(data):
+            good_end += len(raw)  # a corrupt line in the middle is counted and left in place
+    if repair and (good_end < len(data) or newline_missing):
         with open(path, "rb+") as fh:
             fh.truncate(good_end)
+            if newline_missing:
+                fh.seek(good_end)
+                fh.write(b"\n")
     return out
 
 

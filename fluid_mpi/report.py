@@ -1,22 +1,91 @@
-"""The benchmark's report: ``results.json`` (every figure), ``results.md`` (tables in the paper's terms)
-and PNG plots (throughput by family and mode, accuracy by surviving ranks, timelines around a failure)."""
+"""The benchmark's report: ``results.json`` (every figure), ``results.md`` (tables in the paper's terms,
+the goals with verdicts computed from the figures) and PNG plots under ``img/`` (throughput by family and
+mode, accuracy by surviving ranks, timelines around a failure). The layout is that of ``docs/``, so the
+three can be copied there as they are; nothing in ``results.md`` is meant to be edited by hand."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from .runtime.scheduler import dynamic_width
+
+IMG = "img"  # plots go to OUT/img/, as docs/results.md expects them in docs/img/
+HAND_EDIT_MARK = "Everything above was written by `fluid-mpi bench`; anything below this line was added by hand."
 
 
 def _fmt(v, spec=".1f") -> str:
     return "—" if v is None else format(v, spec)
 
 
+def verdict(value: float | None, target: float, at_most: bool = False) -> str:
+    """✔ only when the figure meets the goal (``value >= target``, or ``<=`` with ``at_most``)."""
+    if value is None:
+        return "— not measured"
+    if (value <= target) if at_most else (value >= target):
+        return "✔ met"
+    return f"✘ not met (short by {abs(value - target):.3g})"
+
+
+def goals(r: dict) -> list[dict]:
+    """The project's goals against this run's figures: goal, measured, value, target, at_most, verdict."""
+    k, rows = r["config"]["parts"], []
+
+    def add(goal: str, measured: str, value, target: float, at_most: bool = False) -> None:
+        rows.append({"goal": goal, "measured": measured, "value": value, "target": target, "at_most": at_most,
+                     "verdict": verdict(value, target, at_most)})
+
+    for b in r["reference"]:
+        q = r["ratios"][b]
+        add(f"Fluid HT ≥ 2.5 × Static, batch {b} (paper)", f"{q['fluid_ht_over_static']}×",
+            q["fluid_ht_over_static"], 2.5)
+        add(f"Fluid HT ≥ 2.0 × Dynamic width {k}, batch {b} (paper)", f"{q['fluid_ht_over_dynamic']}×",
+            q["fluid_ht_over_dynamic"], 2.0)
+        best = q.get("fluid_ht_over_dynamic_best")
+        add(f"Fluid HT ≥ 2.0 × Dynamic's best width, batch {b}", f"{'—' if best is None else best}×", best, 2.0)
+        add(f"Fluid HT ≥ 0.9 × limit ({k} × one sub-network in-process), batch {b}",
+            f"{q['fluid_ht_over_limit']}", q["fluid_ht_over_limit"], 0.9)
+    one = r["reference"].get("64", {}).get("fluid_subnetwork")
+    for f in r["failures"]:
+        if f["family"] != "fluid" or f["victim"] == 0 or not one:
+            continue  # rank 0's death is a take-over: no before/after rate within one coordinator
+        after = f.get("images_per_s_after")
+        ratio = round(after / one, 3) if after else None
+        add(f"Fluid {f['variant']}, rank {f['victim']} killed: images/s after the failure ≥ 0.9 × one "
+            f"sub-network in-process ({one:,.0f} img/s, batch 64)", f"{_fmt(after)} img/s ({_fmt(ratio, '.3f')})",
+            ratio, 0.9)
+    budget = r.get("budget_s")
+    if budget:
+        kind = "`bench --quick`" if r["config"].get("quick") else "the full bench"
+        add(f"{kind} takes ≤ {budget:.0f} s", f"{r['wall_s']} s", r["wall_s"], budget, at_most=True)
+    return rows
+
+
+def _header(r: dict) -> list[str]:
+    env, wall = r.get("environment") or {}, r["wall_s"]
+    lines = [f"# fluid-mpi benchmark: K = {r['config']['parts']} ranks", "",
+             f"Written by `fluid-mpi bench` (fluid_mpi/report.py); every figure is in `results.json` beside it."]
+    if env:
+        lines += ["", f"Command: `{env.get('command')}`, {env.get('date')}.",
+                  f"Machine: {env.get('machine')}, {env.get('os')}; Python {env.get('python')}, "
+                  f"torch {env.get('torch')}, {env.get('mpi')}, mpi4py {env.get('mpi4py')}."]
+    lines += ["", f"Data: {r['data']}. Wall time of the whole benchmark: {wall} s "
+              f"({int(wall // 60)} min {int(wall % 60)} s)."]
+    if r.get("training"):
+        lines += ["", "## Training (per family; a reused checkpoint shows its original training)", "",
+                  "| family | epochs per stage | batch | lr | seed | training images | training s |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for fam, t in r["training"].items():
+            lines.append(f"| {fam} | {t.get('epochs')} | {t.get('batch_size')} | {t.get('lr')} | {t.get('seed')} | "
+                         f"{t.get('train_images', '—')} | {_fmt(t.get('train_seconds'))} |")
+    return lines
+
+
 def markdown(r: dict) -> str:
     k = r["config"]["parts"]
-    lines = [f"# fluid-mpi benchmark: K = {k} ranks", "",
-             f"Data: {r['data']}. Wall time of the whole benchmark: {r['wall_s']} s.", "",
-             f"## Throughput (images/s, no failure; median of {r['config'].get('reps', 1)} runs)", "",
-             "| family | variant | " + " | ".join(f"batch {b}" for b in r["reference"]) + " |",
-             "|---|---|" + "---:|" * len(r["reference"])]
+    lines = _header(r) + [
+        "", f"## Throughput (images/s, no failure; median of {r['config'].get('reps', 1)} runs)", "",
+        "| family | variant | " + " | ".join(f"batch {b}" for b in r["reference"]) + " |",
+        "|---|---|" + "---:|" * len(r["reference"])]
     rows: dict = {}
     for t in r["throughput"]:
         rows.setdefault((t["family"], t["variant"]), {})[str(t["batch"])] = t["images_per_s"]
@@ -25,7 +94,8 @@ def markdown(r: dict) -> str:
     for key, label in (("static_single_process", "static, one process (1 thread), reference"),
                        ("limit", f"limit: {k} × one Fluid sub-network in-process")):
         lines.append(f"| — | {label} | " + " | ".join(_fmt(r["reference"][b][key]) for b in r["reference"]) + " |")
-    lines += ["", "## The paper's claims, measured", "", "| batch | Fluid HT / Static (paper 2.5×) | "
+    lines += ["", "## The paper's claims, measured (ratios of the rows above; verdicts under Against the goals)", "",
+              "| batch | Fluid HT / Static (paper 2.5×) | "
               f"Fluid HT / Dynamic width {k} (paper 2×) | Fluid HT / Dynamic's best width | "
               "Fluid HT / limit (goal ≥ 0.9) |", "|---:|---:|---:|---:|---:|"]
     for b in r["reference"]:
@@ -37,24 +107,36 @@ def markdown(r: dict) -> str:
               "| family | all ranks | " + " | ".join(f"survivors {s}" for s in _survivor_keys(k)) + " |",
               "|---|---:|" + "---:|" * len(_survivor_keys(k))]
     for fam, acc in r["accuracy"].items():
-        cells = [_fmt(_acc_for(fam, acc, s), ".2f") for s in _survivor_keys(k)]
+        cells = [_fmt(_acc_for(fam, acc, s, k), ".2f") for s in _survivor_keys(k)]
         lines.append(f"| {fam} | {acc['full']:.2f} | " + " | ".join(cells) + " |")
-    lines += ["", "## One rank killed halfway (SIGKILL, batch 64)", "",
-              "| family | variant | killed rank | outcome | answered | accuracy % | after failure: images/s "
-              "| after failure: accuracy % | detection ms |", "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    lines += _failure_lines(r) + ["", "## Against the goals (verdicts computed from the figures above)", "",
+                                  "| goal | measured | verdict |", "|---|---|---|"]
+    lines += [f"| {g['goal']} | {g['measured']} | {g['verdict']} |" for g in goals(r)]
+    lines += ["", f"![throughput]({IMG}/throughput.png)", "", f"![accuracy]({IMG}/accuracy.png)", "",
+              f"![timeline]({IMG}/timeline.png)", "", "---", "", HAND_EDIT_MARK, ""]
+    return "\n".join(lines)
+
+
+def _failure_lines(r: dict) -> list[str]:
+    lines = ["", "## One rank killed halfway (SIGKILL, batch 64)", "",
+             "*accuracy, all answers*: every answer in the run's predictions file, whoever gave it. *accuracy, "
+             "final coordinator*: the answers of the coordinator that wrote the summary (after a take-over, the "
+             "new coordinator's answers only). *after failure*: from the detection of the failure to the end.", "",
+             "| family | variant | killed rank | outcome | answered | accuracy %, all answers | accuracy %, final "
+             "coordinator | after failure: images/s | after failure: accuracy % | detection ms |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for f in r["failures"]:
         outcome = "continues" + (" (take-over)" if f.get("takeover") else "") if f["continued"] else "stops"
         lines.append(f"| {f['family']} | {f['variant']} | {f['victim']} | {outcome} | {f['answered']}/"
-                     f"{f['images'] or '?'} | {_fmt(f['accuracy'], '.2f')} | {_fmt(f.get('images_per_s_after'))} | "
-                     f"{_fmt(f.get('accuracy_after'), '.2f')} | {_fmt(f['detected_ms'])} |")
+                     f"{f['images'] or '?'} | {_fmt(f['accuracy'], '.2f')} | {_fmt(f.get('accuracy_summary'), '.2f')} | "
+                     f"{_fmt(f.get('images_per_s_after'))} | {_fmt(f.get('accuracy_after'), '.2f')} | "
+                     f"{_fmt(f['detected_ms'])} |")
     lines += ["", "## Failure detection (Fluid HT, rank 1)", "", "| how | median ms | min | max | runs |",
               "|---|---:|---:|---:|---:|"]
     for how, d in r["detection"].items():
         lines.append(f"| {how} | {_fmt(d['median_ms'])} | {_fmt(d['min_ms'])} | {_fmt(d['max_ms'])} | {d['runs']} |")
-    lines += ["", f"`hang` includes the coordinator's deadline (--rank-timeout {r['config']['rank_timeout']} s).",
-              "", "![throughput](throughput.png)", "", "![accuracy](accuracy.png)", "", "![timeline](timeline.png)",
-              ""]
-    return "\n".join(lines)
+    lines += ["", f"`hang` includes the coordinator's deadline (--rank-timeout {r['config']['rank_timeout']} s)."]
+    return lines
 
 
 def _survivor_keys(k: int) -> list[str]:
@@ -63,20 +145,19 @@ def _survivor_keys(k: int) -> list[str]:
     return [subset_key(s) for s in all_subsets(k) if len(s) < k]
 
 
-def _acc_for(family: str, acc: dict, survivors: str):
+def _acc_for(family: str, acc: dict, survivors: str, k: int):
     """Accuracy a family still has with these ranks alive (None: it cannot run)."""
-    alive = {int(v) for v in survivors.split("+")}
+    alive = sorted(int(v) for v in survivors.split("+"))
     if family == "fluid":
         return acc["subsets"].get(survivors)
     if family == "dynamic":
-        width = 0
-        while width in alive:
-            width += 1
+        width = dynamic_width(alive, k)
         return acc["subsets"].get(str(width)) if width else None
     return None
 
 
 def plots(r: dict, out: Path) -> list[str]:
+    """Three PNGs in ``out``; returns their names."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,7 +182,7 @@ def plots(r: dict, out: Path) -> list[str]:
     keys = ["all"] + _survivor_keys(k)
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (fam, acc) in enumerate(r["accuracy"].items()):
-        vals = [acc["full"]] + [_acc_for(fam, acc, s) or 0 for s in keys[1:]]
+        vals = [acc["full"]] + [_acc_for(fam, acc, s, k) or 0 for s in keys[1:]]
         ax.bar([j + 0.27 * (i - 1) for j in range(len(keys))], vals, width=0.27, label=fam)
     ax.set_xticks(range(len(keys)), [f"ranks {s}" for s in keys])
     ax.set_ylim(min(90, ax.get_ylim()[1]), 100)
@@ -138,10 +219,13 @@ def plots(r: dict, out: Path) -> list[str]:
 
 
 def write_report(r: dict, out: Path) -> None:
+    """``out/results.json``, ``out/results.md`` and ``out/img/*.png``; adds ``goals`` and ``plots`` to ``r``."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(r, indent=2) + "\n")
+    r["goals"] = goals(r)
+    (out / "results.json").write_text(json.dumps(r, indent=2) + "\n")  # the figures survive a plotting error
     try:
-        r["plots"] = plots(r, out)
+        (out / IMG).mkdir(exist_ok=True)
+        r["plots"] = [f"{IMG}/{name}" for name in plots(r, out / IMG)]
     except ImportError:
         r["plots"] = []  # matplotlib is the optional [plots] extra
     (out / "results.md").write_text(markdown(r))

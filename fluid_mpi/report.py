@@ -61,6 +61,7 @@ def goals(r: dict) -> list[dict]:
 
 
 def _header(r: dict) -> list[str]:
+    """Title, provenance (command, date, machine, versions), data, wall time, and the training table."""
     env, wall = r.get("environment") or {}, r["wall_s"]
     lines = [f"# fluid-mpi benchmark: K = {r['config']['parts']} ranks", "",
              f"Written by `fluid-mpi bench` (fluid_mpi/report.py); every figure is in `results.json` beside it."]
@@ -81,6 +82,7 @@ def _header(r: dict) -> list[str]:
 
 
 def markdown(r: dict) -> str:
+    """The whole ``results.md`` from the results dict (nothing in it is written by hand)."""
     k = r["config"]["parts"]
     lines = _header(r) + [
         "", f"## Throughput (images/s, no failure; median of {r['config'].get('reps', 1)} runs)", "",
@@ -118,6 +120,7 @@ def markdown(r: dict) -> str:
 
 
 def _failure_lines(r: dict) -> list[str]:
+    """The tables of the runs with a rank killed, and of failure detection."""
     lines = ["", "## One rank killed halfway (SIGKILL, batch 64)", "",
              "*accuracy, all answers*: every answer in the run's predictions file, whoever gave it. *accuracy, "
              "final coordinator*: the answers of the coordinator that wrote the summary (after a take-over, the "

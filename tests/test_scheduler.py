@@ -1,5 +1,4 @@
 """The coordinator's bookkeeping, without MPI."""
-from fluid_mpi.runtime.faults import FaultPlan
 from fluid_mpi.runtime.scheduler import WorkQueue, dynamic_width, expected_share, fluid_subset
 
 
@@ -37,7 +36,3 @@ def test_fluid_subset_and_shares():
     assert expected_share(10, 2, "ht") == 5 and expected_share(10, 2, "ha") == 10
 
 
-def test_fault_plan_defaults_to_halfway():
-    plan = FaultPlan((1,), None, "kill")
-    assert not plan.should_die(1, 4, 10) and plan.should_die(1, 5, 10) and not plan.should_die(0, 9, 10)
-    assert FaultPlan((2,), 0).should_die(2, 0, 10)

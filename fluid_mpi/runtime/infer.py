@@ -52,7 +52,11 @@ def run_infer(opts: InferOptions) -> tuple[int, bool]:
 
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints where a rank is stuck
     t = MpiTransport()
-    return _run(t, opts, ft_enabled()), t.size == 1 or not ft_enabled()
+    code = _run(t, opts, ft_enabled())
+    # finalize only a single-process run or one without ULFM; decided on the size at start: a run shrunk
+    # to one rank after a failure must not finalize (MPI_NOTES trap 3: MPI_Finalize hangs after a failure,
+    # which kept mpirun from ever exiting across hosts)
+    return code, t.world_size == 1 or not ft_enabled()
 
 
 class Drain:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from .errors import CheckpointError
 from .model import checkpoint, data
-from .mpirun import find_mpirun, run_infer
+from .mpirun import find_mpirun, mpirun_infer
 
 # Wall-time goals of the whole benchmark (report.py gives the verdict). Full: the project's goal.
 # Quick: `fluid-mpi bench --quick` measured 184 s (wall_s; 3 min 8 s for the whole command) on the
@@ -30,7 +30,7 @@ from .mpirun import find_mpirun, run_infer
 # the `--quick` help and README say "about 3 minutes".
 FULL_BUDGET_S = 1200.0
 QUICK_BUDGET_S = 280.0
-# Hard limits of one mpirun (run_infer kills its process group then): hangs must not stall the bench.
+# Hard limits of one mpirun (mpirun_infer kills its process group then): hangs must not stall the bench.
 # A throughput run of the full 10k test set takes seconds (batch 1: ~6 s); 120 s leaves room for a loaded machine.
 RUN_TIMEOUT_S = 120.0
 # A run with one rank killed halfway (batch 64) ends within seconds, or stops at once; a stuck launcher is cut at 30 s.
@@ -191,7 +191,7 @@ def run_bench(cfg: BenchConfig) -> dict:
                 for rep in range(cfg.reps):
                     bar.set_description(f"{family} {variant} b={b} ({rep + 1}/{cfg.reps})")
                     name = f"tp-{family}-{variant}-b{b}".replace(" ", "")
-                    r = run_infer(k, args + data_args + ["-b", str(b)] + limit, runs, name, timeout=RUN_TIMEOUT_S)
+                    r = mpirun_infer(k, args + data_args + ["-b", str(b)] + limit, runs, name, timeout=RUN_TIMEOUT_S)
                     s = r.summary or {}
                     rates.append(s.get("images_per_s") or 0.0)
                     codes.append(r.returncode)
@@ -207,7 +207,7 @@ def run_bench(cfg: BenchConfig) -> dict:
             for victim in range(k):
                 bar.set_description(f"kill rank {victim}: {family} {variant}")
                 name = f"fail-{family}-{variant}-r{victim}".replace(" ", "")
-                r = run_infer(k, args + data_args + ["--kill-rank", str(victim), "-b", "64"], runs, name,
+                r = mpirun_infer(k, args + data_args + ["--kill-rank", str(victim), "-b", "64"], runs, name,
                               timeout=FAIL_TIMEOUT_S)
                 s = r.summary or {}
                 entry = {"family": family, "variant": variant, "victim": victim, "returncode": r.returncode,
@@ -234,7 +234,7 @@ def run_bench(cfg: BenchConfig) -> dict:
                 bar.set_description(f"detection {how} {rep + 1}/{cfg.kill_reps}")
                 args = ["-c", str(ckpts["fluid"]), "--mode", "ht", "--kill-rank", "1", "--kill-how", how,
                         "--rank-timeout", str(cfg.rank_timeout), "--limit", "3000"] + data_args
-                r = run_infer(k, args, runs, f"detect-{how}", timeout=DETECT_TIMEOUT_S)
+                r = mpirun_infer(k, args, runs, f"detect-{how}", timeout=DETECT_TIMEOUT_S)
                 codes.append(r.returncode)
                 f = ((r.summary or {}).get("failures") or [{}])[0]
                 if f.get("detected_ms") is not None:

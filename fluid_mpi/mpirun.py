@@ -45,7 +45,7 @@ class Launched:
     torn: int
 
 
-def run_infer(np_: int, args: list[str], out_dir: Path, name: str, timeout: float = 120, ft: bool = True,
+def mpirun_infer(np_: int, args: list[str], out_dir: Path, name: str, timeout: float = 120, ft: bool = True,
               extra_mpi: list[str] | None = None, with_logits: bool = False, keep: str | None = None) -> Launched:
     """``mpirun -np N fluid-mpi infer ARGS --summary OUT/NAME.json --predictions OUT/NAME.jsonl
     --events OUT/NAME.events.jsonl``; earlier outputs are removed first (``keep``: the predictions file

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from fluid_mpi.mpirun import Launched, find_mpirun, run_infer
+from fluid_mpi.mpirun import Launched, find_mpirun, mpirun_infer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
@@ -17,7 +17,7 @@ def run_mpi(np_: int, args: list[str], tmp: Path, timeout: float = 90, ft: bool 
     ``keep``: start from this predictions file content (for --resume) instead of none."""
     if find_mpirun() is None:
         pytest.skip("no mpirun found (install Open MPI: scripts/setup.sh does)")
-    return run_infer(np_, args, tmp, name, timeout, ft, extra_mpi, with_logits=True, keep=keep)
+    return mpirun_infer(np_, args, tmp, name, timeout, ft, extra_mpi, with_logits=True, keep=keep)
 
 
 def _train(tmp_path_factory, family: str, parts: int, limit: int = 800, epochs: int = 1) -> Path:

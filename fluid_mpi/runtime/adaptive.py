@@ -1,0 +1,176 @@
+"""The ``--mode auto`` policy: High-Accuracy while the cluster keeps up, High-Throughput when it does not
+(plain Python, no torch, no MPI; every time comes from the caller, so tests drive it with a fake clock).
+
+The caller (the coordinator) measures each mode's capacity with :class:`Capacity`, tells
+:class:`ModePolicy` how many inputs arrived and when, and asks it before each batch which mode to use.
+The rule is in :class:`ModePolicy`'s docstring and in docs/adaptive.md.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+HA, HT = "ha", "ht"
+
+# Switch up to HT once arrivals exceed 90 % of HA's capacity: a queue served at utilisation rho waits
+# ~rho/(1-rho) service times, so above ~0.9 HA's latency explodes under Poisson arrivals.
+UP_FRACTION = 0.9
+# Come back to HA only below 70 % of HA's capacity: the 20-point gap is the hysteresis band, wider than a
+# one-second window's Poisson noise at a few hundred images/s (1/sqrt(n) ~ 5 %), so the mode does not flap.
+DOWN_FRACTION = 0.7
+# Plan for the backlog to drain within 80 % of the latency target: the rest is left for batching, the
+# transport and the capacity estimate's error, none of which the drain estimate sees.
+LATENCY_MARGIN = 0.8
+# "Nearly empty" backlog: what HA clears in a tenth of a window (100 ms by default), i.e. about one batch.
+NEARLY_EMPTY = 0.1
+# Until one full window has passed, divide arrivals by at least a quarter window, so that a first burst
+# is not divided by a near-zero span (an infinite rate) nor by the whole window (a rate 4x too low).
+MIN_SPAN_FRACTION = 0.25
+
+
+@dataclass
+class Decision:
+    """What :meth:`ModePolicy.decide` chose and why; :meth:`event` is the ``mode_switch`` event."""
+
+    mode: str
+    was: str
+    backlog: int
+    arrival_rate: float  # images/s over the recent window
+    reason: str
+
+    @property
+    def changed(self) -> bool:
+        return self.mode != self.was
+
+    def event(self) -> dict:
+        """``{mode, was, backlog, arrival_rate, reason}`` for the ``--events`` log (log it when changed)."""
+        return {"mode": self.mode, "was": self.was, "backlog": self.backlog,
+                "arrival_rate": round(self.arrival_rate, 3), "reason": self.reason}
+
+
+class Capacity:
+    """Images/s of one mode, an exponentially weighted moving average over batches."""
+
+    # Weight of the newest batch: ~3 batches of memory, enough to smooth one slow batch (a GC pause, a
+    # context switch) yet to follow a real slowdown (a throttled board) within a handful of batches.
+    ALPHA = 0.3
+
+    def __init__(self, initial: float | None = None, alpha: float = ALPHA):
+        self.value = initial
+        self.alpha = alpha
+
+    def update(self, images: int, seconds: float) -> float | None:
+        """Fold in one batch of ``images`` served in ``seconds`` (ignored when ``seconds`` <= 0)."""
+        if seconds > 0 and images > 0:
+            rate = images / seconds
+            self.value = rate if self.value is None else self.alpha * rate + (1 - self.alpha) * self.value
+        return self.value
+
+
+class ModePolicy:
+    """Chooses HA or HT per batch from the recent arrival rate and the backlog.
+
+    With ``r`` the arrival rate over the last ``window_s`` seconds, ``B`` the backlog (arrived, not yet
+    dispatched), ``w`` how long its oldest input has waited, ``C_ha`` HA's capacity (images/s) and ``T``
+    the latency target (``latency_ms``/1000, or none):
+
+    - HA *can keep up* when ``r < up × C_ha`` (``up`` = 0.9) and the backlog drains in HA in time:
+      ``w + B / C_ha <= 0.8 × T`` with a target, ``B <= C_ha × window_s`` (what HA clears in about one
+      window) without one.
+    - From HA, switch to **HT** as soon as HA cannot keep up (the reason names the failed condition).
+    - From HT, go back to **HA** only when the load has fallen: ``r < down × C_ha`` (``down`` = 0.7), the
+      backlog is nearly empty (``B <= 0.1 × C_ha × window_s``), the target (if any) would be met, and HT
+      has been in use for at least ``window_s`` (hysteresis: no flapping around the threshold).
+    - When HT is not faster than HA (``C_ht <= C_ha``, e.g. one device left), HA: HT would only cost accuracy.
+    - :meth:`reset` (a membership change) forgets the current mode's history and re-decides with the
+      new capacities from the HA rule alone, as if starting afresh with the arrivals seen so far.
+    """
+
+    def __init__(self, latency_ms: float | None, ha_capacity: float, ht_capacity: float,
+                 window_s: float = 1.0, hysteresis: tuple[float, float] = (UP_FRACTION, DOWN_FRACTION),
+                 start: float = 0.0, mode: str = HA):
+        up, down = hysteresis
+        if not 0 < down < up <= 1:
+            raise ValueError(f"hysteresis must be (up, down) with 0 < down < up <= 1, not {hysteresis}")
+        if window_s <= 0:
+            raise ValueError(f"window_s must be > 0, not {window_s}")
+        if mode not in (HA, HT):
+            raise ValueError(f"mode must be 'ha' or 'ht', not {mode!r}")
+        self.target_s = None if latency_ms is None else latency_ms / 1000.0
+        self.window_s, self.up, self.down = window_s, up, down
+        self.start = start
+        self._arrivals: deque[tuple[float, int]] = deque()
+        self.mode, self.since = mode, start
+        self._fresh = False
+        self.reset(ha_capacity, ht_capacity)
+        self._fresh = False  # the first decision needs no "membership change" reason
+
+    def observe_arrivals(self, now: float, count: int) -> None:
+        """``count`` inputs arrived at ``now`` (call it with what each poll of the source returned)."""
+        if count > 0:
+            self._arrivals.append((now, count))
+
+    def set_capacity(self, ha_capacity: float | None = None, ht_capacity: float | None = None) -> None:
+        """Update the capacity estimates (e.g. after each batch's :class:`Capacity` update)."""
+        if ha_capacity is not None and ha_capacity > 0:
+            self.ha_capacity = float(ha_capacity)
+        if ht_capacity is not None and ht_capacity > 0:
+            self.ht_capacity = float(ht_capacity)
+
+    def reset(self, ha_capacity: float, ht_capacity: float) -> None:
+        """A membership change: new capacities for the surviving devices; the next :meth:`decide`
+        re-decides from scratch (no hysteresis carried over from the old membership)."""
+        if ha_capacity <= 0 or ht_capacity <= 0:
+            raise ValueError(f"capacities must be > 0, not ha={ha_capacity} ht={ht_capacity}")
+        self.ha_capacity, self.ht_capacity = float(ha_capacity), float(ht_capacity)
+        self._fresh = True
+
+    def arrival_rate(self, now: float) -> float:
+        """Inputs per second over the last ``window_s`` seconds."""
+        while self._arrivals and self._arrivals[0][0] <= now - self.window_s:
+            self._arrivals.popleft()
+        span = min(self.window_s, max(now - self.start, MIN_SPAN_FRACTION * self.window_s))
+        return sum(c for _, c in self._arrivals) / span
+
+    def _ha_shortfall(self, rate: float, backlog: int, wait_s: float, load_fraction: float,
+                      backlog_limit: float | None) -> str | None:
+        """Why HA would not keep up at ``load_fraction`` of its capacity, or None when it would."""
+        c = self.ha_capacity
+        if rate >= load_fraction * c:
+            return f"arrivals {rate:.1f}/s >= {load_fraction:g} x HA capacity {c:.1f}/s"
+        if self.target_s is not None:
+            projected = wait_s + backlog / c
+            if projected > LATENCY_MARGIN * self.target_s:
+                return (f"backlog {backlog} would be answered in {projected * 1000:.0f} ms in HA, over "
+                        f"{LATENCY_MARGIN:g} x the {self.target_s * 1000:g} ms target")
+        if backlog_limit is not None and backlog > backlog_limit:
+            return f"backlog {backlog} > {backlog_limit:.0f} (what HA clears in {backlog_limit / c:.2g} s)"
+        return None
+
+    def decide(self, now: float, backlog: int, oldest_wait_s: float = 0.0) -> Decision:
+        """The mode for the next batch. ``backlog``: inputs arrived and not yet dispatched;
+        ``oldest_wait_s``: how long the oldest of them has waited (0 when none). Log
+        ``decision.event()`` as a ``mode_switch`` event when ``decision.changed``."""
+        was, rate = self.mode, self.arrival_rate(now)
+        fresh, self._fresh = self._fresh, False
+        c = self.ha_capacity
+        if self.ht_capacity <= c:
+            mode, reason = HA, f"HT capacity {self.ht_capacity:.1f}/s is not above HA's {c:.1f}/s"
+        elif was == HA or fresh:
+            limit = None if self.target_s is not None else c * self.window_s  # the target rules if set
+            short = self._ha_shortfall(rate, backlog, oldest_wait_s, self.up, limit)
+            mode = HT if short else HA
+            reason = short or f"HA keeps up: arrivals {rate:.1f}/s < {self.up:g} x {c:.1f}/s, backlog {backlog}"
+        else:  # in HT: back to HA only when the load has clearly fallen and HT has had its window
+            short = self._ha_shortfall(rate, backlog, oldest_wait_s, self.down,
+                                       NEARLY_EMPTY * c * self.window_s)
+            if short is None and now - self.since < self.window_s:
+                short = f"in HT for {now - self.since:.2f} s < {self.window_s:g} s"
+            mode = HT if short else HA
+            reason = (f"still HT: {short}" if short else
+                      f"load fell: arrivals {rate:.1f}/s < {self.down:g} x {c:.1f}/s, backlog {backlog}")
+        if fresh:
+            reason = f"membership change: {reason}"
+        if mode != was:
+            self.mode, self.since = mode, now
+        return Decision(mode, was, int(backlog), rate, reason)

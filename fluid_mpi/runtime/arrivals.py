@@ -1,0 +1,190 @@
+"""Inputs arriving over time, and the latency they see (plain Python + numpy: no torch, no MPI).
+
+- :func:`poisson_offsets` -- arrival times of a Poisson stream (``--rate R`` images/s, ``--seed``).
+- A :class:`Source` hands the coordinator the :class:`Item` s that have arrived by a given time:
+  :class:`ReplaySource` replays a data set, a folder or a ``.npy`` at those offsets; :class:`StdinSource`
+  reads image paths from a stream (stdin) as they come, decoding each on a reader thread.
+- :class:`LatencyStats` -- per-item latency (arrival -> answer) percentiles and the largest backlog.
+
+Every time is in seconds on one monotonic clock (``time.monotonic`` unless a test injects another).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Protocol, TextIO
+
+import numpy as np
+
+from ..errors import DataError
+
+
+def poisson_offsets(n: int, rate: float | None, seed: int) -> np.ndarray:
+    """Arrival times (seconds from the start) of ``n`` inputs in a Poisson stream of ``rate`` per second:
+    cumulative sums of exponential inter-arrival times (mean ``1/rate``) drawn with ``seed``, so the same
+    seed gives the same stream. ``rate`` None or <= 0: all zeros (every input available at once)."""
+    if rate is None or rate <= 0:
+        return np.zeros(n, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    return np.cumsum(rng.exponential(1.0 / rate, size=n))
+
+
+@dataclass
+class Item:
+    """One arrived input. ``key`` numbers the inputs of a run in arrival order (0, 1, ...); ``image`` is
+    28×28 uint8, or None with ``error`` saying why the input could not be read; ``arrived`` is the time
+    it arrived (on the source's clock), from which its latency runs."""
+
+    key: int
+    name: str
+    image: np.ndarray | None
+    error: str | None
+    arrived: float
+
+
+class Source(Protocol):
+    """Where inputs come from, over time."""
+
+    def poll(self, now: float) -> list[Item]:
+        """The items that have arrived by ``now`` and were not returned before, in arrival order."""
+
+    def exhausted(self) -> bool:
+        """True once every item has been returned by :meth:`poll` and no more can come."""
+
+    def wait(self, timeout: float) -> None:
+        """Block until an item may have arrived, or at most ``timeout`` seconds (when idle)."""
+
+
+class ReplaySource:
+    """Replays ``images`` (named ``names``) so that item i arrives at ``t0 + offsets[i]``; its
+    ``arrived`` time is that scheduled time, so a late poll does not hide queueing latency."""
+
+    def __init__(self, images: np.ndarray, names: Iterable[str], offsets: np.ndarray, t0: float,
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic):
+        self.images, self.names = images, list(names)
+        self.due = t0 + np.asarray(offsets, dtype=np.float64)
+        if not (len(self.images) == len(self.names) == len(self.due)):
+            raise ValueError(f"{len(self.images)} images, {len(self.names)} names, {len(self.due)} offsets")
+        if np.any(np.diff(self.due) < 0):
+            raise ValueError("offsets must be non-decreasing")
+        self.next = 0  # index of the first item not yet returned
+        self._sleep, self._clock = sleep, clock
+
+    def poll(self, now: float) -> list[Item]:
+        end = int(np.searchsorted(self.due, now, side="right"))
+        items = [Item(i, self.names[i], self.images[i], None, float(self.due[i]))
+                 for i in range(self.next, end)]
+        self.next = max(self.next, end)
+        return items
+
+    def exhausted(self) -> bool:
+        return self.next >= len(self.due)
+
+    def next_due(self) -> float | None:
+        """When the next item arrives (None when exhausted)."""
+        return None if self.exhausted() else float(self.due[self.next])
+
+    def wait(self, timeout: float) -> None:
+        due = self.next_due()
+        pause = timeout if due is None else min(timeout, due - self._clock())
+        if pause > 0:
+            self._sleep(pause)
+
+
+class StdinSource:
+    """Image paths read line by line from ``stream`` (stdin) as they arrive; a daemon thread reads each
+    line, stamps its arrival time with ``clock`` and decodes it with ``decode`` (a path -> 28×28 uint8,
+    raising :class:`DataError` for a bad one: the item then carries ``error``). Blank lines are skipped;
+    EOF ends the stream. An unexpected failure of the reader is re-raised by the next :meth:`poll`."""
+
+    def __init__(self, stream: TextIO, decode: Callable[[str], np.ndarray] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        if decode is None:
+            from ..model.images import decode_file  # imported lazily: Pillow only when stdin is used
+            decode = decode_file
+        self._stream, self._decode, self._clock = stream, decode, clock
+        self._ready: list[Item] = []
+        self._cond = threading.Condition()
+        self._eof = False
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._read, name="stdin-source", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        key = 0
+        try:
+            for line in self._stream:
+                path = line.strip()
+                if not path:
+                    continue
+                arrived = self._clock()
+                try:
+                    item = Item(key, path, self._decode(path), None, arrived)
+                except DataError as exc:
+                    item = Item(key, path, None, str(exc), arrived)
+                key += 1
+                with self._cond:
+                    self._ready.append(item)
+                    self._cond.notify_all()
+        except BaseException as exc:  # noqa: BLE001 - handed to the polling thread, not lost here
+            self._failure = exc
+        finally:
+            with self._cond:
+                self._eof = True
+                self._cond.notify_all()
+
+    def poll(self, now: float) -> list[Item]:
+        with self._cond:
+            if self._failure is not None:
+                raise DataError(f"reading image paths from stdin failed ({self._failure})")
+            n = 0
+            while n < len(self._ready) and self._ready[n].arrived <= now:
+                n += 1
+            items, self._ready = self._ready[:n], self._ready[n:]
+            return items
+
+    def exhausted(self) -> bool:
+        with self._cond:
+            return self._eof and not self._ready and self._failure is None
+
+    def wait(self, timeout: float) -> None:
+        with self._cond:
+            if not self._ready and not self._eof:
+                self._cond.wait(timeout)
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the reader thread to reach EOF (tests; the run itself only polls)."""
+        self._thread.join(timeout)
+
+
+class LatencyStats:
+    """Latency per answered item (from its arrival to its answer) and the largest backlog seen."""
+
+    def __init__(self) -> None:
+        self._latencies: list[float] = []  # seconds
+        self.max_backlog = 0
+
+    def record(self, arrived: float, answered: float) -> float:
+        """Record one answer; returns its latency in ms (for the prediction line)."""
+        latency = max(0.0, answered - arrived)
+        self._latencies.append(latency)
+        return latency * 1000.0
+
+    def note_backlog(self, n: int) -> None:
+        """Note the current backlog (arrived, not yet answered); keeps the maximum."""
+        self.max_backlog = max(self.max_backlog, int(n))
+
+    def __len__(self) -> int:
+        return len(self._latencies)
+
+    def percentiles(self) -> dict[str, float | None]:
+        """``{"p50", "p95", "p99"}`` in ms (numpy's linear percentile); None each when nothing answered."""
+        if not self._latencies:
+            return {"p50": None, "p95": None, "p99": None}
+        p = np.percentile(np.asarray(self._latencies), [50, 95, 99]) * 1000.0
+        return {"p50": float(p[0]), "p95": float(p[1]), "p99": float(p[2])}
+
+    def summary(self) -> dict:
+        """For the run summary: ``{"latency_ms": {p50, p95, p99}, "max_backlog": n, "answered": n}``."""
+        return {"latency_ms": self.percentiles(), "max_backlog": self.max_backlog, "answered": len(self)}

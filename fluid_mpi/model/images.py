@@ -75,7 +75,7 @@ def image_to_input(img: Image.Image) -> np.ndarray:
     scale = BOX / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))  # PIL sizes are (width, height)
     if size != (w, h):
-        box = Image.fromarray(a.astype(np.float32), mode="F").resize(size, Image.Resampling.LANCZOS)
+        box = Image.fromarray(a.astype(np.float32)).resize(size, Image.Resampling.LANCZOS)  # mode F
         a = np.clip(np.asarray(box, dtype=np.float64), 0.0, 255.0)
     box = np.rint(a).astype(np.uint8)
     h, w = box.shape

@@ -1,4 +1,4 @@
-"""Arrivals over time (fluid_mpi.runtime.arrivals): Poisson offsets, replay and stdin sources, latency stats."""
+"""Arrivals over time (fluid_mpi.runtime.arrivals): Poisson offsets, replay and stdin sources, latency."""
 from __future__ import annotations
 
 import io

@@ -85,6 +85,11 @@ def test_empty_folder_missing_path_and_decode_errors(tmp_path):
     with pytest.raises(DataError) as err:
         decode_file(tmp_path / "bad.png")
     assert "\n" not in str(err.value) and "bad.png" in str(err.value)
+    full = tmp_path / "full.jpg"
+    _stroke().save(full)
+    (tmp_path / "cut.jpg").write_bytes(full.read_bytes()[:300])  # a truncated JPEG: opens, fails to load
+    with pytest.raises(DataError, match="cannot decode"):
+        decode_file(tmp_path / "cut.jpg")
     good = tmp_path / "one.gif"
     _stroke().convert("P").save(good)
     _check_mnist_like(decode_file(good))

@@ -32,7 +32,7 @@ from ..errors import DataError
 
 SIDE = 28  # MNIST's input side
 BOX = 20  # MNIST fitted each digit's longer side into 20 px before centring it in 28 x 28
-CENTRE = 14.0  # MNIST's centre of mass sits at (14.0, 14.0) in pixel-index coordinates (measured: 13.99, 14.00)
+CENTRE = 14.0  # MNIST's centre of mass, in pixel indices (measured on the test set: 13.99, 14.00)
 LIGHT_BORDER = 127.5  # border mean above mid-gray means a light background: invert
 # Noise floor on the 0..255 stretched ink: above JPEG ringing and scanner grain (typically < 20) yet low
 # enough that MNIST's own faint anti-aliased edges mostly survive (the round-trip test checks this).
@@ -90,10 +90,10 @@ def image_to_input(img: Image.Image) -> np.ndarray:
     return out
 
 
-
 def decode_file(path: str | os.PathLike) -> np.ndarray:
     """Read one image file and return its 28×28 uint8 input; raises :class:`DataError` with a one-line
-    reason (missing, not an image, corrupt or truncated). Used for each path of the stdin stream."""
+    reason (missing, not an image, corrupt, truncated or over Pillow's size limit). Used for each path
+    of the stdin stream."""
     try:
         with Image.open(path) as img:
             img.load()
@@ -106,7 +106,7 @@ def decode_file(path: str | os.PathLike) -> np.ndarray:
         raise DataError(f"{path}: not a readable image (PNG/JPEG/BMP/GIF/TIFF)") from None
     except Exception as exc:  # noqa: BLE001 - Pillow's decoders raise many types on damaged files
         reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise DataError(f"{path}: corrupt or truncated image ({reason})") from None
+        raise DataError(f"{path}: cannot decode the image ({reason})") from None
 
 
 @dataclass

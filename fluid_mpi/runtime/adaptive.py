@@ -160,7 +160,8 @@ class ModePolicy:
             limit = None if self.target_s is not None else c * self.window_s  # the target rules if set
             short = self._ha_shortfall(rate, backlog, oldest_wait_s, self.up, limit)
             mode = HT if short else HA
-            reason = short or f"HA keeps up: arrivals {rate:.1f}/s < {self.up:g} x {c:.1f}/s, backlog {backlog}"
+            reason = short or (f"HA keeps up: arrivals {rate:.1f}/s < {self.up:g} x {c:.1f}/s, "
+                               f"backlog {backlog}")
         else:  # in HT: back to HA only when the load has clearly fallen and HT has had its window
             short = self._ha_shortfall(rate, backlog, oldest_wait_s, self.down,
                                        NEARLY_EMPTY * c * self.window_s)

@@ -128,7 +128,6 @@ class Driver:
     def run(self) -> tuple[int, str]:
         """Attempts until done; returns (exit code, one-line message)."""
         restarts = attempt = 0
-        self._progress = self.outputs.progress()  # answers from before (--resume) are not new
         while True:
             hosts = self.active_hosts()
             if len(hosts) < self.min_hosts() or not hosts:
@@ -136,6 +135,7 @@ class Driver:
             attempt += 1
             if attempt > 1:
                 self.emit("relaunch", hosts=hosts, attempt=attempt, todo=self._todo())
+            self._progress = self.outputs.progress()  # late writes of a killed attempt are not answers
             end = self.watch(self.launcher.start(hosts, attempt), hosts)
             self._answered_now()  # answers written just before the end belong to this attempt
             self.attempts.append({"attempt": attempt, "hosts": hosts, "code": end.code, "reason": end.reason})

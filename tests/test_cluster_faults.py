@@ -1,0 +1,273 @@
+"""`fluid-mpi launch` on a virtual cluster (real mpirun, real faults): a device powered off, unplugged or
+frozen at a seeded random point, a rank process killed on a live remote host, a rejoin, the
+coordinator's device lost then `--resume`, Ctrl-C, a preflight failure. Each case checks exactly-once
+answers (the predictions file's indices), the exit code and a time bound. Root only; each test makes and
+removes its own cluster, even when it fails."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.mpi, pytest.mark.full_mnist]
+
+PY = sys.executable
+FLUID_MPI = str(Path(PY).parent / "fluid-mpi")
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+NAME = f"e{os.getpid() % 10**6}"
+IMAGES = 10000  # the full MNIST test set: long enough at batch 1-4 to hit it mid-run
+
+
+def _reason() -> str | None:
+    if os.geteuid() != 0:
+        return "virtual-cluster tests need root (network namespaces, cgroups)"
+    probe = subprocess.run(["ip", "netns", "add", f"{NAME}-probe"], capture_output=True, timeout=10)
+    if probe.returncode:
+        return "network namespaces refused here (ip netns add failed)"
+    subprocess.run(["ip", "netns", "del", f"{NAME}-probe"], capture_output=True, timeout=10)
+    if not (SHARED / "t10k-images-idx3-ubyte.gz").exists():
+        return f"full MNIST not found at {SHARED} (the runs must last long enough to inject a fault)"
+    return None
+
+
+_REASON = _reason()
+if _REASON:
+    pytest.skip(_REASON, allow_module_level=True)
+
+from fluid_mpi.cluster import vcluster as vc  # noqa: E402
+
+
+def vcl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    """``fluid-mpi vcluster --name NAME ARGS`` (a fault takes well under a second; 30 s bound)."""
+    return subprocess.run([PY, "-m", "fluid_mpi.cli", "vcluster", "--name", NAME, *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """node1..node4 and head, torn down after the test whatever happens."""
+    hostfile = tmp_path / "hosts"
+    try:
+        r = vcl("up", "4", "--hostfile", str(hostfile), "--head")
+        assert r.returncode == 0, r.stderr
+        yield tmp_path
+    finally:
+        vcl("down")
+
+
+class Launch:
+    """``fluid-mpi launch`` started inside a host (as on the head or the first Pi), in its own process
+    group, killed with it at the hard timeout."""
+
+    def __init__(self, tmp: Path, k: int, args: list[str], host: str = "head", hosts: list[str] | None = None,
+                 run: str = "run", resume: bool = False):
+        self.dir = tmp / run
+        self.dir.mkdir(exist_ok=True)
+        hostfile = tmp / f"hosts-{run}-{host}"
+        hostfile.write_text("".join(f"{h} slots=1\n" for h in hosts or [f"node{i}" for i in range(1, k + 1)]))
+        self.preds, self.events = self.dir / "predictions.jsonl", self.dir / "events.jsonl"
+        cmd = [FLUID_MPI, "launch", "-np", str(k), "--hostfile", str(hostfile), "--run-dir", str(self.dir),
+               "--data-dir", str(SHARED), "-q", *args] + (["--resume"] if resume else [])
+        env = vc.mpirun_env(dict(os.environ), NAME)
+        self.t0 = time.time()
+        self.proc = subprocess.Popen([PY, "-m", "fluid_mpi.cli", "vcluster", "--name", NAME, "exec", host,
+                                      "--", *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=env, start_new_session=True)
+
+    def answered_lines(self) -> int:
+        try:
+            return self.preds.read_bytes().count(b"\n")
+        except FileNotFoundError:
+            return 0
+
+    def wait_answers(self, n: int, timeout: float = 60) -> float:
+        """Block until n answers are written (the seeded fault point); returns that time."""
+        deadline = time.time() + timeout  # start-up takes ~3 s on 2 cores; 60 s means something is wrong
+        while self.answered_lines() < n:
+            assert self.proc.poll() is None, f"launch ended before {n} answers: {self.finish(1)}"
+            assert time.time() < deadline, f"fewer than {n} answers after {timeout} s"
+            time.sleep(0.02)  # 20 ms: a fault point within a few batches
+        return time.time()
+
+    def finish(self, timeout: float) -> tuple[int | None, str, str]:
+        """Exit code (None when killed at the hard timeout), stdout, stderr."""
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+            return self.proc.returncode, out, err
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            out, err = self.proc.communicate()
+            return None, out, err
+
+    def events_of(self, kind: str) -> list[dict]:
+        lines = self.events.read_text().splitlines() if self.events.exists() else []
+        return [e for e in map(json.loads, lines) if e["event"] == kind]
+
+    def summary(self) -> dict:
+        return json.loads((self.dir / "summary.json").read_text())
+
+
+def exactly_once(preds: Path, images: int = IMAGES) -> None:
+    indices = [json.loads(line)["index"] for line in preds.read_text().splitlines()]
+    assert len(indices) == len(set(indices)), f"{len(indices) - len(set(indices))} inputs answered twice"
+    assert sorted(indices) == list(range(images)), f"{images - len(set(indices))} inputs not answered"
+
+
+def fault_point(seed: int, lo: int = 1500, hi: int = 4000) -> int:
+    """A seeded random number of answers after which the fault is injected."""
+    return random.Random(seed).randint(lo, hi)
+
+
+def host_pids(host: str) -> list[int]:
+    out = subprocess.run(["ip", "netns", "pids", f"{NAME}-{host}"], capture_output=True, text=True, timeout=10)
+    return [int(p) for p in out.stdout.split()]
+
+
+def _argv(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:  # gone meanwhile
+        return []
+
+
+# figures printed for docs/cluster-elastic.md (pytest -s shows them)
+def report(case: str, fault_t: float, run: Launch) -> dict:
+    lost = run.events_of("host_lost")
+    starts = run.events_of("start")
+    fig = {"case": case, "detected_s": round(lost[0]["t"] - fault_t, 2) if lost else None,
+           "relaunch_start_s": round(starts[-1]["t"] - fault_t, 2) if len(starts) > 1 else None}
+    failures = run.summary()["failures"]
+    fig["next_answer_ms"] = [f["next_answer_ms"] for f in failures]
+    print(f"\nFIGURES {json.dumps(fig)}")
+    return fig
+
+
+@pytest.mark.parametrize("k, mode, fault, seed", [
+    (2, "ht", "power-off", 1),
+    (3, "ha", "cable", 2),
+    (3, "ht", "freeze", 3),
+])
+def test_device_lost_run_goes_on(cluster, ckpts, k, mode, fault, seed):
+    ckpt = ckpts("fluid", k)
+    batch = "1" if mode == "ht" else "4"
+    run = Launch(cluster, k, ["-c", str(ckpt), "--mode", mode, "-b", batch, "--rank-timeout", "2"])
+    victim = f"node{k}"
+    t_fault = run.wait_answers(fault_point(seed))
+    vcl(*{"power-off": ["power-off", victim], "cable": ["cable", victim, "down"],
+          "freeze": ["freeze", victim]}[fault])
+    try:
+        code, out, err = run.finish(90)  # ~10 s of work on 2 cores, relaunch ~3 s
+    finally:
+        vcl("thaw", victim) if fault == "freeze" else None
+    assert code == 0, err
+    exactly_once(run.preds)
+    lost = run.events_of("host_lost")
+    assert lost and lost[0]["host"] == victim
+    assert lost[0]["fault"] == ("lost daemon" if fault == "power-off" else "silent")
+    assert lost[0]["t"] - t_fault < (5 if fault == "power-off" else 10)  # rank-timeout 2 s + exit + probe
+    assert "inputs answered" in out and f"{IMAGES} of {IMAGES}" in out
+    report(f"K={k} {mode} {fault}", t_fault, run)
+
+
+def test_rank_killed_on_live_remote_host_recovered_in_job(cluster, ckpts):
+    run = Launch(cluster, 2, ["-c", str(ckpts("fluid", 2)), "--mode", "ha", "-b", "8", "--kill-rank", "1"])
+    code, out, err = run.finish(60)  # one attempt; must end by itself (no 40 s linger)
+    assert code == 0, err
+    exactly_once(run.preds)
+    s = run.summary()
+    assert len(s["attempts"]) == 1 and [f["fault"] for f in s["failures"]] == ["process exit"]
+    stop = run.events_of("stop")[-1]
+    assert run.events_of("launcher_stop")[-1]["t"] - stop["t"] < 5  # stop grace 3 s at most, then killed
+
+
+def test_rejoin_after_power_on(cluster, ckpts):
+    run = Launch(cluster, 4, ["-c", str(ckpts("fluid", 4)), "--mode", "ht", "-b", "1"])
+    t_fault = run.wait_answers(fault_point(4, 1000, 2000))
+    vcl("power-off", "node3")
+    deadline = time.time() + 30  # the relaunch on 3 hosts starts within ~5 s
+    while not run.events_of("relaunch") or len(run.events_of("start")) < 2:
+        assert time.time() < deadline and run.proc.poll() is None
+        time.sleep(0.1)  # poll the events file
+    t_on = time.time()
+    vcl("power-on", "node3")
+    code, out, err = run.finish(90)
+    assert code == 0, err
+    exactly_once(run.preds)
+    rejoin = run.events_of("rejoin")
+    assert rejoin and rejoin[0]["host"] == "node3"
+    starts = run.events_of("start")
+    assert starts[-1]["ranks"] == 4 and rejoin[0]["t"] - t_on < 15
+    print(f"\nFIGURES {json.dumps({'case': 'rejoin', 'rejoin_s': round(rejoin[0]['t'] - t_on, 2)})}")
+    report("K=4 ht power-off before rejoin", t_fault, run)
+
+
+def test_coordinator_device_lost_then_resume(cluster, ckpts):
+    """mpirun (and the launcher) on node1, node1 powers off: nothing can go on; `--resume` from node2
+    on the survivors finishes without answering anything twice."""
+    ckpt = ckpts("fluid", 3)
+    args = ["-c", str(ckpt), "--mode", "ht", "-b", "1"]
+    first = Launch(cluster, 3, args, host="node1")
+    first.wait_answers(fault_point(5))
+    vcl("power-off", "node1")
+    code, _, _ = first.finish(20)  # the launcher died with its device
+    assert code != 0
+    again = Launch(cluster, 2, args, host="node2", hosts=["node2", "node3"], resume=True)
+    code, out, err = again.finish(90)
+    assert code == 0, err
+    exactly_once(again.preds)
+    assert again.events_of("start")[-1]["resumed"] > 0
+
+
+def test_coordinator_device_lost_with_head_goes_on(cluster, ckpts):
+    run = Launch(cluster, 3, ["-c", str(ckpts("fluid", 3)), "--mode", "ha", "-b", "4"])
+    t_fault = run.wait_answers(fault_point(6))
+    vcl("power-off", "node1")
+    code, out, err = run.finish(90)
+    assert code == 0, err
+    exactly_once(run.preds)
+    assert run.events_of("relaunch")[0]["hosts"] == ["node2", "node3"]
+    report("K=3 ha power-off coordinator", t_fault, run)
+
+
+def test_static_stops_with_resume_line(cluster, ckpts):
+    run = Launch(cluster, 2, ["-c", str(ckpts("static", 2)), "-b", "1"])
+    run.wait_answers(fault_point(7, 500, 1500))
+    vcl("power-off", "node2")
+    code, out, err = run.finish(60)
+    assert code == 3
+    last = err.strip().splitlines()[-1]
+    assert "inputs answered" in last and "resume with: fluid-mpi launch" in last and "--resume" in last
+
+
+def test_ctrl_c_stops_every_rank_within_5_s(cluster, ckpts):
+    run = Launch(cluster, 3, ["-c", str(ckpts("fluid", 3)), "--mode", "ha", "-b", "1"])
+    run.wait_answers(300)
+    launcher = [p for p in host_pids("head") if _argv(p)[1:3] == [FLUID_MPI, "launch"]]  # python fluid-mpi launch
+    assert len(launcher) == 1
+    t = time.time()
+    for pid in launcher:
+        os.kill(pid, signal.SIGINT)
+    code, out, err = run.finish(10)
+    deadline = t + 5
+    while any(host_pids(h) for h in ("node1", "node2", "node3", "head")) and time.time() < deadline:
+        time.sleep(0.1)  # processes vanish as their SIGKILLs land
+    left = {h: host_pids(h) for h in ("node1", "node2", "node3", "head")}
+    assert not any(left.values()), left
+    assert code == 130 and time.time() - t < 6
+    assert "resume with:" in err.strip().splitlines()[-1]
+
+
+def test_preflight_names_unreachable_host(cluster, ckpts):
+    vcl("power-off", "node2")
+    run = Launch(cluster, 2, ["-c", str(ckpts("fluid", 2))])
+    code, out, err = run.finish(60)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "node2" in lines[0] and "unreachable" in lines[0], err
+    assert not run.preds.exists()

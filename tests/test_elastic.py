@@ -171,6 +171,7 @@ def test_silent_host_from_infer_exit_4(answers):
         elif job.code is None and not getattr(job, "stopped", False):
             job.stopped = True
             w.up["node2"] = answers
+            w.events.append({"event": "failure", "host": "node2", "fault": "silent", "detected_ms": 2000.0})
             job.stop(4, silent_hosts=["node2"])  # mpirun lingers: killed at once after exit code 4
     w = World(["node1", "node2"], {1: silent, 2: steady()})
     d = w.driver(["node1", "node2"], 2)
@@ -179,6 +180,9 @@ def test_silent_host_from_infer_exit_4(answers):
     assert [(f["fault"], f["excluded"]) for e, f in w.emitted if e == "host_lost"] == [("silent", not answers)]
     assert w.jobs[1].hosts == (["node1", "node2"] if answers else ["node1"])
     assert w.cleaned[0] == ["node1", "node2"]
+    (rec,) = d.summary(0, "")["failures"]  # infer's figures, one entry
+    assert rec["seen_by"] == "infer+launcher" and rec["detected_ms"] == 2000.0
+    assert 2000 < rec["next_answer_ms"] < 2500  # from the fault infer dated, to the relaunch's first answer
 
 
 def test_lingering_mpirun_killed_after_grace():

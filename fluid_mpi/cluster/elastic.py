@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 # exit codes of `fluid-mpi infer` (its `stop` event) and of `fluid-mpi launch`
-OK, BAD_INPUT, STOPPED, SILENT, DRAINED = 0, 2, 3, 4, 5
-INTERRUPTED = 130
+OK, BAD_INPUT, STOPPED, SILENT, DRAINED, INTERRUPTED = 0, 2, 3, 4, 5, 130
 
 
 class Job(Protocol):
@@ -77,8 +76,8 @@ class Failure:
     detected_ms: float | None  # from the last answer before it (outside) or infer's own figure
     source: str = "launcher"  # launcher | infer
     wall_detected: float = field(default_factory=time.time)
-    next_answer_ms: float | None = None  # last answer before the fault -> first answer after it
-    last_answer: float | None = None  # monotonic time of the last answer before it (outside only)
+    next_answer_ms: float | None = None  # the fault -> the first answer after it
+    fault_at: float | None = None  # monotonic estimate of the fault: infer's figure, else the last answer
 
     def record(self) -> dict:
         """The summary entry."""
@@ -89,6 +88,7 @@ class Failure:
 
 def _ms(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
+
 
 @dataclass
 class AttemptEnd:
@@ -109,12 +109,13 @@ class Driver:
         self.all_hosts, self.s = list(hosts), settings
         self.launcher, self.outputs, self.probe, self.emit = launcher, outputs, probe, emit
         self.clock, self.interrupted = clock or Clock(), interrupted
-        self.lost: dict[str, Failure] = {}
-        self.failures: list[Failure] = []
+        self.lost: dict[str, Failure] = {}  # host -> why it is left out
+        self.failures: list[Failure] = []  # every failure, for the summary
         self.rejoins, self.attempts, self.start_info = [], [], {}
-        self.last_answer: float | None = None
-        self._progress = 0
+        self.last_answer: float | None = None  # when the last answer was seen (monotonic)
+        self._progress = 0  # the predictions file's size last seen
         self._waiting: list = []  # failures and rejoins waiting for the next answer
+        self._attempt_failures = 0  # failures[this:] were reported during the current attempt
         self._returned_at: dict[str, float] = {}  # lost host -> when a probe first answered again
 
     def active_hosts(self) -> list[str]:
@@ -162,12 +163,12 @@ class Driver:
     def watch(self, job: Job, hosts: Sequence[str]) -> AttemptEnd:
         """Follow one attempt until mpirun ends, is drained, or must be killed."""
         now = self.clock.now
-        started = now()
-        seen = started  # last sign of life: an answer or an event
+        seen = now()  # last sign of life: an answer or an event
         stop: dict | None = None
         stop_at = drain_at = None
-        next_probe = started + self.s.probe_every
+        next_probe = seen + self.s.probe_every
         back: list[str] = []  # lost hosts that answered again, for which the attempt is being drained
+        self._attempt_failures = len(self.failures)
         running = False  # infer has started (its SIGUSR2 handler is in place): a drain is safe
         while True:
             if self.interrupted():
@@ -178,23 +179,19 @@ class Driver:
                 running = running or ev.get("event") == "start"
                 stop, stop_at = (ev, now()) if ev.get("event") == "stop" else (stop, stop_at)
                 self._infer_event(ev)
-            if self._answered_now():
-                seen = now()
-            code = job.poll()
-            if code is not None:
+            seen = now() if self._answered_now() else seen
+            if (code := job.poll()) is not None:
                 reason = "drained" if drain_at is not None else "exited"
                 return AttemptEnd(_code(stop, code), stop, reason, back)
             # a silent host's daemon cannot take part in PRRTE's teardown: no grace after exit code 4
             grace = 0.0 if (stop or {}).get("exit_code") == SILENT else self.s.stop_grace
-            if stop_at is not None and now() - stop_at > grace:
+            why = ("killed after stop" if stop_at is not None and now() - stop_at > grace else
+                   "drained" if drain_at is not None and now() - drain_at > self.s.drain_timeout else
+                   "stalled" if stop is None and drain_at is None and now() - seen > self.s.stall_timeout
+                   else None)
+            if why:
                 job.kill()
-                return AttemptEnd(_code(stop, None), stop, "killed after stop", back)
-            if drain_at is not None and now() - drain_at > self.s.drain_timeout:
-                job.kill()
-                return AttemptEnd(None, stop, "drained", back)
-            if stop is None and drain_at is None and now() - seen > self.s.stall_timeout:
-                job.kill()
-                return AttemptEnd(None, None, "stalled")
+                return AttemptEnd(_code(stop, None), stop, why, back)
             lost = [h for h in self.all_hosts if h in self.lost]
             if lost and running and stop is None and drain_at is None and now() >= next_probe:
                 next_probe = now() + self.s.probe_every
@@ -216,8 +213,8 @@ class Driver:
         t = self.clock.now()
         for item in self._waiting:
             if isinstance(item, Failure):
-                if item.last_answer is not None:
-                    item.next_answer_ms = (t - item.last_answer) * 1000
+                if item.fault_at is not None:
+                    item.next_answer_ms = (t - item.fault_at) * 1000
             else:
                 item["ms"] = round((t - item.pop("returned_at")) * 1000, 1)
                 self.emit("rejoin", host=item["host"], ms=item["ms"])
@@ -231,13 +228,14 @@ class Driver:
         if kind == "start":
             self.start_info = self.start_info or dict(ev)
         elif kind == "failure":
+            lag = max(0.0, time.time() - ev["t"]) if "t" in ev else 0.0  # event written -> read here
+            at = self.clock.now() - lag - (ev.get("detected_ms") or 0) / 1000
             f = Failure(str(ev.get("host")), str(ev.get("fault")), ev.get("detected_ms"), "infer",
-                        ev.get("t", time.time()))
+                        ev.get("t", time.time()), fault_at=at)
             self.failures.append(f)
         elif kind == "answering_again":
-            pending = [f for f in self.failures if f.source == "infer" and f.next_answer_ms is None]
-            if pending:
-                pending[-1].next_answer_ms = ev.get("after_failure_ms")
+            for f in [f for f in self.failures if f.source == "infer" and f.next_answer_ms is None][-1:]:
+                f.next_answer_ms = ev.get("after_failure_ms")
 
     def _mark_lost(self, end: AttemptEnd, hosts: Sequence[str]) -> list[str]:
         """After a failed attempt: every host that does not answer a probe is lost, and infer's silent
@@ -250,14 +248,18 @@ class Driver:
             if host not in silent and answers.get(host, False):
                 continue
             fault = "silent" if host in silent or end.reason == "stalled" else "lost daemon"
-            detected = self.clock.now()
-            since = None if self.last_answer is None else (detected - self.last_answer) * 1000
-            f = Failure(host, fault, since, last_answer=self.last_answer)
-            self.failures.append(f)
+            seen = [f for f in self.failures[self._attempt_failures:] if f.host == host and f.source == "infer"]
+            if seen:  # infer timed it (its deadline): one entry, its figures
+                f = seen[-1]
+                f.fault, f.source = fault, "infer+launcher"
+            else:  # from outside: the fault happened after the last answer
+                since = None if self.last_answer is None else (self.clock.now() - self.last_answer) * 1000
+                f = Failure(host, fault, since, fault_at=self.last_answer)
+                self.failures.append(f)
             self._waiting.append(f)
             if not answers.get(host, False):
                 self.lost[host] = f
-            self.emit("host_lost", host=host, fault=fault, detected_ms=_ms(since),
+            self.emit("host_lost", host=host, fault=fault, detected_ms=_ms(f.detected_ms),
                       excluded=host in self.lost)
         back = [h for h in earlier if answers.get(h, False)]
         for host in back:
@@ -274,12 +276,11 @@ class Driver:
             self._waiting.append(item)
 
     def _complete(self) -> bool:
-        images = self.start_info.get("images")
-        return images is None or self.outputs.answered() >= images
+        return self._todo() in (None, 0)
 
     def _todo(self) -> int | None:
         images = self.start_info.get("images")
-        return None if images is None else images - self.outputs.answered()
+        return None if images is None else max(0, images - self.outputs.answered())
 
     def summary(self, code: int, message: str) -> dict:
         """The launcher's summary: outcome, attempts, every failure, every rejoin."""
@@ -292,8 +293,8 @@ class Driver:
 
 
 def _code(stop: dict | None, mpirun_code: int | None) -> int | None:
-    """infer's exit code comes from its stop event; without one mpirun's code says nothing reliable
-    (a lost daemon may end mpirun with 0), so it is None unless the stop event was seen."""
+    """infer's exit code is in its stop event; without one, mpirun's 0 means nothing (a lost daemon
+    ends mpirun with 0)."""
     if stop is not None and stop.get("exit_code") is not None:
         return int(stop["exit_code"])
     return None if mpirun_code in (0, None) else mpirun_code

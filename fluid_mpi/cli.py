@@ -121,6 +121,9 @@ def _infer_options(fn):
         DATA_DIR,
         click.option("--batch-size", "-b", type=click.IntRange(1, 4096), default=D.batch_size, show_default=True),
         click.option("--limit", type=click.IntRange(1), default=None, help="Infer the first N test images."),
+        click.option("--repeat", type=click.IntRange(1), default=D.repeat, show_default=True,
+                     help="Present the inputs N times, as distinct inputs (index = pass × n + i): a steady state "
+                          "of a few seconds for benchmarks."),
         click.option("--summary", type=click.Path(dir_okay=False), default=None, help="Write a JSON summary here."),
         click.option("--predictions", type=click.Path(dir_okay=False), default=None,
                      help="Write one JSON line per input here (flushed per batch, fsynced every 50 ms)."),

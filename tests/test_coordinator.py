@@ -43,11 +43,12 @@ class CaptureSink(PredictionSink):
         self.logits: dict[int, tuple] = {}
         self.writes = 0
 
-    def write(self, indices, labels, logits, rank, extra=None):
+    def write(self, indices, labels, logits, rank, extra=None, started=None):
         self.writes += 1
+        assert started is not None, "every batch is timed from its hand-over"
         for i, idx in enumerate(indices.tolist()):
             self.logits.setdefault(idx, (logits[i].copy(), rank, (extra or {}).get("groups")))
-        super().write(indices, labels, logits, rank, extra)
+        super().write(indices, labels, logits, rank, extra, started)
 
 
 @dataclass

@@ -154,7 +154,7 @@ class CaptureSink(PredictionSink):
         super().__init__(None)
         self.batches: list[tuple[np.ndarray, np.ndarray, int]] = []  # (indices, logits, width)
 
-    def write(self, indices, labels, logits, rank, extra=None):
+    def write(self, indices, labels, logits, rank, extra=None, started=None):
         self.batches.append((indices.copy(), logits.copy(), (extra or {}).get("width")))
         super().write(indices, labels, logits, rank, extra)
 

@@ -48,6 +48,9 @@ class FluidCoordinator:
         self.last_contact: dict[int, float] = {}
         self.handles: dict[int, object] = {}
         self.answered_batches = 0
+        # batch -> when it was handed out first (closed loop: an input is handed to the coordinator when
+        # its batch is taken from the queue); a batch re-sent after a failure keeps its first time
+        self.started: dict[int, float] = {}
 
     # --- helpers ------------------------------------------------------------------------------------
     def workers(self) -> list[int]:
@@ -59,18 +62,21 @@ class FluidCoordinator:
                                                 row=self.dim)
 
     def send_batch(self, world: int, batch: int, cmd: int) -> None:
+        self.started.setdefault(batch, time.monotonic())
         imgs = self.job.images[self.job.rows(batch)]
         self.t.send(self.t.members.index(world), header(cmd, batch, len(imgs), self.job.n_batches),
                     imgs.reshape(-1))
 
     def compute(self, batch: int, features: bool) -> torch.Tensor:
+        self.started.setdefault(batch, time.monotonic())
         x = to_tensor_batch(self.job.images[self.job.rows(batch)])
         with torch.no_grad():
             return self.part.features(x) if features else self.part.logits(x)
 
     def record(self, batch: int, logits: np.ndarray, rank: int, extra: dict | None = None) -> None:
         rows = self.job.rows(batch)
-        self.sink.write(self.job.indices[rows], self.job.labels[rows], logits, rank, extra)
+        self.sink.write(self.job.indices[rows], self.job.labels[rows], logits, rank, extra,
+                        self.started.pop(batch, None))
         self.answered_batches += 1
         self.tracker.answered()
 
@@ -196,6 +202,7 @@ class FluidCoordinator:
                     for w in self.workers():
                         self.send_batch(w, batch, CMD_FEATURES)
                     inflight[batch], sent_at[batch] = {}, time.monotonic()
+                    self.started.setdefault(batch, sent_at[batch])
                 got = False
                 for w in self.workers():
                     if self.t.ready(self.handles[w]):

@@ -19,6 +19,7 @@ class InferOptions:
     data_dir: str | None = None
     batch_size: int = 64
     limit: int | None = None
+    repeat: int = 1  # present the inputs this many times, as distinct inputs (steady-state benchmarks)
     summary: str | None = None
     predictions: str | None = None
     events: str | None = None

@@ -71,6 +71,7 @@ class PredictionSink:
         self.duplicates = 0
         self.correct = 0
         self.timeline: list[tuple[float, int]] = []  # (seconds since start, images answered)
+        self.latencies: list[tuple[float, int]] = []  # (seconds from hand-over to answer, images)
         self.t0 = time.perf_counter()
         self._fh = None
         self._synced = 0.0
@@ -79,8 +80,9 @@ class PredictionSink:
             self._fh = open(path, "a" if append else "w", encoding="utf-8")
 
     def write(self, indices: np.ndarray, labels: np.ndarray, logits: np.ndarray, rank: int,
-              extra: dict | None = None) -> None:
-        """Record one answered batch; an index answered before counts as a duplicate and is not written."""
+              extra: dict | None = None, started: float | None = None) -> None:
+        """Record one answered batch; an index answered before counts as a duplicate and is not written.
+        ``started``: ``time.monotonic()`` when the batch's inputs were handed to the coordinator."""
         preds = logits.argmax(1).tolist()
         labels = labels.tolist()
         # per-batch fields formatted once; the lines themselves by hand (json.dumps per line cost
@@ -98,6 +100,8 @@ class PredictionSink:
                 line += ', "logits": [' + ", ".join(f"{float(v):.6g}" for v in logits[i]) + "]"
             lines.append(line + "}")
         self.timeline.append((round(time.perf_counter() - self.t0, 4), len(indices)))
+        if started is not None and lines:
+            self.latencies.append((time.monotonic() - started, len(lines)))
         if self.bar is not None:
             self.bar.update(len(indices))
         if self._fh is not None and lines:
@@ -107,6 +111,14 @@ class PredictionSink:
             if now - self._synced >= FSYNC_INTERVAL_S:
                 self.sync()
                 self._synced = now
+
+    def latency_ms(self) -> dict | None:
+        """Per-image latency percentiles ``{p50, p95, p99}`` in ms (None when nothing was timed)."""
+        if not self.latencies:
+            return None
+        values = np.repeat([lat for lat, _ in self.latencies], [n for _, n in self.latencies])
+        p50, p95, p99 = np.percentile(values, [50, 95, 99]) * 1000
+        return {"p50": round(float(p50), 3), "p95": round(float(p95), 3), "p99": round(float(p99), 3)}
 
     def sync(self) -> None:
         """Make everything written so far durable (also called before a stop and at close)."""
@@ -147,6 +159,7 @@ class Summary:
     accuracy: float
     elapsed_s: float
     images_per_s: float
+    latency_ms: dict | None
     status: str
     exit_code: int
     message: str

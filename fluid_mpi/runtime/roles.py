@@ -40,6 +40,9 @@ def _load_inputs(ctx: Context, skip: set[int]):
     from ..model.data import load_split
 
     ds = load_split(ctx.opts.data_dir, "test").take(ctx.opts.limit)
+    if ctx.opts.repeat > 1:  # input i of pass p is input p * n + i: distinct, answered once each
+        ds = replace(ds, images=np.tile(ds.images, (ctx.opts.repeat, 1, 1)), labels=np.tile(ds.labels, ctx.opts.repeat),
+                     source=f"{ds.source}, {ctx.opts.repeat} passes")
     idx = np.arange(len(ds), dtype=np.int64)
     if skip:
         idx = idx[~np.isin(idx, np.fromiter(skip, np.int64, len(skip)))]
@@ -103,7 +106,8 @@ def _summary(ctx: Context, events: EventLog, outcome: Outcome, source: str, imag
         images=images, answered=answered, answered_here=here, resumed=len(done.indices),
         torn_lines_repaired=done.torn, duplicates=sink.duplicates if sink else 0, correct=correct,
         accuracy=round(100.0 * correct / max(here, 1), 3), elapsed_s=round(outcome.elapsed_s, 4),
-        images_per_s=round(here / max(outcome.elapsed_s, 1e-9), 2), status=outcome.status,
+        images_per_s=round(here / max(outcome.elapsed_s, 1e-9), 2), latency_ms=sink.latency_ms() if sink else None,
+        status=outcome.status,
         exit_code=outcome.exit_code, message=outcome.message, failures=events.of("failure"),
         events=events.of(*SUMMARY_EVENTS), timeline=sink.timeline if sink else [])
 

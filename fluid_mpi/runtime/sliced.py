@@ -95,6 +95,7 @@ class SlicedRun:
         b, status, t0 = 0, "ok", time.perf_counter()
         while b < job.n_batches:
             rows = job.rows(b)
+            started = time.monotonic()
             try:
                 imgs = np.ascontiguousarray(job.images[rows])
                 self.t.bcast(header(CMD_RUN, b, len(imgs), self.width, job.n_batches), job.rank_timeout,
@@ -102,7 +103,7 @@ class SlicedRun:
                 self.t.bcast(imgs, job.rank_timeout, self._on_stall)
                 logits = self.forward(to_tensor_batch(imgs), self.width)
                 self.sink.write(job.indices[rows], job.labels[rows], logits, self.t.world_rank(),
-                                {"width": self.width})
+                                {"width": self.width}, started)
                 self.tracker.answered()
                 b += 1
                 self.answered += 1

@@ -206,9 +206,10 @@ def test_rank_killed_on_live_remote_host_recovered_in_job(cluster, ckpts):
     assert run.events_of("launcher_stop")[-1]["t"] - stop["t"] < 5  # stop grace 3 s at most, then killed
 
 
-def test_rejoin_after_power_on(cluster, ckpts):
+@pytest.mark.parametrize("rep", range(REPEAT))
+def test_rejoin_after_power_on(cluster, ckpts, rep):
     run = Launch(cluster, 4, ["-c", str(ckpts("fluid", 4)), "--mode", "ht", "-b", "1"])
-    t_fault = run.wait_answers(fault_point(4, 1000, 2000))
+    t_fault = run.wait_answers(fault_point(4 + 10 * rep, 1000, 2000))
     vcl("power-off", "node3")
     next_s = next_answer_after(run, t_fault)  # the relaunch on 3 hosts answers within ~5 s
     assert next_s is not None
@@ -242,9 +243,10 @@ def test_coordinator_device_lost_then_resume(cluster, ckpts):
     assert again.events_of("start")[-1]["resumed"] > 0
 
 
-def test_coordinator_device_lost_with_head_goes_on(cluster, ckpts):
+@pytest.mark.parametrize("rep", range(REPEAT))
+def test_coordinator_device_lost_with_head_goes_on(cluster, ckpts, rep):
     run = Launch(cluster, 3, ["-c", str(ckpts("fluid", 3)), "--mode", "ha", "-b", "4"])
-    t_fault = run.wait_answers(fault_point(6))
+    t_fault = run.wait_answers(fault_point(6 + 10 * rep))
     vcl("power-off", "node1")
     next_s = next_answer_after(run, t_fault)
     code, out, err = run.finish(90)

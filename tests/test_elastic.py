@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from fluid_mpi.cluster import hosts as hostlib
 from fluid_mpi.cluster.elastic import Clock, Driver, Settings
+from fluid_mpi.cluster.launch_cli import summary
 from fluid_mpi.cluster.runner import FileOutputs, MpirunLauncher, read_indices
 
 IMAGES = 1000
@@ -150,7 +151,7 @@ def test_power_off_relaunches_on_survivors_with_figures():
                      "excluded": True}]
     relaunch = [f for e, f in w.emitted if e == "relaunch"]
     assert relaunch == [{"hosts": ["node1", "node3"], "attempt": 2, "todo": pytest.approx(700, abs=10)}]
-    rec = d.summary(code, "")["failures"][0]
+    rec = summary(d, code, "")["failures"][0]
     assert rec["host"] == "node2" and rec["next_answer_ms"] == pytest.approx(200, abs=110)
     assert w.cleaned[0] == ["node1", "node2", "node3"]
 
@@ -180,7 +181,7 @@ def test_silent_host_from_infer_exit_4(answers):
     assert [(f["fault"], f["excluded"]) for e, f in w.emitted if e == "host_lost"] == [("silent", not answers)]
     assert w.jobs[1].hosts == (["node1", "node2"] if answers else ["node1"])
     assert w.cleaned[0] == ["node1", "node2"]
-    (rec,) = d.summary(0, "")["failures"]  # infer's figures, one entry
+    (rec,) = summary(d, 0, "")["failures"]  # infer's figures, one entry
     assert rec["seen_by"] == "infer+launcher" and rec["detected_ms"] == 2000.0
     assert 2000 < rec["next_answer_ms"] < 2500  # from the fault infer dated, to the relaunch's first answer
 
@@ -198,16 +199,28 @@ def test_lingering_mpirun_killed_after_grace():
     assert code == 0 and job.killed_at == pytest.approx(job.stop_t + 3.0, abs=0.25)
 
 
-def test_stall_probes_and_drops_dead_host():
+def test_unplugged_host_found_by_probes_ends_attempt():
     def hang(w, job):
         if job.elapsed() < 1.0:
             w.answer(10)
         else:
             w.up["node2"] = False  # cable pulled: the job hangs, the host does not answer probes
     w = World(["node1", "node2"], {1: hang, 2: steady()})
+    d = w.driver(["node1", "node2"], 2, stall_timeout=30.0)
+    assert d.run()[0] == 0
+    assert w.jobs[0].killed_at == pytest.approx(2.0, abs=0.3)  # the probes at 1 s and 2 s missed
+    assert [f["fault"] for e, f in w.emitted if e == "host_lost"] == ["silent"]
+    assert w.jobs[1].hosts == ["node1"]
+
+
+def test_stall_with_every_host_answering_relaunches_same_hosts():
+    def hang(w, job):
+        if job.elapsed() < 1.0:
+            w.answer(10)
+    w = World(["node1", "node2"], {1: hang, 2: steady()})
     assert w.driver(["node1", "node2"], 2, stall_timeout=5.0).run()[0] == 0
     assert w.jobs[0].killed_at == pytest.approx(6.0, abs=0.3)
-    assert [f["fault"] for e, f in w.emitted if e == "host_lost"] == ["silent"]
+    assert [j.hosts for j in w.jobs] == [["node1", "node2"]] * 2 and not [e for e, _ in w.emitted if e == "host_lost"]
 
 
 def test_restarts_are_bounded():
@@ -234,7 +247,7 @@ def test_rejoin_drains_and_relaunches_on_bigger_set():
     assert w.jobs[1].drained_at == pytest.approx(4.0, abs=1.1)
     rejoin = [f for e, f in w.emitted if e == "rejoin"]
     assert rejoin and rejoin[0]["host"] == "node2" and 0 < rejoin[0]["ms"] < 1000
-    assert d.summary(code, "")["rejoins"][0]["host"] == "node2"
+    assert summary(d, code, "")["rejoins"][0]["host"] == "node2"
 
 
 def test_rejoin_that_does_not_drain_is_killed():
@@ -293,7 +306,7 @@ def test_in_job_failure_reported_from_infer_events():
     d = w.driver(["node1", "node2"], 2)
     code, _ = d.run()
     assert code == 0 and len(w.jobs) == 1
-    rec = d.summary(code, "")["failures"]
+    rec = summary(d, code, "")["failures"]
     assert rec[0]["fault"] == "process exit" and rec[0]["next_answer_ms"] == 40.0 and rec[0]["seen_by"] == "infer"
 
 

@@ -53,7 +53,8 @@ class Settings:
 
     np: int
     max_restarts: int = 3
-    # lost hosts are probed once a second: the issue's rejoin goal is 5 s, a probe costs ~10 ms
+    # hosts are probed once a second: the goals are 3 s to the next answer and 5 s to rejoin; a probe
+    # costs ~10 ms (agent) to ~100 ms (ssh handshake)
     probe_every: float = 1.0
     # after infer's `stop` event, mpirun normally exits within ~1 s (ranks os._exit, PRRTE tears its
     # daemons down over TCP); after a survived death it may never exit (issue 9), so 3 s then kill
@@ -63,6 +64,9 @@ class Settings:
     stall_timeout: float = 30.0
     # a drain (SIGUSR2) finishes the in-flight batches: a few batch times; 10 s then kill and relaunch
     drain_timeout: float = 10.0
+    # an attempt's host missing this many probes in a row is lost: one slow ssh handshake on a busy Pi
+    # must not end a healthy run, two in a row (1 s apart) mean it is gone (a pulled cable)
+    probe_misses: int = 2
     # the loop's cadence: fine enough to time answers to 0.1 s, one stat() per tick
     tick: float = 0.1
 
@@ -168,6 +172,7 @@ class Driver:
         stop_at = drain_at = None
         next_probe = seen + self.s.probe_every
         back: list[str] = []  # lost hosts that answered again, for which the attempt is being drained
+        misses: dict[str, int] = {}  # consecutive probes an attempt's host did not answer
         self._attempt_failures = len(self.failures)
         running = False  # infer has started (its SIGUSR2 handler is in place): a drain is safe
         while True:
@@ -192,13 +197,19 @@ class Driver:
             if why:
                 job.kill()
                 return AttemptEnd(_code(stop, None), stop, why, back)
-            lost = [h for h in self.all_hosts if h in self.lost]
-            if lost and running and stop is None and drain_at is None and now() >= next_probe:
+            lost = [h for h in self.all_hosts if h in self.lost]  # probed with the attempt's hosts
+            if stop is None and drain_at is None and now() >= next_probe:
                 next_probe = now() + self.s.probe_every
-                returned = [h for h, ok in self.probe(lost).items() if ok]
+                answers = self.probe(list(hosts) + lost)
+                for host in hosts:  # a device that stops answering (cable pulled) ends the attempt
+                    misses[host] = 0 if answers.get(host, False) else misses.get(host, 0) + 1
+                if max(misses.values(), default=0) >= self.s.probe_misses:
+                    job.kill()
+                    return AttemptEnd(None, None, "unreachable")
+                returned = [h for h in lost if answers.get(h, False)]
                 for host in returned:
                     self._returned_at.setdefault(host, now())
-                if returned and len(hosts) < self.s.np:
+                if returned and running and len(hosts) < self.s.np:
                     job.drain()
                     drain_at, back = now(), returned
             self.clock.sleep(self.s.tick)
@@ -247,11 +258,10 @@ class Driver:
         for host in hosts:
             if host not in silent and answers.get(host, False):
                 continue
-            fault = "silent" if host in silent or end.reason == "stalled" else "lost daemon"
+            fault = "silent" if host in silent or end.reason in ("stalled", "unreachable") else "lost daemon"
             seen = [f for f in self.failures[self._attempt_failures:] if f.host == host and f.source == "infer"]
             if seen:  # infer timed it (its deadline): one entry, its figures
-                f = seen[-1]
-                f.fault, f.source = fault, "infer+launcher"
+                (f := seen[-1]).fault, f.source = fault, "infer+launcher"
             else:  # from outside: the fault happened after the last answer
                 since = None if self.last_answer is None else (self.clock.now() - self.last_answer) * 1000
                 f = Failure(host, fault, since, fault_at=self.last_answer)
@@ -262,9 +272,7 @@ class Driver:
             self.emit("host_lost", host=host, fault=fault, detected_ms=_ms(f.detected_ms),
                       excluded=host in self.lost)
         back = [h for h in earlier if answers.get(h, False)]
-        for host in back:
-            self._returned_at.setdefault(host, self.clock.now())
-        return back
+        return [h for h in back if self._returned_at.setdefault(h, self.clock.now()) is not None]
 
     def _rejoin(self, hosts: Sequence[str]) -> None:
         """Lost hosts that answer again are back for the next attempt; time them to its first answer."""
@@ -281,15 +289,6 @@ class Driver:
     def _todo(self) -> int | None:
         images = self.start_info.get("images")
         return None if images is None else max(0, images - self.outputs.answered())
-
-    def summary(self, code: int, message: str) -> dict:
-        """The launcher's summary: outcome, attempts, every failure, every rejoin."""
-        return {"exit_code": code, "message": message, "answered": self.outputs.answered(),
-                "images": self.start_info.get("images"), "family": self.start_info.get("family"),
-                "mode": self.start_info.get("mode"), "hosts": self.all_hosts,
-                "lost": sorted(self.lost), "attempts": self.attempts,
-                "failures": [f.record() for f in self.failures],
-                "rejoins": [{k: v for k, v in r.items() if k != "returned_at"} for r in self.rejoins]}
 
 
 def _code(stop: dict | None, mpirun_code: int | None) -> int | None:

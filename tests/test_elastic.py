@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from fluid_mpi.cluster import hosts as hostlib
 from fluid_mpi.cluster.elastic import Clock, Driver, Settings
-from fluid_mpi.cluster.launch_cli import summary
+from fluid_mpi.cluster.launch_cli import launch_summary as summary
 from fluid_mpi.cluster.runner import FileOutputs, MpirunLauncher, read_indices
 
 IMAGES = 1000

@@ -103,7 +103,7 @@ def launch(ctx: click.Context, np_: int, hostfile: str, checkpoint: str, max_res
     driver = Driver(names, settings, launcher, FileOutputs(evs, preds),
                     lambda hs: hostlib.probe_many(agent, hs), emit, Clock(), lambda: bool(stop_flag))
     code, message = driver.run()
-    report = summary(driver, code, message)
+    report = launch_summary(driver, code, message)
     report["duplicates"] = read_indices(preds)[1]
     report.update(run_id=run_id, predictions=str(preds), events=str(evs))
     status = "ok" if code == 0 else "interrupted" if code == 130 else "stopped"
@@ -136,7 +136,7 @@ def _preflight(hostlib, agent: list[str], names: list[str], checkpoint: str, np_
         return hostlib.preflight_problems(dict(zip(names, facts)), here["fluid_mpi"], here["ompi"])
 
 
-def summary(driver, code: int, message: str) -> dict:
+def launch_summary(driver, code: int, message: str) -> dict:
     """The launcher's summary: outcome, attempts, every failure (host, fault as seen from outside,
     detection time, fault to next answer), every rejoin."""
     return {"exit_code": code, "message": message, "answered": driver.outputs.answered(),

@@ -80,7 +80,10 @@ def launch(ctx: click.Context, np_: int, hostfile: str, checkpoint: str, max_res
         _fail("no mpirun found: run scripts/setup.sh (it installs Open MPI 5 from PyPI)")
     names = [s.hostname for s in slots]
     agent = hostlib.agent_command()
-    problems = _preflight(hostlib, agent, names, checkpoint, np_)
+    try:
+        problems = _preflight(hostlib, agent, names, checkpoint, np_)
+    except KeyboardInterrupt:  # nothing started yet; the preflight's probes end by their own timeout
+        _fail("interrupted during the preflight", 130)
     if problems:
         for line in problems:
             click.echo(f"fluid-mpi launch: error: {line}", err=True)

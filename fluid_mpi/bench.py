@@ -6,6 +6,7 @@ It is a driver, run directly (not under mpirun): it trains or reuses the three c
 ``docs/``, so the report can be copied there unchanged."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 from .errors import CheckpointError
 from .model import checkpoint, data
+from . import bench_throughput as throughput
 from .mpirun import find_mpirun, mpirun_infer
 
 # Wall-time goals of the whole benchmark (report.py gives the verdict). Full: the project's goal.
@@ -48,14 +50,19 @@ class BenchConfig:
     epochs: int = 4
     kill_reps: int = 10
     rank_timeout: float = 1.0
-    batch_sizes: tuple[int, ...] = (1, 64)
-    limit_b1: int | None = None  # images for batch-size-1 runs (all when None)
-    reps: int = 3  # throughput runs per row; the median is reported (the machines are shared and noisy)
+    batch_sizes: tuple[int, ...] = (64, 16, 4, 1)  # 64 and 1 carry the goals; 4 and 16 the latency curve
+    reps: int = 5  # interleaved repetitions per row: the median is reported, with min and max
+    window_s: float = 2.5  # each mpirun's inputs last about this long at its in-process reference's speed
+    ref_window_s: float = 0.4  # each in-process reference runs this long per repetition and batch size
+    max_images: int = 150_000  # at most this many inputs per mpirun (--limit/--repeat)
+    cluster_reps: int = 3  # bench --cluster: repetitions per row (each setting is a whole mpirun grid)
+    cluster_probe_images: int = 4000  # bench --cluster: inputs of the first repetition at full speed (x CPU share)
 
     @classmethod
     def make(cls, out, data_dir, parts, quick) -> "BenchConfig":
         if quick:  # embedded data, tiny training, few repetitions: QUICK_BUDGET_S
-            return cls(Path(out), data_dir, parts, True, epochs=2, kill_reps=2, limit_b1=300, reps=1)
+            return cls(Path(out), data_dir, parts, True, epochs=2, kill_reps=2, batch_sizes=(64, 1), reps=2,
+                       window_s=0.3, ref_window_s=0.1, cluster_probe_images=1000)
         return cls(Path(out), data_dir, parts)
 
 
@@ -83,38 +90,6 @@ def ensure_checkpoints(cfg: BenchConfig, bar) -> dict[str, Path]:
         train_and_save(TrainConfig(family, cfg.parts, Widths(), cfg.epochs), train_ds, test, path)
         out[family] = path
     return out
-
-
-def reference_throughput(ckpts: dict[str, Path], cfg: BenchConfig, batch: int) -> dict:
-    """In-process images/s with one thread: the whole Static model (one device), and one Fluid
-    sub-network (group 0 + its head); the limit is K times the latter."""
-    import torch
-
-    torch.set_num_threads(1)
-    test = data.load_split(cfg.data_dir, "test").take(cfg.limit_b1 if batch == 1 else None)
-    x = data.to_tensor_batch(test.images)
-    static, _ = checkpoint.load_checkpoint(ckpts["static"])
-    part, _ = checkpoint.load_part(ckpts["fluid"], 0)
-
-    def rate(fn):
-        with torch.no_grad():
-            fn(x[:batch])
-            t0 = time.perf_counter()
-            for i in range(0, len(x), batch):
-                fn(x[i:i + batch])
-            return len(x) / (time.perf_counter() - t0)
-
-    one = rate(part.logits)
-    return {"static_single_process": round(rate(static), 1), "fluid_subnetwork": round(one, 1),
-            "limit": round(cfg.parts * one, 1)}
-
-
-def throughput_scenarios(ckpts, k) -> list[tuple[str, str, list[str]]]:
-    return [("static", "split", ["-c", str(ckpts["static"])]),
-            ("dynamic", f"width {k}", ["-c", str(ckpts["dynamic"])]),
-            ("dynamic", "width 1", ["-c", str(ckpts["dynamic"]), "--width", "1"]),
-            ("fluid", "HA", ["-c", str(ckpts["fluid"]), "--mode", "ha"]),
-            ("fluid", "HT", ["-c", str(ckpts["fluid"]), "--mode", "ht"])]
 
 
 def environment(cfg: BenchConfig) -> dict:
@@ -170,7 +145,7 @@ def run_bench(cfg: BenchConfig) -> dict:
                      "budget_s": QUICK_BUDGET_S if cfg.quick else FULL_BUDGET_S,
                      "throughput": [], "failures": [], "detection": {}}
     n_fail = 4 * k
-    total = 3 + len(cfg.batch_sizes) * (1 + 5 * cfg.reps) + n_fail + 2 * cfg.kill_reps
+    total = 3 + cfg.reps * len(cfg.batch_sizes) * 7 + n_fail + 2 * cfg.kill_reps
     with tqdm(total=total, desc="bench", unit="step") as bar:
         ckpts = ensure_checkpoints(cfg, bar)
         bar.update(3)
@@ -181,28 +156,9 @@ def run_bench(cfg: BenchConfig) -> dict:
                                for f, m in metas.items()}
         results["data"] = metas["fluid"]["test_data"]
         n_images = len(data.load_split(cfg.data_dir, "test"))
-        for b in cfg.batch_sizes:
-            limit = ["--limit", str(cfg.limit_b1)] if b == 1 and cfg.limit_b1 else []
-            bar.set_description(f"reference b={b}")
-            results.setdefault("reference", {})[str(b)] = reference_throughput(ckpts, cfg, b)
-            bar.update(1)
-            for family, variant, args in throughput_scenarios(ckpts, k):
-                rates, codes, s = [], [], {}
-                for rep in range(cfg.reps):
-                    bar.set_description(f"{family} {variant} b={b} ({rep + 1}/{cfg.reps})")
-                    name = f"tp-{family}-{variant}-b{b}".replace(" ", "")
-                    r = mpirun_infer(k, args + data_args + ["-b", str(b)] + limit, runs, name, timeout=RUN_TIMEOUT_S)
-                    s = r.summary or {}
-                    rates.append(s.get("images_per_s") or 0.0)
-                    codes.append(r.returncode)
-                    bar.update(1)
-                results["throughput"].append({"family": family, "variant": variant, "batch": b,
-                                              "images_per_s": statistics.median(rates), "runs": rates,
-                                              "returncodes": codes,
-                                              "accuracy": s.get("accuracy"), "images": s.get("answered"),
-                                              "status": s.get("status")})
-        for family, variant, args in throughput_scenarios(ckpts, k):
-            if variant == "width 1":
+        results.update(throughput.measure(cfg, ckpts, runs, data_args, bar, RUN_TIMEOUT_S))
+        for family, variant, np_, args, _ in throughput.scenarios(ckpts, k):
+            if variant in ("width 1", throughput.HA_ONE):
                 continue
             for victim in range(k):
                 bar.set_description(f"kill rank {victim}: {family} {variant}")
@@ -243,7 +199,9 @@ def run_bench(cfg: BenchConfig) -> dict:
             results["detection"][how] = {"median_ms": round(statistics.median(times), 1) if times else None,
                                          "min_ms": min(times, default=None), "max_ms": max(times, default=None),
                                          "runs": len(times), "returncodes": codes}
-    results["ratios"] = ratios(results)
+    results["ratios"] = throughput.ratios(results)
+    if (cfg.out / "cluster.json").exists():  # written by an earlier `bench --cluster` into the same OUT
+        results["cluster"] = json.loads((cfg.out / "cluster.json").read_text())
     results["wall_s"] = round(time.perf_counter() - t_start, 1)
     from .report import write_report
 
@@ -251,21 +209,24 @@ def run_bench(cfg: BenchConfig) -> dict:
     return results
 
 
-def ratios(results: dict) -> dict:
-    """The paper's claims, from this run's figures (3 decimals, so that a verdict never rests on rounding)."""
-    out = {}
-    for b in {str(t["batch"]) for t in results["throughput"]}:
-        tp = {(t["family"], t["variant"]): t["images_per_s"] or 0 for t in results["throughput"]
-              if str(t["batch"]) == b}
-        ht = tp.get(("fluid", "HT"), 0)
-        k = results["config"]["parts"]
-        lim = results["reference"][b]["limit"]
-        out[b] = {"fluid_ht_over_static": round(ht / max(tp.get(("static", "split"), 0), 1e-9), 3),
-                  "fluid_ht_over_dynamic": round(ht / max(tp.get(("dynamic", f"width {k}"), 0), 1e-9), 3),
-                  "fluid_ht_over_dynamic_best": round(ht / max([v for (f, _), v in tp.items() if f == "dynamic"]
-                                                               + [1e-9]), 3),
-                  "fluid_ht_over_limit": round(ht / max(lim, 1e-9), 3)}
-    acc = results["accuracy"]
-    out["fluid_ha_minus_static_pp"] = round(acc["fluid"]["full"] - acc["static"]["full"], 2)
-    return out
+def run_cluster_bench(cfg: BenchConfig) -> dict:
+    """``bench --cluster``: the comparison over TCP on the virtual cluster (bench_cluster.py); writes
+    OUT/cluster.json and OUT/cluster.md, and adds the figures to OUT/results.json and results.md when the
+    main bench has written them into the same OUT."""
+    from .bench_cluster import QUICK_SETTINGS, SETTINGS, merge_into_report, run_cluster
+    from .report_cluster import cluster_lines
 
+    n = len(QUICK_SETTINGS) if cfg.quick else len(SETTINGS) * cfg.cluster_reps
+    with tqdm(total=3 + 5 * n, desc="bench --cluster", unit="step") as bar:
+        ckpts = ensure_checkpoints(cfg, bar)
+        bar.update(3)
+        cluster = run_cluster(cfg, ckpts, bar)
+    env = environment(cfg)
+    cluster.update(quick=cfg.quick, command=env["command"].replace("fluid-mpi bench", "fluid-mpi bench --cluster"),
+                   date=env["date"])
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    (cfg.out / "cluster.md").write_text("\n".join([f"# fluid-mpi bench --cluster: K = {cfg.parts}", "",
+                                                   f"Command: `{cluster['command']}`, {cluster['date']}."]
+                                                  + cluster_lines(cluster)) + "\n")
+    cluster["merged"] = merge_into_report(cluster, cfg.out)
+    return cluster

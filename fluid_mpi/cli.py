@@ -175,13 +175,25 @@ def infer(**kw) -> None:
 @click.option("--out", type=click.Path(file_okay=False), default="runs/bench", show_default=True)
 @DATA_DIR
 @click.option("--parts", "-k", type=click.IntRange(2, 8), default=2, show_default=True, help="K ranks.")
-def bench(quick, out, data_dir, parts) -> None:
-    """Reproduce the paper's comparison: throughput, accuracy, failures (launches mpirun itself).
+@click.option("--cluster", is_flag=True,
+              help="Instead: the comparison over TCP between the hosts of a virtual cluster (root; network "
+                   "namespaces on this machine) for 3 links and 3 compute speeds; adds its tables to OUT's report.")
+def bench(quick, out, data_dir, parts, cluster) -> None:
+    """Reproduce the paper's comparison: throughput, latency, accuracy, failures (launches mpirun itself).
 
-    Writes OUT/results.json, OUT/results.md and PNG plots.
+    Writes OUT/results.json, OUT/results.md and PNG plots (with --cluster: OUT/cluster.json, cluster.md).
     """
-    from .bench import BenchConfig, run_bench
+    from .bench import BenchConfig, run_bench, run_cluster_bench
 
+    if cluster:
+        c = run_cluster_bench(BenchConfig.make(out, data_dir, parts, quick))
+        for st in c["settings"]:
+            q = st["ratios"]
+            click.echo(f"{st['link']}, {st['cpus'] or 'full'} CPU: Fluid HT / Static {q['fluid_ht_over_static']}x, "
+                       f"Fluid HT / Dynamic's best {q['fluid_ht_over_dynamic_best']}x")
+        report = Path(out) / ("results.md" if c["merged"] else "cluster.md")
+        click.echo(f"cluster bench {c['wall_s']} s; report: {report}")
+        return
     results = run_bench(BenchConfig.make(out, data_dir, parts, quick))
     q = results["ratios"]
     for b in (key for key in q if key.isdigit()):

@@ -1,0 +1,172 @@
+"""``fluid-mpi bench --cluster``: the paper's comparison over TCP between the hosts of the virtual
+cluster (network namespaces on this one machine, see docs/vcluster.md), for several links (tbf rate
+shaping; netem delay/loss is not in this kernel) and compute speeds (CFS quota per host).
+
+One rank per host (node1..nodeK), mpirun inside ``head`` through the vcluster's launch agent, with
+``--map-by node --mca btl tcp,self --mca coll ^han``. Every run's bytes on the wire between the ranks'
+hosts are measured from the switch ports' counters (``ip -s link`` in the switch namespace) before and
+after the run, not computed: the sum of what the nodes sent, minus what ``head`` received (mpirun's own
+traffic). Settings run one after the other; within a setting the repetitions go round-robin over the
+scenarios, and every ratio is taken within that setting."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .cluster import vcluster
+from .model import data
+from .mpirun import find_mpirun, mpi_env, read_json_lines
+
+# its own vcluster instance, never the user's (fmpi) nor test_vcluster's (t<pid>); $FLUID_MPI_BENCH_VCLUSTER
+# overrides it (test_bench does, so that a test never touches a bench running beside it)
+VC_NAME = "fmbench"
+# (link label, tbf rate or None, CPUs per host or None = full speed); Pi-class compute with Pi 3 Ethernet last
+SETTINGS = [("unshaped", None, None), ("1 Gbit/s", "1gbit", None), ("100 Mbit/s", "100mbit", None),
+            ("unshaped", None, 0.5), ("unshaped", None, 0.25), ("100 Mbit/s", "100mbit", 0.25)]
+QUICK_SETTINGS = [("unshaped", None, None), ("100 Mbit/s", "100mbit", 0.5)]
+# Wall-time goals of `bench --cluster` (its own line in the goals table); measured figures in bench.py's comments
+CLUSTER_BUDGET_S = 900.0
+CLUSTER_QUICK_BUDGET_S = 180.0
+# One run across the namespaces: start-up (torch import at 0.25 CPU: ~10 s) + a few seconds of inputs;
+# a run cut at this bound is recorded with returncode None
+CLUSTER_RUN_TIMEOUT_S = 180.0
+
+
+def scenarios(ckpts: dict[str, Path], k: int) -> list[tuple[str, str, list[str]]]:
+    st, dy, fl = (["-c", str(Path(ckpts[f]).resolve())] for f in ("static", "dynamic", "fluid"))
+    return [("static", "split", st), ("dynamic", f"width {k}", dy), ("dynamic", "width 1", dy + ["--width", "1"]),
+            ("fluid", "HT", fl + ["--mode", "ht"]), ("fluid", "HA", fl + ["--mode", "ha"])]
+
+
+def port_bytes(vc: vcluster.VCluster) -> dict[str, tuple[int, int]]:
+    """Per host, (bytes it sent, bytes it received), from its switch port (rx of the port = sent by the host)."""
+    out = subprocess.run(["ip", "-n", vc.switch, "-s", "-j", "link", "show"], capture_output=True, text=True,
+                         timeout=vcluster.CMD_TIMEOUT, check=True).stdout
+    by_port = {link["ifname"]: link["stats64"] for link in json.loads(out) if "stats64" in link}
+    return {h: (by_port[vc.veth(h)]["rx"]["bytes"], by_port[vc.veth(h)]["tx"]["bytes"])
+            for h in vcluster.hosts(vc.name, include_head=True) if vc.veth(h) in by_port}
+
+
+def run_on_cluster(vc: vcluster.VCluster, k: int, hostfile: Path, args: list[str], out_dir: Path, name: str,
+                   timeout: float) -> tuple[int | None, dict | None, int]:
+    """``mpirun`` inside ``head`` over TCP, one rank per node; returns (exit code or None when cut at
+    ``timeout``, the summary, bytes sent between the ranks' hosts during the run)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary, preds, events = (out_dir / f"{name}{ext}" for ext in (".json", ".jsonl", ".events.jsonl"))
+    for stale in (summary, preds, events):
+        stale.unlink(missing_ok=True)
+    cmd = [find_mpirun(), "--hostfile", str(hostfile), "-np", str(k), "--map-by", "node", "--mca", "btl",
+           "tcp,self", "--mca", "coll", "^han", "--with-ft", "ulfm", sys.executable, "-m", "fluid_mpi.cli", "infer",
+           *args, "--summary", str(summary), "--predictions", str(preds), "--events", str(events), "-q"]
+    before = port_bytes(vc)
+    proc = subprocess.Popen([vcluster.agent_path(vc.name), vcluster.HEAD, shlex.join(cmd)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=vcluster.mpirun_env(mpi_env(), vc.name),
+                            start_new_session=True, cwd=str(Path.cwd()))
+    try:
+        proc.communicate(timeout=timeout)
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        for host in vcluster.hosts(vc.name):  # the ranks and daemons left on the nodes
+            for pid in vc.pids(host):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        proc.communicate()
+        rc = None
+    after = port_bytes(vc)
+    sent = sum(after[h][0] - before[h][0] for h in after if h != vcluster.HEAD)
+    to_head = after[vcluster.HEAD][1] - before[vcluster.HEAD][1] if vcluster.HEAD in after else 0
+    s = json.loads(summary.read_text()) if summary.exists() else None
+    read_json_lines(preds)  # parsed as the shared-memory runs' are, so both pay the same
+    return rc, s, max(0, sent - to_head)
+
+
+def run_cluster(cfg, ckpts: dict[str, Path], bar) -> dict:
+    """Every setting's rows; the vcluster is always taken down at the end."""
+    k, quick = cfg.parts, cfg.quick
+    settings, reps = (QUICK_SETTINGS, 1) if quick else (SETTINGS, cfg.cluster_reps)
+    probe = cfg.cluster_probe_images
+    data_args = ["--data-dir", str(Path(cfg.data_dir).resolve())] if cfg.data_dir else []
+    n_test = len(data.load_split(cfg.data_dir, "test"))
+    out_dir, t0 = (cfg.out / "cluster").resolve(), time.perf_counter()
+    hostfile = out_dir / "hosts"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vc = vcluster.VCluster(os.environ.get("FLUID_MPI_BENCH_VCLUSTER") or VC_NAME)
+    result = {"reps": reps, "probe_images": probe, "window_s": cfg.window_s, "batch": 64, "settings": [],
+              "budget_s": CLUSTER_QUICK_BUDGET_S if quick else CLUSTER_BUDGET_S}
+    scen = scenarios(ckpts, k)
+    try:
+        vc.up(k, str(hostfile), head=True)
+        for link, rate, cpus in settings:
+            vc.shape(None, rate=rate)  # rate None: no shaping
+            for host in vcluster.hosts(vc.name):  # the ranks' hosts; head only runs mpirun
+                vc.slow(host, cpus or 0)
+            got, images = {}, {}
+            for rep in range(reps):
+                start = rep % len(scen)
+                for family, variant, args in scen[start:] + scen[:start]:
+                    bar.set_description(f"cluster {link}, {cpus or 'full'} CPU: {family} {variant} ({rep + 1}/{reps})")
+                    n = images.get((family, variant), math.ceil(probe * (cpus or 1)))
+                    limit = ["--limit", str(min(n, n_test))] + (["--repeat", str(math.ceil(n / n_test))]
+                                                                if n > n_test else [])
+                    rc, s, wire = run_on_cluster(vc, k, hostfile, args + data_args + ["-b", "64"] + limit, out_dir,
+                                                 f"{family}-{variant}".replace(" ", ""), CLUSTER_RUN_TIMEOUT_S)
+                    s = s or {}
+                    got.setdefault((family, variant), []).append((s, rc, wire))
+                    rate_ = s.get("images_per_s") or 0
+                    if rep == 0 and reps > 1 and rate_:  # later repetitions last about window_s
+                        images[(family, variant)] = max(n, min(cfg.max_images, int(cfg.window_s * rate_)))
+                    bar.update(1)
+            result["settings"].append(_setting(link, rate, cpus, got, k))
+    finally:
+        vc.down()
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def _setting(link: str, rate: str | None, cpus: float | None, got: dict, k: int) -> dict:
+    rows = []
+    for (family, variant), runs in got.items():
+        rates = [s.get("images_per_s") or 0.0 for s, _, _ in runs]
+        per_image = [w / s["answered"] for s, _, w in runs if s.get("answered")]
+        rows.append({"family": family, "variant": variant, "images_per_s": statistics.median(rates),
+                     "min": min(rates), "max": max(rates), "runs": rates, "returncodes": [rc for _, rc, _ in runs],
+                     "images": [s.get("answered") for s, _, _ in runs],
+                     "bytes_per_image": round(statistics.median(per_image), 1) if per_image else None,
+                     "latency_ms": (runs[-1][0].get("latency_ms") or {}),
+                     "status": next((s.get("status", "no summary") for s, _, _ in runs
+                                     if s.get("status") != "ok"), "ok")})
+    tp = {(r["family"], r["variant"]): r for r in rows}
+    ht = tp[("fluid", "HT")]["runs"]
+    dyn = [max(a, b) for a, b in zip(tp[("dynamic", f"width {k}")]["runs"], tp[("dynamic", "width 1")]["runs"])]
+    ratio = lambda a, b: round(a / max(b, 1e-9), 3)  # noqa: E731
+    q = {"fluid_ht_over_static": ratio(tp[("fluid", "HT")]["images_per_s"], tp[("static", "split")]["images_per_s"]),
+         "fluid_ht_over_dynamic_best": ratio(tp[("fluid", "HT")]["images_per_s"], max(
+             tp[("dynamic", f"width {k}")]["images_per_s"], tp[("dynamic", "width 1")]["images_per_s"])),
+         "fluid_ht_over_static_min": min(ratio(h, s) for h, s in zip(ht, tp[("static", "split")]["runs"])),
+         "fluid_ht_over_dynamic_best_min": min(ratio(h, d) for h, d in zip(ht, dyn))}
+    return {"link": link, "rate": rate, "cpus": cpus, "rows": rows, "ratios": q}
+
+
+def merge_into_report(cluster: dict, out: Path) -> bool:
+    """Put the cluster figures into ``out/results.json`` (when the main bench wrote one) and rewrite the
+    report; also keep them in ``out/cluster.json``, which the main bench picks up when run later."""
+    (out / "cluster.json").write_text(json.dumps(cluster, indent=2) + "\n")
+    main = out / "results.json"
+    if not main.exists():
+        return False
+    from .report import write_report
+
+    r = json.loads(main.read_text())
+    r["cluster"] = cluster
+    write_report(r, out)
+    return True

@@ -178,27 +178,35 @@ def infer(**kw) -> None:
 @click.option("--cluster", is_flag=True,
               help="Instead: the comparison over TCP between the hosts of a virtual cluster (root; network "
                    "namespaces on this machine) for 3 links and 3 compute speeds; adds its tables to OUT's report.")
-def bench(quick, out, data_dir, parts, cluster) -> None:
+@click.option("--publish", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Then copy OUT's results.md, results.json and img/*.png into DIR (e.g. docs), keeping the "
+                   "hand-written part below the mark in DIR/results.md.")
+def bench(quick, out, data_dir, parts, cluster, publish) -> None:
     """Reproduce the paper's comparison: throughput, latency, accuracy, failures (launches mpirun itself).
 
     Writes OUT/results.json, OUT/results.md and PNG plots (with --cluster: OUT/cluster.json, cluster.md).
     """
-    from .bench import BenchConfig, run_bench, run_cluster_bench
+    from . import bench as bm
 
     if cluster:
-        c = run_cluster_bench(BenchConfig.make(out, data_dir, parts, quick))
+        c = bm.run_cluster_bench(bm.BenchConfig.make(out, data_dir, parts, quick))
         for st in c["settings"]:
             q = st["ratios"]
             click.echo(f"{st['link']}, {st['cpus'] or 'full'} CPU: Fluid HT / Static {q['fluid_ht_over_static']}x, "
                        f"Fluid HT / Dynamic's best {q['fluid_ht_over_dynamic_best']}x")
         report = Path(out) / ("results.md" if c["merged"] else "cluster.md")
         click.echo(f"cluster bench {c['wall_s']} s; report: {report}")
+        if publish and c["merged"]:
+            bm.publish(Path(out), Path(publish))
         return
-    results = run_bench(BenchConfig.make(out, data_dir, parts, quick))
+    results = bm.run_bench(bm.BenchConfig.make(out, data_dir, parts, quick))
+    if publish:
+        bm.publish(Path(out), Path(publish))
     q = results["ratios"]
     for b in (key for key in q if key.isdigit()):
         click.echo(f"batch {b}: Fluid HT / Static {q[b]['fluid_ht_over_static']}x, Fluid HT / Dynamic "
-                   f"{q[b]['fluid_ht_over_dynamic']}x, Fluid HT / limit {q[b]['fluid_ht_over_limit']}")
+                   f"{q[b]['fluid_ht_over_dynamic']}x, Fluid HT / limit {q[b]['fluid_ht_over_limit']}, "
+                   f"Fluid HA / HA limit {q[b]['fluid_ha_over_limit']}")
     click.echo(f"Fluid HA - Static accuracy: {q['fluid_ha_minus_static_pp']:+.2f} pp; "
                f"report: {Path(out) / 'results.md'}")
 

@@ -47,6 +47,7 @@ def latency_plot(r: dict, out: Path, plt) -> str:
     ax.plot([b for b, _ in ref], [v for _, v in ref], color="black", linestyle=":", marker="x",
             label="whole Fluid model in-process")
     ax.set_xscale("log", base=2)
+    ax.set_xticks([b for b, _ in ref], [str(b) for b, _ in ref])
     ax.set_yscale("log")
     ax.set_xlabel("batch size")
     ax.set_ylabel("per-image latency, ms (solid p50, dashed p95)")

@@ -117,8 +117,17 @@ def _infer_options(fn):
                      help="A checkpoint file, or a directory written by `fluid-mpi export` (part-J.pt per rank)."),
         click.option("--mode", type=click.Choice(MODES), default=D.mode, show_default=True,
                      help="Fluid only: ha = every rank sees every image, combined head; ht = ranks classify "
-                          "different images."),
+                          "different images; auto = HA while the cluster keeps up, HT when it does not."),
         DATA_DIR,
+        click.option("--input", "input", default=None, metavar="PATH",
+                     help="Your own inputs: a folder of images (PNG/JPEG/BMP...), a .npy of N×28×28, or - for "
+                          "image paths on stdin, one per line, as they arrive. Default: the MNIST test split."),
+        click.option("--rate", type=click.FloatRange(0, min_open=True), default=None,
+                     help="Replay the inputs as a Poisson stream of this many images/s (latency then runs "
+                          "from each input's arrival)."),
+        click.option("--seed", type=int, default=D.seed, show_default=True, help="Seed of the --rate stream."),
+        click.option("--latency-ms", type=click.FloatRange(0, min_open=True), default=None,
+                     help="--mode auto: switch to HT when HA would miss this latency per input."),
         click.option("--batch-size", "-b", type=click.IntRange(1, 4096), default=D.batch_size, show_default=True),
         click.option("--limit", type=click.IntRange(1), default=None, help="Infer the first N test images."),
         click.option("--repeat", type=click.IntRange(1), default=D.repeat, show_default=True,

@@ -43,12 +43,12 @@ class CaptureSink(PredictionSink):
         self.logits: dict[int, tuple] = {}
         self.writes = 0
 
-    def write(self, indices, labels, logits, rank, extra=None, started=None):
+    def write(self, batch, logits, rank, extra=None):
         self.writes += 1
-        assert started is not None, "every batch is timed from its hand-over"
-        for i, idx in enumerate(indices.tolist()):
+        assert len(batch.arrived) == len(batch), "every input is timed from its arrival or hand-over"
+        for i, idx in enumerate(batch.keys.tolist()):
             self.logits.setdefault(idx, (logits[i].copy(), rank, (extra or {}).get("groups")))
-        super().write(indices, labels, logits, rank, extra, started)
+        super().write(batch, logits, rank, extra)
 
 
 @dataclass
@@ -70,7 +70,7 @@ def fake(setup, monkeypatch, **kw) -> FakeTransport:
 def run(setup, monkeypatch, tmp_path, t: FakeTransport, mode: str, rank_timeout: float = 60.0,
         drain_after: int | None = None) -> Run:
     _, parts, ds = setup
-    job = Job("fluid", mode, ds.images, ds.labels, np.arange(N), batch_size=BATCH, rank_timeout=rank_timeout,
+    job = Job("fluid", mode, images=ds.images, labels=ds.labels, indices=np.arange(N), batch_size=BATCH, rank_timeout=rank_timeout,
               faults=FaultPlan(), stamp_dir=str(tmp_path))
     sink, events = CaptureSink(), EventLog(None)
     box = {}

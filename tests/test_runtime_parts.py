@@ -9,6 +9,8 @@ import subprocess
 import time
 
 import numpy as np
+
+from fluid_mpi.runtime.inputs import Batch
 import pytest
 
 from fluid_mpi.errors import LaunchError
@@ -244,25 +246,36 @@ def test_read_answered_never_reports_an_index_that_repair_removed(tmp_path):
     assert got.indices <= kept
 
 
+def batch(keys, labels, names=None):
+    keys = np.array(keys)
+    return Batch(0, keys, np.zeros((len(keys), 28, 28), np.uint8), np.array(labels), np.zeros(len(keys)), names)
+
+
 def test_prediction_sink_counts_duplicates_and_writes_each_input_once(tmp_path):
     path = tmp_path / "out" / "p.jsonl"
     sink = PredictionSink(path, with_logits=True)
     logits = np.eye(10, dtype=np.float32)[[3, 1, 2]]
-    sink.write(np.array([10, 11, 12]), np.array([3, 0, 2]), logits, rank=1, extra={"width": 2})
+    sink.write(batch([10, 11, 12], [3, 0, 2]), logits, rank=1, extra={"width": 2})
     written = path.read_text().splitlines()  # flushed at once: a dead process loses nothing
     assert len(written) == 3
-    sink.write(np.array([12, 13]), np.array([2, 5]), logits[:2], rank=2)
+    sink.write(batch([12, 13], [2, 5]), logits[:2], rank=2)
     sink.close()
     recs = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["index"] for r in recs] == [10, 11, 12, 13] and sink.duplicates == 1
     assert sink.answered == {10, 11, 12, 13} and sink.correct == 2  # 10 and 12 right, 11 and 13 wrong
-    assert recs[0] == {"index": 10, "label": 3, "pred": 3, "rank": 1, "width": 2,
-                       "logits": [0, 0, 0, 1, 0, 0, 0, 0, 0, 0]}
+    latency = recs[0].pop("latency_ms")
+    assert recs[0] == {"index": 10, "label": 3, "pred": 3, "confidence": round(np.e / (np.e + 9), 4), "rank": 1,
+                       "width": 2, "logits": [0, 0, 0, 1, 0, 0, 0, 0, 0, 0]}
+    assert latency >= 0 and len(sink.latency) == 4
     assert recs[3]["rank"] == 2 and "width" not in recs[3]
     again = PredictionSink(path, append=True)
-    again.write(np.array([14]), np.array([0]), logits[:1], rank=0)
+    again.write(batch([14], [-1], ["x.png"]), logits[:1], rank=0)
+    again.write_errors([(15, "bad.png", "cannot identify image file")])
     again.close()
-    assert read_answered(path).indices == {10, 11, 12, 13, 14}
+    assert read_answered(path).indices == {10, 11, 12, 13, 14, 15}
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    assert recs[4]["name"] == "x.png" and "label" not in recs[4] and again.labelled == 0
+    assert recs[5] == {"index": 15, "name": "bad.png", "error": "cannot identify image file"} and again.errors == 1
 
 
 def test_prediction_sink_fsyncs_at_most_every_interval(tmp_path, monkeypatch):
@@ -274,7 +287,7 @@ def test_prediction_sink_fsyncs_at_most_every_interval(tmp_path, monkeypatch):
     logits = np.zeros((1, 10), np.float32)
 
     def write(i):
-        sink.write(np.array([i]), np.array([0]), logits, rank=0)
+        sink.write(batch([i], [0]), logits, rank=0)
 
     write(0)
     assert len(synced) == 1  # the first batch is made durable

@@ -32,7 +32,7 @@ def data():
 def job(family: str, mode: str, tmp_path, data=None, width=None) -> Job:
     imgs = data.images if data is not None else np.zeros((0, 28, 28), np.uint8)
     labels = data.labels if data is not None else np.zeros(0, np.int64)
-    return Job(family, mode, imgs, labels, np.arange(len(imgs)), batch_size=BATCH, rank_timeout=RT,
+    return Job(family, mode, images=imgs, labels=labels, indices=np.arange(len(imgs)), batch_size=BATCH, rank_timeout=RT,
                faults=FaultPlan(), stamp_dir=str(tmp_path), width=width)
 
 
@@ -69,7 +69,7 @@ def test_serve_fluid_answers_batches_and_returns_code_on_stop(data, fluid, tmp_p
     end = serve(t, fluid, tmp_path, monkeypatch)
     assert end == WorkerEnd(5) and not end.coordinator_lost
     got = replies(t)
-    assert [h for h, _ in got] == [[CMD_LOGITS, 0, BATCH, 1], [CMD_FEATURES, 1, BATCH, 1]]
+    assert [h for h, _ in got] == [[CMD_LOGITS, 0, BATCH, 10], [CMD_FEATURES, 1, BATCH, fluid.widths.hidden]]
     x = to_tensor_batch(data.images[:2 * BATCH])
     with torch.no_grad():
         assert np.allclose(got[0][1], fluid.logits(x[:BATCH]).numpy(), atol=1e-6)
@@ -154,9 +154,9 @@ class CaptureSink(PredictionSink):
         super().__init__(None)
         self.batches: list[tuple[np.ndarray, np.ndarray, int]] = []  # (indices, logits, width)
 
-    def write(self, indices, labels, logits, rank, extra=None, started=None):
-        self.batches.append((indices.copy(), logits.copy(), (extra or {}).get("width")))
-        super().write(indices, labels, logits, rank, extra)
+    def write(self, batch, logits, rank, extra=None):
+        self.batches.append((batch.keys.copy(), logits.copy(), (extra or {}).get("width")))
+        super().write(batch, logits, rank, extra)
 
 
 def coordinate(t, sliced, family, data, tmp_path, monkeypatch):

@@ -64,6 +64,7 @@ class ReplaySource:
                  sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic):
         self.images, self.names = images, list(names)
         self.due = t0 + np.asarray(offsets, dtype=np.float64)
+        self.offset0 = float(offsets[0]) if len(offsets) else 0.0
         if not (len(self.images) == len(self.names) == len(self.due)):
             raise ValueError(f"{len(self.images)} images, {len(self.names)} names, {len(self.due)} offsets")
         if np.any(np.diff(self.due) < 0):
@@ -71,8 +72,12 @@ class ReplaySource:
         self.next = 0  # index of the first item not yet returned
         self._sleep, self._clock = sleep, clock
 
+    def arrived_by(self, now: float) -> int:
+        """How many items have arrived by ``now`` (returned by poll or not)."""
+        return int(np.searchsorted(self.due, now, side="right"))
+
     def poll(self, now: float) -> list[Item]:
-        end = int(np.searchsorted(self.due, now, side="right"))
+        end = self.arrived_by(now)
         items = [Item(i, self.names[i], self.images[i], None, float(self.due[i]))
                  for i in range(self.next, end)]
         self.next = max(self.next, end)
@@ -80,6 +85,10 @@ class ReplaySource:
 
     def exhausted(self) -> bool:
         return self.next >= len(self.due)
+
+    def restart(self, t0: float) -> None:
+        """Count the arrival times from ``t0`` instead (before the first poll: the run starts now)."""
+        self.due += t0 - (self.due[0] - self.offset0) if len(self.due) else 0.0
 
     def next_due(self) -> float | None:
         """When the next item arrives (None when exhausted)."""
@@ -162,28 +171,35 @@ class LatencyStats:
     """Latency per answered item (from its arrival to its answer) and the largest backlog seen."""
 
     def __init__(self) -> None:
-        self._latencies: list[float] = []  # seconds
+        self._latencies: list[np.ndarray] = []  # seconds, one array per call
+        self._n = 0
         self.max_backlog = 0
 
     def record(self, arrived: float, answered: float) -> float:
         """Record one answer; returns its latency in ms (for the prediction line)."""
         latency = max(0.0, answered - arrived)
-        self._latencies.append(latency)
+        self.record_many(np.array([arrived]), answered)
         return latency * 1000.0
+
+    def record_many(self, arrived: np.ndarray, answered: float) -> None:
+        """Record the answers of a batch, all given at ``answered``."""
+        if len(arrived):
+            self._latencies.append(np.maximum(0.0, answered - np.asarray(arrived, dtype=np.float64)))
+            self._n += len(arrived)
 
     def note_backlog(self, n: int) -> None:
         """Note the current backlog (arrived, not yet answered); keeps the maximum."""
         self.max_backlog = max(self.max_backlog, int(n))
 
     def __len__(self) -> int:
-        return len(self._latencies)
+        return self._n
 
     def percentiles(self) -> dict[str, float | None]:
         """``{"p50", "p95", "p99"}`` in ms (numpy's linear percentile); None each when nothing answered."""
-        if not self._latencies:
+        if not self._n:
             return {"p50": None, "p95": None, "p99": None}
-        p = np.percentile(np.asarray(self._latencies), [50, 95, 99]) * 1000.0
-        return {"p50": float(p[0]), "p95": float(p[1]), "p99": float(p[2])}
+        p = np.percentile(np.concatenate(self._latencies), [50, 95, 99]) * 1000.0
+        return {"p50": round(float(p[0]), 3), "p95": round(float(p[1]), 3), "p99": round(float(p[2]), 3)}
 
     def summary(self) -> dict:
         """For the run summary: ``{"latency_ms": {p50, p95, p99}, "max_backlog": n, "answered": n}``."""

@@ -1,10 +1,12 @@
 """Rank 0's loop for Fluid runs, over any :class:`~fluid_mpi.runtime.transport.Transport` (tests pass
-a fake one).
+a fake one). One loop serves both modes, batch by batch, so ``--mode auto`` can switch between them:
 
 - HT: each worker holds up to ``credit`` batches; a reply is its request for more, so a slow device
   gets fewer batches. Between replies the coordinator classifies batches of its own.
-- HA: every batch goes to every rank; the coordinator adds its own group's features and applies the
-  head of the groups that answered.
+- HA: every batch goes to every rank (up to ``HA_DEPTH`` in flight); the coordinator adds its own group's
+  features and applies the head of the groups that answered.
+- auto: the :class:`~fluid_mpi.runtime.adaptive.ModePolicy` picks the mode of each new batch from the
+  backlog and the recent arrival rate; every switch is a ``mode_switch`` event.
 - On a :class:`PeerFailure` the one recovery path runs (``transport.recover``) and every batch in flight is
   re-sent to the survivors; answered batches keep their answers. A worker that holds a batch past
   ``rank_timeout`` is lost by the liveness policy: killed out of band so ULFM reports it, or, when that
@@ -26,69 +28,81 @@ from ..errors import DeviceSilent, PeerFailure, RecoveryFailed
 from ..model.data import to_tensor_batch
 from .events import EventLog, FailureTracker
 from .faults import FaultInjector
-from .liveness import Liveness
+from .inputs import ARRIVAL_WAIT_S, Batch, InputStream
+from .liveness import Liveness, keepalive_interval
 from .outputs import PredictionSink
-from .protocol import CMD_FEATURES, CMD_LOGITS, CMD_STOP, STOP_FLUSH_S, Job, Outcome, header
-from .scheduler import WorkQueue, expected_share, fluid_subset
+from .protocol import CMD_FEATURES, CMD_LOGITS, CMD_PING, CMD_STOP, STOP_FLUSH_S, Job, Outcome, header
+from .scheduler import expected_share, fluid_subset
 from .transport import Backoff, Transport, recover
+
+# HA batches in flight: the next one is already at the workers while this one's features come back (a
+# third gave no gain: the workers compute one batch at a time).
+HA_DEPTH = 2
 
 
 class FluidCoordinator:
     """State of one coordinator run; :meth:`run` returns the run's :class:`Outcome`."""
 
     def __init__(self, transport: Transport, part, job: Job, sink: PredictionSink, liveness: Liveness,
-                 events: EventLog, draining: Callable[[], bool] = lambda: False):
+                 events: EventLog, draining: Callable[[], bool] = lambda: False,
+                 stream: InputStream | None = None, policy=None, rates: tuple[float, float] = (1.0, 1.0)):
+        """``policy``: a ModePolicy for ``--mode auto``; ``rates``: images/s of one sub-network's features
+        and logits measured at warm-up (the policy's capacity estimates)."""
         self.t, self.part, self.job, self.sink = transport, part, job, sink
-        self.liveness, self.events, self.draining = liveness, events, draining
+        self.liveness, self.events, self.draining, self.policy = liveness, events, draining, policy
+        self.rates = rates
+        self.stream = stream or InputStream.replay(job.images, job.labels, job.indices)
         self.me = transport.world_rank()
-        self.dim = part.widths.hidden if job.mode == "ha" else 10
         self.tracker = FailureTracker(events, liveness.hosts, job.stamp_dir, time.time())
         self.injector = FaultInjector(job.faults, self.me, job.stamp_dir)
         self.idle = Backoff()
         self.last_contact: dict[int, float] = {}
         self.handles: dict[int, object] = {}
         self.answered_batches = 0
-        # batch -> when it was handed out first (closed loop: an input is handed to the coordinator when
-        # its batch is taken from the queue); a batch re-sent after a failure keeps its first time
-        self.started: dict[int, float] = {}
+        self.batches: dict[int, Batch] = {}  # bid -> batch, while in flight
+        self.retry: deque[Batch] = deque()  # in flight at a failure: re-sent first
+        self.ht: dict[int, dict[int, float]] = {}  # worker -> {bid: when sent}
+        self.ha: OrderedDict[int, dict] = OrderedDict()  # bid -> {world rank: features}
+        self.ha_sent: dict[int, float] = {}
+        self.mode = "ht" if job.mode == "ht" else "ha"
+        self.by_mode = {"ha": 0, "ht": 0}
+        self.subset = fluid_subset(self.t.members)
+        self.last_ping = time.monotonic()
+        total = -(-(self.stream.total or 0) // job.batch_size)  # batches in the run (0: unknown, stdin)
+        self.n_batches = total
+        self.expected = max(1, expected_share(total, self.t.size, job.mode))
 
-    # --- helpers ------------------------------------------------------------------------------------
+    # --- messages -------------------------------------------------------------------------------------
     def workers(self) -> list[int]:
         """World ranks of the current workers (everyone but me)."""
         return [w for w in self.t.members if w != self.me]
 
     def post(self, world: int) -> None:
-        self.handles[world] = self.t.recv_start(self.t.members.index(world), self.job.batch_size * self.dim,
-                                                row=self.dim)
+        dim = max(self.part.widths.hidden, 10)  # a reply holds features (HA) or logits (HT)
+        self.handles[world] = self.t.recv_start(self.t.members.index(world), self.job.batch_size * dim)
 
-    def send_batch(self, world: int, batch: int, cmd: int) -> None:
-        self.started.setdefault(batch, time.monotonic())
-        imgs = self.job.images[self.job.rows(batch)]
-        self.t.send(self.t.members.index(world), header(cmd, batch, len(imgs), self.job.n_batches),
-                    imgs.reshape(-1))
+    def send(self, world: int, b: Batch, cmd: int) -> None:
+        self.t.send(self.t.members.index(world), header(cmd, b.bid, len(b), self.n_batches), b.images.reshape(-1))
 
-    def compute(self, batch: int, features: bool) -> torch.Tensor:
-        self.started.setdefault(batch, time.monotonic())
-        x = to_tensor_batch(self.job.images[self.job.rows(batch)])
+    def next_batch(self) -> Batch | None:
+        b = self.retry.popleft() if self.retry else self.stream.take(self.job.batch_size)
+        if b is not None:
+            self.batches[b.bid] = b
+        return b
+
+    def compute(self, b: Batch, features: bool) -> torch.Tensor:
+        x = to_tensor_batch(b.images)
         with torch.no_grad():
             return self.part.features(x) if features else self.part.logits(x)
 
-    def record(self, batch: int, logits: np.ndarray, rank: int, extra: dict | None = None) -> None:
-        rows = self.job.rows(batch)
-        self.sink.write(self.job.indices[rows], self.job.labels[rows], logits, rank, extra,
-                        self.started.pop(batch, None))
+    def record(self, b: Batch, logits: np.ndarray, rank: int, mode: str, extra: dict | None = None) -> None:
+        self.sink.write(b, logits, rank, {"mode": mode, **(extra or {})})
+        del self.batches[b.bid]
         self.answered_batches += 1
+        self.by_mode[mode] += 1
         self.tracker.answered()
 
-    def reply(self, world: int):
-        """(batch, payload rows) of a completed reply, and re-post the receive."""
-        h = self.handles[world]
-        batch, n = int(h.header[1]), int(h.header[2])
-        out = h.payload[:n * self.dim].reshape(n, self.dim).copy()
-        self.last_contact[world] = time.time()
-        self.post(world)
-        return batch, out
-
+    # --- failures -------------------------------------------------------------------------------------
     def on_failure(self) -> None:
         t_detect = time.time()
         lost = recover(self.t, self.liveness, self.job.rank_timeout, self.events)
@@ -96,9 +110,18 @@ class FluidCoordinator:
         for w in lost:
             print(f"fluid-mpi: rank {w} failed; continuing on {len(self.t.members)} rank(s)", file=sys.stderr,
                   flush=True)
-        self.handles = {}
+        # messages across a shrink are lost: every batch in flight is re-sent, oldest first
+        self.retry.extendleft(sorted(self.batches.values(), key=lambda b: b.bid, reverse=True))
+        self.batches, self.ht, self.ha, self.handles = {}, {}, OrderedDict(), {}
         for w in self.workers():
             self.post(w)
+        new = fluid_subset(self.t.members)
+        if new != self.subset and self.job.mode != "ht":  # fixed HT uses each group's own head
+            self.events.emit("head_switch", head="+".join(map(str, new)), was="+".join(map(str, self.subset)),
+                             after_batch=self.answered_batches)
+            self.subset = new
+        if self.policy is not None:
+            self.policy.reset(*self.capacities())
 
     def check_overdue(self, overdue: list[int]) -> None:
         """The liveness policy for workers that held a batch past the deadline: kill them out of band
@@ -116,13 +139,47 @@ class FluidCoordinator:
             raise DeviceSilent(f"rank(s) {silent} on {', '.join(hosts)} silent and could not be excluded "
                                "in-job; relaunch without them (fluid-mpi launch does)", silent, hosts)
 
-    # --- the two modes ------------------------------------------------------------------------------
+    def overdue(self, now: float) -> list[int]:
+        late = {w for w, sent in self.ht.items() if sent and now - min(sent.values()) > self.job.rank_timeout}
+        oldest = next(iter(self.ha), None)
+        if oldest is not None and now - self.ha_sent[oldest] > self.job.rank_timeout:
+            late |= {w for w in self.workers() if w not in self.ha[oldest]}
+        return sorted(late)
+
+    # --- the loop -------------------------------------------------------------------------------------
+    def capacities(self) -> tuple[float, float]:
+        """Images/s of HA and HT on the current members, for the auto policy (from the rates measured
+        at warm-up: HA runs one sub-network's features side by side, HT K sub-networks' logits)."""
+        ha, ht_one = self.rates
+        return ha, ht_one * len(self.t.members)
+
+    def choose_mode(self, now: float) -> str:
+        if self.policy is None:
+            return self.mode
+        d = self.policy.decide(now, self.stream.backlog + sum(map(len, self.retry)), self.stream.oldest_wait(now))
+        if d.changed:
+            self.events.emit("mode_switch", **d.event(), after_batch=self.answered_batches)
+        self.mode = d.mode
+        return d.mode
+
+    def keep_alive(self, now: float) -> None:
+        """Idle (no inputs arriving): ping the workers now and then, so that they do not take a quiet
+        stream for a lost coordinator."""
+        if now - self.last_ping > keepalive_interval(self.job.rank_timeout):
+            for w in self.workers():
+                self.t.send(self.t.members.index(w), header(CMD_PING, 0, 0, 0), np.zeros(0, np.uint8))
+            self.last_ping = now
+
+    def in_flight(self) -> bool:
+        return bool(self.batches)
+
     def run(self) -> Outcome:
         for w in self.workers():
             self.post(w)
         t0 = time.perf_counter()
+        self.stream.start()
         try:
-            drained = self._run_ht() if self.job.mode == "ht" else self._run_ha()
+            drained = self._loop()
         except (RecoveryFailed, DeviceSilent) as exc:
             print(f"fluid-mpi: {exc}", file=sys.stderr, flush=True)
             self.t.revoke()  # wake the workers: they stop within their own deadlines
@@ -140,100 +197,82 @@ class FluidCoordinator:
         return Outcome(elapsed, len(self.t.members), status,
                        "stopped at a safe point on request" if drained else "")
 
-    def _drain_requested(self, pending: deque) -> bool:
-        if pending and self.draining():
-            self.events.emit("drain", left=len(pending))
-            return True
-        return False
-
-    def _run_ht(self) -> bool:
-        job = self.job
-        q = WorkQueue(job.n_batches)
-        mine = expected_share(job.n_batches, self.t.size, "ht")
+    def _loop(self) -> bool:
         drained = False
-        while not (q.finished() or (drained and q.idle())):
+        while self.in_flight() or self.retry or not (drained or self.stream.finished()):
             try:
-                if not drained and self._drain_requested(q.pending):
-                    drained = True
-                    q.pending.clear()
-                for w in self.workers():
-                    while q.load(w) < job.credit and q.has_pending():
-                        self.send_batch(w, q.take(w), CMD_LOGITS)
-                got = False
-                for w in self.workers():
-                    if self.t.ready(self.handles[w]):
-                        batch, logits = self.reply(w)
-                        got = True
-                        if q.complete(w, batch):
-                            self.record(batch, logits, w)
-                if q.has_pending():  # my own share, while the workers compute theirs
-                    batch = q.take(self.me)
-                    logits = self.compute(batch, features=False).numpy()
-                    q.complete(self.me, batch)
-                    self.record(batch, logits, self.me)
-                    self.injector.tick(mine)
-                    got = True
+                now = time.monotonic()
+                if not drained:
+                    arrived = self.stream.poll(now)
+                    if self.policy is not None:
+                        self.policy.observe_arrivals(now, arrived)
+                    if self.stream.errors:
+                        self.sink.write_errors(self.stream.errors)
+                        self.stream.errors = []
+                    if self.draining():
+                        drained = True
+                        self.events.emit("drain", in_flight=len(self.batches))
+                        self.retry.clear()
+                got = self._step(self.choose_mode(now) if not drained else self.mode, drained)
                 if got:
                     self.idle.reset()
+                elif not self.in_flight() and not self.retry and self.stream.backlog == 0 and not drained:
+                    self.keep_alive(now)
+                    self.stream.wait(ARRIVAL_WAIT_S)
                 else:
                     self.idle.pause()
-                self.check_overdue([w for w in q.overdue(job.rank_timeout) if w != self.me])
+                self.check_overdue(self.overdue(time.monotonic()))
             except PeerFailure:
                 self.on_failure()
-                q.requeue_all()
         return drained
 
-    def _run_ha(self, depth: int = 2) -> bool:
-        """``depth`` batches in flight: the next batch is already at the workers while this one's features
-        come back (one more gave no gain: the workers compute one batch at a time)."""
-        job = self.job
-        pending = deque(range(job.n_batches))
-        inflight: OrderedDict[int, dict] = OrderedDict()  # batch -> {world rank: features}
-        sent_at: dict[int, float] = {}
-        subset = fluid_subset(self.t.members)
-        drained = False
-        while pending or inflight:
-            try:
-                if not drained and self._drain_requested(pending):
-                    drained = True
-                    pending.clear()
-                while len(inflight) < depth and pending:
-                    batch = pending.popleft()
-                    for w in self.workers():
-                        self.send_batch(w, batch, CMD_FEATURES)
-                    inflight[batch], sent_at[batch] = {}, time.monotonic()
-                    self.started.setdefault(batch, sent_at[batch])
-                got = False
+    def _step(self, mode: str, drained: bool) -> bool:
+        """Hand out, collect, compute and record what can be; True when anything happened."""
+        got = False
+        now = time.monotonic()
+        new = (lambda: None) if drained else self.next_batch
+        if mode == "ht":
+            for w in self.workers():
+                mine = self.ht.setdefault(w, {})
+                while len(mine) < self.job.credit and (b := new()) is not None:
+                    self.send(w, b, CMD_LOGITS)
+                    mine[b.bid] = now
+        else:
+            while len(self.ha) < HA_DEPTH and (b := new()) is not None:
                 for w in self.workers():
-                    if self.t.ready(self.handles[w]):
-                        batch, feats = self.reply(w)
-                        got = True
-                        if batch in inflight:
-                            inflight[batch][w] = torch.from_numpy(feats)
-                mine = next((b for b, f in inflight.items() if self.me not in f), None)
-                if mine is not None:
-                    inflight[mine][self.me] = self.compute(mine, features=True)
-                    got = True
-                oldest = next(iter(inflight), None)
-                if oldest is not None and len(inflight[oldest]) == len(self.t.members):
-                    feats = inflight.pop(oldest)
-                    with torch.no_grad():
-                        logits = self.part.bank.logits(feats, job.combine).numpy()
-                    self.record(oldest, logits, self.me, {"groups": "+".join(map(str, sorted(feats)))})
-                    self.injector.tick(job.n_batches)
-                if got:
-                    self.idle.reset()
-                else:
-                    self.idle.pause()
-                late = next(iter(inflight), None)
-                if late is not None and time.monotonic() - sent_at[late] > job.rank_timeout:
-                    self.check_overdue([w for w in self.workers() if w not in inflight[late]])
-            except PeerFailure:
-                self.on_failure()
-                pending.extendleft(reversed(list(inflight)))
-                inflight.clear()
-                new = fluid_subset(self.t.members)
-                self.events.emit("head_switch", head="+".join(map(str, new)), was="+".join(map(str, subset)),
-                                 after_batch=self.answered_batches)
-                subset = new
-        return drained
+                    self.send(w, b, CMD_FEATURES)
+                self.ha[b.bid], self.ha_sent[b.bid] = {}, now
+        for w in self.workers():
+            if self.t.ready(self.handles[w]):
+                got = True
+                self._reply(w)
+        mine = next((bid for bid, f in self.ha.items() if self.me not in f), None)
+        if mine is not None:  # my features for an HA batch come first: the workers' are on their way
+            self.ha[mine][self.me] = self.compute(self.batches[mine], features=True)
+            got = True
+        elif mode == "ht" and (b := new()) is not None:  # my own share, while the workers compute theirs
+            self.record(b, self.compute(b, features=False).numpy(), self.me, "ht")
+            self.injector.tick(self.expected)
+            got = True
+        oldest = next(iter(self.ha), None)
+        if oldest is not None and len(self.ha[oldest]) == len(self.t.members):
+            feats = self.ha.pop(oldest)
+            del self.ha_sent[oldest]
+            with torch.no_grad():
+                logits = self.part.bank.logits(feats, self.job.combine).numpy()
+            self.record(self.batches[oldest], logits, self.me, "ha", {"groups": "+".join(map(str, sorted(feats)))})
+            self.injector.tick(self.expected)
+        return got
+
+    def _reply(self, w: int) -> None:
+        h = self.handles[w]
+        kind, bid, n = int(h.header[0]), int(h.header[1]), int(h.header[2])
+        dim = self.part.widths.hidden if kind == CMD_FEATURES else 10
+        out = h.payload[:n * dim].reshape(n, dim).copy()
+        self.last_contact[w] = time.time()
+        self.post(w)
+        if kind == CMD_LOGITS and self.ht.get(w, {}).pop(bid, None) is not None and bid in self.batches:
+            self.record(self.batches[bid], out, w, "ht")
+        elif kind == CMD_FEATURES and bid in self.ha:
+            self.ha[bid][w] = torch.from_numpy(out)
+        # anything else is a stale reply (sent before a shrink, its batch re-sent since): ignored

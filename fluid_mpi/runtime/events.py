@@ -8,6 +8,7 @@ records, never from stderr.
 Events: ``start``, ``failure`` {rank, host, fault, how, detected_ms, after_batch}, ``kill`` {rank, host,
 pid, reason}, ``recovered`` {lost, ranks, recovery_ms}, ``head_switch`` {head, was}, ``width_switch``
 {width, was}, ``takeover`` {coordinator, lost}, ``answering_again`` {after_failure_ms}, ``drain``,
+``mode_switch`` {mode, was, backlog, arrival_rate, reason},
 ``stop`` {status, answered, images, exit_code, message, silent_hosts}.
 """
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Callable
 from .faults import read_death
 
 # Events that go into the summary's "events" list (failures have their own list; start/stop frame it).
-SUMMARY_EVENTS = ("kill", "recovered", "head_switch", "width_switch", "takeover", "answering_again", "drain")
+SUMMARY_EVENTS = ("kill", "recovered", "head_switch", "width_switch", "takeover", "answering_again", "drain",
+                  "mode_switch")
 
 
 class EventLog:

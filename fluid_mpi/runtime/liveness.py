@@ -147,3 +147,9 @@ def coordinator_silence_limit(rank_timeout: float) -> float:
     (``KILL_GRACE_S``) and shrinks (``rank_timeout``); one more ``rank_timeout`` is slack for loading data
     at start-up or after a take-over."""
     return 3 * rank_timeout + KILL_GRACE_S
+
+
+def keepalive_interval(rank_timeout: float) -> float:
+    """An idle coordinator (no inputs arriving) pings its workers this often, so that they never mistake
+    a quiet stream for a lost coordinator: well within one ``rank_timeout`` of their silence checks."""
+    return rank_timeout / 3

@@ -53,9 +53,9 @@ def ft_enabled() -> bool:
 class Handle:
     """A posted receive of (header, payload) from one source."""
 
-    def __init__(self, source: int, header: np.ndarray, payload: np.ndarray, reqs: list, row_bytes: int):
+    def __init__(self, source: int, header: np.ndarray, payload: np.ndarray, reqs: list, row: int | None):
         self.source, self.header, self.payload, self.reqs = source, header, payload, reqs
-        self.row_bytes = row_bytes
+        self.row = row  # items per row; None: the sender says so in header[3]
         self.statuses = [MPI.Status(), MPI.Status()]
         self.done = [False, False]
 
@@ -131,14 +131,15 @@ class MpiTransport:
                 self.backoff.pause()
         return not self._sends
 
-    def recv_start(self, source: int, max_items: int, dtype=np.float32, row: int = 1) -> Handle:
+    def recv_start(self, source: int, max_items: int, dtype=np.float32, row: int | None = None) -> Handle:
         """Post the receive of the next (header, payload) from ``source``: payload up to ``max_items``,
-        expected to hold ``header[2]`` rows of ``row`` items."""
+        expected to hold ``header[2]`` rows of ``row`` items (``row`` None: ``header[3]`` items, as in
+        a worker's reply, whose rows are features or logits)."""
         header = np.zeros(HDR, dtype=np.int64)
         payload = np.empty(max_items, dtype=dtype)
         reqs = [self._call(self.comm.Irecv, header, source, TAG_HDR),
                 self._call(self.comm.Irecv, payload, source, TAG_PAY)]
-        return Handle(source, header, payload, reqs, row * payload.itemsize)
+        return Handle(source, header, payload, reqs, row)
 
     def ready(self, handle: Handle) -> bool:
         """True once both parts of the message arrived; raises PeerFailure if the source failed.
@@ -154,7 +155,8 @@ class MpiTransport:
         if not all(handle.done):
             return False
         n = int(handle.header[2])  # both directions: [kind, batch, rows, extra, crc]
-        size = n * handle.row_bytes
+        row = int(handle.header[3]) if handle.row is None else handle.row
+        size = n * row * handle.payload.itemsize
         if handle.payload_status.Get_count(MPI.BYTE) != size or \
                 zlib.crc32(handle.payload.view(np.uint8)[:size]) != int(handle.header[HDR - 1]):
             raise PeerFailure(f"damaged message from rank {self.members[handle.source]}",

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from . import faults
 
-MODES = ("ha", "ht")
+MODES = ("ha", "ht", "auto")
 COMBINES = ("head", "avg")
 
 
@@ -17,6 +17,10 @@ class InferOptions:
     checkpoint: str
     mode: str = "ha"
     data_dir: str | None = None
+    input: str | None = None  # a folder of images, a .npy of N×28×28, or "-" for image paths on stdin
+    rate: float | None = None  # replay the inputs as a Poisson stream of this many images/s
+    seed: int = 0
+    latency_ms: float | None = None  # --mode auto: the latency target per input
     batch_size: int = 64
     limit: int | None = None
     repeat: int = 1  # present the inputs this many times, as distinct inputs (steady-state benchmarks)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .arrivals import LatencyStats
+
 # Predictions are flushed to the OS after every batch (a dead process loses nothing) and fsynced at most
 # every 50 ms (a power cut of the coordinator's device loses at most that much, which --resume answers
 # again, once). Measured here: fsync 170 µs vs flush 4 µs per batch-64 write; per batch it would cost
@@ -71,7 +73,9 @@ class PredictionSink:
         self.duplicates = 0
         self.correct = 0
         self.timeline: list[tuple[float, int]] = []  # (seconds since start, images answered)
-        self.latencies: list[tuple[float, int]] = []  # (seconds from hand-over to answer, images)
+        self.latency = LatencyStats()  # from each input's arrival (or hand-over) to its answer
+        self.labelled = 0  # answers whose label is known (accuracy is over these)
+        self.errors = 0  # inputs that could not be read (answered with an error line)
         self.t0 = time.perf_counter()
         self._fh = None
         self._synced = 0.0
@@ -79,31 +83,57 @@ class PredictionSink:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             self._fh = open(path, "a" if append else "w", encoding="utf-8")
 
-    def write(self, indices: np.ndarray, labels: np.ndarray, logits: np.ndarray, rank: int,
-              extra: dict | None = None, started: float | None = None) -> None:
-        """Record one answered batch; an index answered before counts as a duplicate and is not written.
-        ``started``: ``time.monotonic()`` when the batch's inputs were handed to the coordinator."""
-        preds = logits.argmax(1).tolist()
-        labels = labels.tolist()
+    def write(self, batch, logits: np.ndarray, rank: int, extra: dict | None = None) -> None:
+        """Record one answered :class:`~fluid_mpi.runtime.inputs.Batch`: per input its key (``index``),
+        name when it has one, label when known, class, confidence (softmax), rank, the per-batch ``extra``
+        fields (mode, groups or width) and its latency. An input answered before counts as a duplicate and
+        is not written."""
+        now = time.monotonic()
+        preds = logits.argmax(1)
+        shifted = np.exp(logits - logits.max(1, keepdims=True))
+        conf = (1.0 / shifted.sum(1)).tolist()  # softmax probability of the predicted class
+        preds, labels = preds.tolist(), batch.labels.tolist()
+        lat = ((now - batch.arrived) * 1000.0).tolist()
         # per-batch fields formatted once; the lines themselves by hand (json.dumps per line cost
         # ~10 % of the coordinator's time in High-Throughput runs)
         tail = "".join(f", {json.dumps(k)}: {json.dumps(v)}" for k, v in (extra or {}).items())
-        lines = []
-        for i, idx in enumerate(indices.tolist()):
+        lines, fresh = [], []
+        for i, idx in enumerate(batch.keys.tolist()):
             if idx in self.answered:
                 self.duplicates += 1
                 continue
             self.answered.add(idx)
-            self.correct += preds[i] == labels[i]
-            line = f'{{"index": {idx}, "label": {labels[i]}, "pred": {preds[i]}, "rank": {rank}{tail}'
+            fresh.append(i)
+            line = f'{{"index": {idx}'
+            if batch.names is not None:
+                line += f', "name": {json.dumps(batch.names[i])}'
+            if labels[i] >= 0:
+                self.labelled += 1
+                self.correct += preds[i] == labels[i]
+                line += f', "label": {labels[i]}'
+            line += f', "pred": {preds[i]}, "confidence": {conf[i]:.4f}, "rank": {rank}{tail}, "latency_ms": {lat[i]:.3f}'
             if self.with_logits:
                 line += ', "logits": [' + ", ".join(f"{float(v):.6g}" for v in logits[i]) + "]"
             lines.append(line + "}")
-        self.timeline.append((round(time.perf_counter() - self.t0, 4), len(indices)))
-        if started is not None and lines:
-            self.latencies.append((time.monotonic() - started, len(lines)))
+        self.latency.record_many(batch.arrived[fresh], now)
+        self.timeline.append((round(time.perf_counter() - self.t0, 4), len(batch)))
         if self.bar is not None:
-            self.bar.update(len(indices))
+            self.bar.update(len(batch))
+        self._append(lines)
+
+    def write_errors(self, errors: list[tuple[int, str, str]]) -> None:
+        """One line per input that could not be read: ``{"index", "name", "error"}`` (its answer)."""
+        lines = []
+        for key, name, error in errors:
+            if key in self.answered:
+                self.duplicates += 1
+                continue
+            self.answered.add(key)
+            self.errors += 1
+            lines.append(json.dumps({"index": key, "name": name, "error": error}))
+        self._append(lines)
+
+    def _append(self, lines: list[str]) -> None:
         if self._fh is not None and lines:
             self._fh.write("\n".join(lines) + "\n")
             self._fh.flush()  # a dead process loses nothing
@@ -111,14 +141,6 @@ class PredictionSink:
             if now - self._synced >= FSYNC_INTERVAL_S:
                 self.sync()
                 self._synced = now
-
-    def latency_ms(self) -> dict | None:
-        """Per-image latency percentiles ``{p50, p95, p99}`` in ms (None when nothing was timed)."""
-        if not self.latencies:
-            return None
-        values = np.repeat([lat for lat, _ in self.latencies], [n for _, n in self.latencies])
-        p50, p95, p99 = np.percentile(values, [50, 95, 99]) * 1000
-        return {"p50": round(float(p50), 3), "p95": round(float(p95), 3), "p99": round(float(p99), 3)}
 
     def sync(self) -> None:
         """Make everything written so far durable (also called before a stop and at close)."""
@@ -156,10 +178,13 @@ class Summary:
     torn_lines_repaired: int
     duplicates: int
     correct: int
-    accuracy: float
+    accuracy: float | None  # over the answers whose label is known (None: no labels, e.g. the user's images)
     elapsed_s: float
     images_per_s: float
     latency_ms: dict | None
+    max_backlog: int
+    errors: int
+    by_mode: dict | None
     status: str
     exit_code: int
     message: str
@@ -185,9 +210,15 @@ def write_summary(path: str | os.PathLike | None, summary: dict) -> None:
 
 def human_summary(s: dict) -> str:
     """A few readable lines for stdout."""
+    acc = "no labels" if s["accuracy"] is None else f"accuracy {s['accuracy']:.2f} %"
+    lat = s.get("latency_ms") or {}
     lines = [f"{s['family']} {s.get('mode') or ''} on {s['ranks_start']} rank(s): status {s['status']}",
-             f"  answered {s['answered']}/{s['images']} images, accuracy {s['accuracy']:.2f} %, "
-             f"{s['images_per_s']:.1f} images/s in {s['elapsed_s']:.2f} s, duplicates {s['duplicates']}"]
+             f"  answered {s['answered']}/{s['images'] if s['images'] is not None else '?'} inputs, {acc}, "
+             f"{s['images_per_s']:.1f} images/s in {s['elapsed_s']:.2f} s, duplicates {s['duplicates']}"
+             + (f", unreadable {s['errors']}" if s.get("errors") else "")]
+    if lat.get("p50") is not None:
+        lines.append(f"  latency p50 {lat['p50']:.2f} ms, p95 {lat['p95']:.2f} ms, p99 {lat['p99']:.2f} ms"
+                     + (f"; batches by mode {s['by_mode']}" if s.get("by_mode") else ""))
     for f in s.get("failures", []):
         lines.append(f"  failure: rank {f['rank']} on {f.get('host', '?')} ({f.get('fault')}, "
                      f"{f.get('how', '?')}) after batch {f.get('after_batch')}, detected in "

@@ -2,7 +2,7 @@
 (plain numpy, no MPI).
 
 Work (coordinator -> worker): header ``[cmd, batch, n, arg]`` + payload uint8 images ``(n, 28, 28)``.
-Reply (worker -> coordinator): header ``[kind, batch, n, world_rank]`` + payload float32 ``(n, D)``
+Reply (worker -> coordinator): header ``[kind, batch, n, D]`` + payload float32 ``(n, D)``
 (D = hidden features in HA, 10 logits in HT). The transport appends the payload's CRC-32.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 
 from .faults import FaultPlan
 
-CMD_STOP, CMD_FEATURES, CMD_LOGITS, CMD_RUN = 0, 1, 2, 3
+CMD_STOP, CMD_FEATURES, CMD_LOGITS, CMD_RUN, CMD_PING = 0, 1, 2, 3, 4  # PING: a keep-alive, no work
 IMAGE = 28 * 28
 # Batches a Fluid HT worker may hold (one computing, one queued): measured best (a flush before
 # compute and a progress thread both lowered throughput).
@@ -30,9 +30,6 @@ class Job:
 
     family: str
     mode: str  # "ha" | "ht" for fluid; "sliced" for static/dynamic
-    images: np.ndarray  # uint8 (N, 28, 28): the inputs still to answer (coordinator only)
-    labels: np.ndarray
-    indices: np.ndarray  # global input index of each row
     batch_size: int
     rank_timeout: float
     faults: FaultPlan
@@ -40,14 +37,10 @@ class Job:
     combine: str = "head"
     width: int | None = None  # dynamic only
     credit: int = HT_CREDIT
-
-    @property
-    def n_batches(self) -> int:
-        return -(-len(self.indices) // self.batch_size)
-
-    def rows(self, batch: int) -> slice:
-        """Rows of ``images``/``labels``/``indices`` in ``batch``."""
-        return slice(batch * self.batch_size, min((batch + 1) * self.batch_size, len(self.indices)))
+    # in-process inputs (tests): the coordinator replays these when it is given no InputStream
+    images: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    indices: np.ndarray | None = None
 
 
 # Exit codes of `fluid-mpi infer` (and the status word in the summary and the `stop` event).

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
-
-import numpy as np
 
 from ..errors import FluidError
 from .events import SUMMARY_EVENTS, EventLog, FailureTracker
+from .inputs import open_inputs
 from .liveness import Liveness
 from .outputs import Answered, PredictionSink, Summary, human_summary, read_answered, write_summary
 from .protocol import EXIT_BAD_INPUT, Job, Outcome
@@ -36,17 +35,25 @@ class Context:
         return self.meta["family"] == "fluid"
 
 
-def _load_inputs(ctx: Context, skip: set[int]):
-    from ..model.data import load_split
+def measure_rates(part, batch_size: int) -> tuple[float, float]:
+    """Images/s of this sub-network's features and logits at ``batch_size`` (median of 3 timed forwards
+    on a blank batch after a warm-up one): the auto policy's first capacity estimates."""
+    import statistics
 
-    ds = load_split(ctx.opts.data_dir, "test").take(ctx.opts.limit)
-    if ctx.opts.repeat > 1:  # input i of pass p is input p * n + i: distinct, answered once each
-        ds = replace(ds, images=np.tile(ds.images, (ctx.opts.repeat, 1, 1)), labels=np.tile(ds.labels, ctx.opts.repeat),
-                     source=f"{ds.source}, {ctx.opts.repeat} passes")
-    idx = np.arange(len(ds), dtype=np.int64)
-    if skip:
-        idx = idx[~np.isin(idx, np.fromiter(skip, np.int64, len(skip)))]
-    return ds, idx
+    import torch
+
+    x = torch.zeros(batch_size, 1, 28, 28)
+    rates = []
+    with torch.no_grad():
+        for fn in (part.features, part.logits):
+            fn(x)
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                fn(x)
+                times.append(time.perf_counter() - t0)
+            rates.append(batch_size / max(statistics.median(times), 1e-9))
+    return rates[0], rates[1]
 
 
 def coordinate(ctx: Context, lost_before: list[int] | None = None, lost_at: float = 0.0) -> int:
@@ -56,58 +63,72 @@ def coordinate(ctx: Context, lost_before: list[int] | None = None, lost_at: floa
     carry_on = bool(opts.resume or lost_before)
     done = read_answered(opts.predictions, repair=True) if carry_on else Answered()
     try:
-        ds, idx = _load_inputs(ctx, done.indices)
+        stream = open_inputs(opts, done.indices)
     except FluidError as exc:
         print(f"fluid-mpi: error: {exc}", file=sys.stderr, flush=True)
         events.emit("stop", status="bad input", exit_code=EXIT_BAD_INPUT, message=str(exc))
         t.revoke()  # the workers are waiting for work: wake them so they can stop
         return EXIT_BAD_INPUT
-    job = replace(ctx.job, images=ds.images[idx], labels=ds.labels[idx], indices=idx)
+    job = ctx.job
     hosts = ctx.liveness.hosts
     ranks_start = t.size + len(lost_before or [])
     events.emit("start", coordinator=t.world_rank(), ranks=t.size, family=ctx.meta["family"], mode=job.mode,
-                hosts=[list(hosts[w]) for w in t.members], images=len(ds), todo=len(idx),
+                hosts=[list(hosts[w]) for w in t.members], inputs=stream.description, images=stream.total,
+                todo=None if stream.total is None else stream.total - len(done.indices),
                 resumed=len(done.indices), torn_lines_repaired=done.torn)
     tracker = FailureTracker(events, hosts, job.stamp_dir, time.time())
     if lost_before:
         events.emit("takeover", coordinator=t.world_rank(), lost=lost_before)
         tracker.lost(lost_before, lost_at, {}, None)
+    todo = None if stream.total is None else stream.total - len(done.indices)
     sink = PredictionSink(opts.predictions, append=carry_on, with_logits=opts.with_logits,
-                          progress_total=None if opts.quiet else len(idx))
+                          progress_total=None if opts.quiet else todo)
+    by_mode = None
     if ctx.fluid:
         from .coordinator import FluidCoordinator
 
-        loop = FluidCoordinator(t, ctx.part, job, sink, ctx.liveness, events, ctx.draining)
+        policy, rates = None, (1.0, 1.0)
+        if job.mode == "auto":
+            from .adaptive import ModePolicy
+
+            rates = measure_rates(ctx.part, job.batch_size)
+            policy = ModePolicy(opts.latency_ms, rates[0], rates[1] * t.size, start=time.monotonic())
+        loop = FluidCoordinator(t, ctx.part, job, sink, ctx.liveness, events, ctx.draining, stream, policy, rates)
         loop.tracker = tracker
         outcome = loop.run()
+        by_mode = loop.by_mode
     else:
         from .sliced import SlicedRun
 
         loop = SlicedRun(t, ctx.part, job, ctx.liveness, sink, events)
         loop.tracker = tracker
-        outcome = loop.coordinate()
+        outcome = loop.coordinate(stream)
     sink.close()
-    summary = _summary(ctx, events, outcome, ds.source, len(ds), len(done.indices) + len(sink.answered), sink,
-                       done, ranks_start)
+    summary = _summary(ctx, events, outcome, stream.description, stream.total,
+                       len(done.indices) + len(sink.answered), sink, done, ranks_start)
+    summary.max_backlog, summary.by_mode = stream.max_backlog, by_mode
     if lost_before:
         summary.takeover = {"coordinator": t.world_rank(), "lost": lost_before, "answered_before": len(done.indices)}
     return _finish(opts, events, summary, outcome)
 
 
-def _summary(ctx: Context, events: EventLog, outcome: Outcome, source: str, images: int, answered: int,
+def _summary(ctx: Context, events: EventLog, outcome: Outcome, source: str, images: int | None, answered: int,
              sink: PredictionSink | None, done: Answered, ranks_start: int) -> Summary:
     opts, job = ctx.opts, ctx.job
     here = len(sink.answered) if sink else 0
     correct = sink.correct if sink else 0
+    labelled = sink.labelled if sink else 0
     return Summary(
         family=ctx.meta["family"], mode=job.mode, checkpoint=str(opts.checkpoint), data=source,
         batch_size=opts.batch_size, combine=opts.combine if job.mode == "ha" else None,
         width_start=job.width, width_end=outcome.width_end, ranks_start=ranks_start, ranks_end=outcome.ranks_end,
         images=images, answered=answered, answered_here=here, resumed=len(done.indices),
         torn_lines_repaired=done.torn, duplicates=sink.duplicates if sink else 0, correct=correct,
-        accuracy=round(100.0 * correct / max(here, 1), 3), elapsed_s=round(outcome.elapsed_s, 4),
-        images_per_s=round(here / max(outcome.elapsed_s, 1e-9), 2), latency_ms=sink.latency_ms() if sink else None,
-        status=outcome.status,
+        accuracy=round(100.0 * correct / max(labelled, 1), 3) if labelled else None,
+        elapsed_s=round(outcome.elapsed_s, 4),
+        images_per_s=round(here / max(outcome.elapsed_s, 1e-9), 2),
+        latency_ms=sink.latency.percentiles() if sink else None, max_backlog=0,
+        errors=sink.errors if sink else 0, by_mode=None, status=outcome.status,
         exit_code=outcome.exit_code, message=outcome.message, failures=events.of("failure"),
         events=events.of(*SUMMARY_EVENTS), timeline=sink.timeline if sink else [])
 
@@ -154,10 +175,10 @@ def _report_lost_coordinator(ctx: Context, lost: list[int], lost_at: float, code
     FailureTracker(events, ctx.liveness.hosts, ctx.job.stamp_dir, time.time()).lost(lost, lost_at, {}, None)
     done = read_answered(ctx.opts.predictions, repair=True)
     try:
-        ds, _ = _load_inputs(ctx, set())
-        source, images = ds.source, len(ds)
+        stream = open_inputs(ctx.opts, set())
+        source, images = stream.description, stream.total
     except FluidError:
-        source, images = "?", 0
+        source, images = "?", None
     message = "lost rank 0 (slice 0): the run cannot go on"
     outcome = Outcome(0.0, ctx.t.size, "failed", message, width_end=0)
     summary = _summary(ctx, events, outcome, source, images, len(done.indices), None, done, ctx.t.size + len(lost))

@@ -63,8 +63,9 @@ class WorkQueue:
 
 
 def expected_share(n_batches: int, ranks: int, mode: str) -> int:
-    """Batches one rank is expected to answer: all of them in HA and sliced runs, its share in HT."""
-    return -(-n_batches // ranks) if mode == "ht" else n_batches
+    """Batches one rank is expected to compute: all of them in HA and sliced runs, its share in HT (and
+    auto, whose share depends on the load)."""
+    return -(-n_batches // ranks) if mode in ("ht", "auto") else n_batches
 
 
 def dynamic_width(alive_world_ranks: list[int], width: int) -> int:

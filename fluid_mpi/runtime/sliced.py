@@ -23,7 +23,9 @@ from .events import EventLog, FailureTracker
 from .faults import FaultInjector
 from .liveness import Liveness, coordinator_silence_limit
 from .outputs import PredictionSink
-from .protocol import CMD_RUN, CMD_STOP, EXIT_FAILED, STOP_FLUSH_S, Job, Outcome, header
+from .inputs import ARRIVAL_WAIT_S, InputStream
+from .liveness import keepalive_interval
+from .protocol import CMD_PING, CMD_RUN, CMD_STOP, EXIT_FAILED, STOP_FLUSH_S, Job, Outcome, header
 from .scheduler import dynamic_width
 from .transport import Transport, recover
 from .worker import WorkerEnd, stop_worker
@@ -90,30 +92,43 @@ class SlicedRun:
         return [(n, w.c1, 12, 12), (n, w.c2, 4, 4), (n, 10)][stage]
 
     # --- coordinator ------------------------------------------------------------------------------
-    def coordinate(self) -> Outcome:
+    def coordinate(self, stream: InputStream | None = None) -> Outcome:
         job = self.job
-        b, status, t0 = 0, "ok", time.perf_counter()
-        while b < job.n_batches:
-            rows = job.rows(b)
-            started = time.monotonic()
+        stream = stream or InputStream.replay(job.images, job.labels, job.indices)
+        n_batches = -(-(stream.total or 0) // job.batch_size)  # 0 when unknown (stdin)
+        status, t0, b, quiet_since = "ok", time.perf_counter(), None, time.monotonic()
+        stream.start()
+        while True:
             try:
-                imgs = np.ascontiguousarray(job.images[rows])
-                self.t.bcast(header(CMD_RUN, b, len(imgs), self.width, job.n_batches), job.rank_timeout,
+                if b is None:
+                    stream.poll()
+                    if stream.errors:
+                        self.sink.write_errors(stream.errors)
+                        stream.errors = []
+                    b = stream.take(job.batch_size)
+                    if b is None:
+                        if stream.finished():
+                            break
+                        if time.monotonic() - quiet_since > keepalive_interval(job.rank_timeout):
+                            self.t.bcast(header(CMD_PING, 0, 0, 0, 0), job.rank_timeout, self._on_stall)
+                            quiet_since = time.monotonic()
+                        stream.wait(ARRIVAL_WAIT_S)
+                        continue
+                self.t.bcast(header(CMD_RUN, b.bid, len(b), self.width, n_batches), job.rank_timeout,
                              self._on_stall)
-                self.t.bcast(imgs, job.rank_timeout, self._on_stall)
-                logits = self.forward(to_tensor_batch(imgs), self.width)
-                self.sink.write(job.indices[rows], job.labels[rows], logits, self.t.world_rank(),
-                                {"width": self.width}, started)
+                self.t.bcast(np.ascontiguousarray(b.images), job.rank_timeout, self._on_stall)
+                logits = self.forward(to_tensor_batch(b.images), self.width)
+                self.sink.write(b, logits, self.t.world_rank(), {"width": self.width})
                 self.tracker.answered()
-                b += 1
+                b, quiet_since = None, time.monotonic()
                 self.answered += 1
-                self.injector.tick(job.n_batches)
+                self.injector.tick(n_batches)
             except TimeoutError:
                 status = self._stop(f"a rank did not answer within {job.rank_timeout:g} s and could "
                                     f"not be killed; the {job.family} DNN cannot go on")
                 break
             except (PeerFailure, RecoveryFailed) as exc:
-                if not self._recover(exc):
+                if not self._recover(exc):  # on success the same batch is run again at the new width
                     status = "failed"
                     break
         elapsed = time.perf_counter() - t0
@@ -172,6 +187,8 @@ class SlicedRun:
                 cmd, batch, n, width, n_batches = (int(v) for v in hdr)
                 if cmd == CMD_STOP:
                     return WorkerEnd(width)  # the exit code travels in the width field
+                if cmd == CMD_PING:
+                    continue
                 imgs = self.t.bcast(np.empty((n, 28, 28), np.uint8), self.job.rank_timeout, self._on_stall)
                 self.forward(to_tensor_batch(imgs), width)
                 self.answered += 1

@@ -44,8 +44,9 @@ class Transport(Protocol):
     def send(self, dest: int, header: np.ndarray, payload: np.ndarray) -> None:
         """Non-blocking send of (header, payload) to position ``dest``."""
 
-    def recv_start(self, source: int, max_items: int, dtype=np.float32, row: int = 1) -> Handle:
-        """Post the receive of the next message from position ``source``."""
+    def recv_start(self, source: int, max_items: int, dtype=np.float32, row: int | None = None) -> Handle:
+        """Post the receive of the next message from position ``source`` (rows of ``row`` items, or of
+        ``header[3]`` items when None)."""
 
     def ready(self, handle: Handle) -> bool:
         """True once the message arrived whole; raises PeerFailure when its sender failed."""

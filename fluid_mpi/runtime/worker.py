@@ -18,7 +18,7 @@ from ..errors import PeerFailure, RecoveryFailed
 from ..model.data import to_tensor_batch
 from .faults import FaultInjector
 from .liveness import Liveness, coordinator_silence_limit
-from .protocol import CMD_FEATURES, CMD_STOP, EXIT_FAILED, IMAGE, Job, header
+from .protocol import CMD_FEATURES, CMD_PING, CMD_STOP, EXIT_FAILED, IMAGE, Job, header
 from .scheduler import expected_share
 from .transport import Transport, recover
 
@@ -72,12 +72,16 @@ def serve_fluid(t: Transport, part, job: Job, liveness: Liveness) -> WorkerEnd:
             if cmd == CMD_STOP:
                 t.flush_sends(job.rank_timeout)
                 return WorkerEnd(n_batches)  # the exit code travels in the last field
+            if cmd == CMD_PING:  # the coordinator is idle, waiting for inputs to arrive
+                handle = post()
+                continue
             imgs = handle.payload[:n * IMAGE].reshape(n, 28, 28).copy()
             handle = post()  # the next batch may arrive while this one is computed
             with torch.no_grad():
                 x = to_tensor_batch(imgs)
                 out = part.features(x) if cmd == CMD_FEATURES else part.logits(x)
-            t.send(0, header(cmd, batch, n, t.world_rank()), out.numpy())
+            out = out.numpy()
+            t.send(0, header(cmd, batch, n, out.shape[1]), out)  # [kind, batch, rows, items per row]
             injector.tick(expected_share(n_batches, t.size, job.mode))
         except PeerFailure:
             try:

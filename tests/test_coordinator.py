@@ -63,7 +63,7 @@ class Run:
 def fake(setup, monkeypatch, **kw) -> FakeTransport:
     _, parts, _ = setup
     t = FakeTransport(3, parts={1: parts[1], 2: parts[2]}, **kw)
-    monkeypatch.setattr(coordinator_mod.time, "monotonic", t.clock)  # the loop's and WorkQueue's clock
+    monkeypatch.setattr(coordinator_mod.time, "monotonic", t.clock)  # the loop's clock
     return t
 
 

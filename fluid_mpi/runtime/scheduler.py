@@ -1,65 +1,6 @@
-"""The coordinator's bookkeeping, in plain Python: which batch goes to which rank, what is in flight,
-what to re-send after a failure, and which head or width survives. No MPI, no torch."""
+"""Small rules of the coordinators, in plain Python: each rank's expected share of the batches, which
+head (Fluid) or width (Dynamic) survives a failure. No MPI, no torch."""
 from __future__ import annotations
-
-import time
-from collections import deque
-
-
-class WorkQueue:
-    """Batches waiting, in flight (per world rank, with send time) and answered. A batch is answered at
-    most once; a failed rank's in-flight batches go back to the front of the queue."""
-
-    def __init__(self, n_batches: int):
-        self.pending: deque[int] = deque(range(n_batches))
-        self.in_flight: dict[int, dict[int, float]] = {}  # world rank -> {batch: time sent}
-        self.answered: set[int] = set()
-        self.n_batches = n_batches
-
-    def has_pending(self) -> bool:
-        return bool(self.pending)
-
-    def idle(self) -> bool:
-        """Nothing in flight anywhere."""
-        return not any(self.in_flight.values())
-
-    def finished(self) -> bool:
-        return len(self.answered) == self.n_batches
-
-    def load(self, rank: int) -> int:
-        return len(self.in_flight.get(rank, {}))
-
-    def take(self, rank: int, now: float | None = None) -> int:
-        batch = self.pending.popleft()
-        self.in_flight.setdefault(rank, {})[batch] = time.monotonic() if now is None else now
-        return batch
-
-    def complete(self, rank: int, batch: int) -> bool:
-        """Mark ``batch`` answered by ``rank``; False if it was not in flight there (a stale reply)."""
-        if self.in_flight.get(rank, {}).pop(batch, None) is None or batch in self.answered:
-            return False
-        self.answered.add(batch)
-        return True
-
-    def requeue(self, rank: int) -> list[int]:
-        """Put everything in flight on ``rank`` back at the front of the queue; returns those batches."""
-        lost = sorted(self.in_flight.pop(rank, {}))
-        self.pending.extendleft(reversed([b for b in lost if b not in self.answered]))
-        return lost
-
-    def requeue_all(self) -> list[int]:
-        """After a shrink every message in flight may be lost: re-send all of it."""
-        out = []
-        for rank in list(self.in_flight):
-            out += self.requeue(rank)
-        self.pending = deque(sorted(set(self.pending)))
-        return sorted(out)
-
-    def overdue(self, timeout: float, now: float | None = None) -> list[int]:
-        """World ranks holding a batch for longer than ``timeout`` seconds."""
-        now = time.monotonic() if now is None else now
-        return sorted(r for r, batches in self.in_flight.items()
-                      if batches and now - min(batches.values()) > timeout)
 
 
 def expected_share(n_batches: int, ranks: int, mode: str) -> int:

@@ -122,9 +122,9 @@ def _infer_options(fn):
         click.option("--input", "input", default=None, metavar="PATH",
                      help="Your own inputs: a folder of images (PNG/JPEG/BMP...), a .npy of N×28×28, or - for "
                           "image paths on stdin, one per line, as they arrive. Default: the MNIST test split."),
-        click.option("--rate", type=click.FloatRange(0, min_open=True), default=None,
-                     help="Replay the inputs as a Poisson stream of this many images/s (latency then runs "
-                          "from each input's arrival)."),
+        click.option("--rate", default=None, metavar="R|R1@S1,R2@S2,...",
+                     help="Replay the inputs as a Poisson stream of R images/s, or a step load (R1 images/s "
+                          "for S1 seconds, then R2 ...); latency then runs from each input's arrival."),
         click.option("--seed", type=int, default=D.seed, show_default=True, help="Seed of the --rate stream."),
         click.option("--latency-ms", type=click.FloatRange(0, min_open=True), default=None,
                      help="--mode auto: switch to HT when HA would miss this latency per input."),

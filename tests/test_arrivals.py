@@ -144,3 +144,21 @@ def test_stdin_source_is_thread_safe_under_concurrent_polls():
     for t in threads:
         t.join(5)
     assert sorted(seen) == list(range(500))
+
+
+def test_step_load_schedule_follows_each_segments_rate():
+    from fluid_mpi.runtime.arrivals import parse_rate, schedule_offsets
+
+    assert parse_rate(None) is None and parse_rate("250") == [(250.0, float("inf"))]
+    segments = parse_rate("500@2,4000@0.5,500")
+    assert segments == [(500.0, 2.0), (4000.0, 0.5), (500.0, float("inf"))]
+    o = schedule_offsets(4000, segments, seed=3)
+    assert len(o) == 4000 and np.all(np.diff(o) >= 0)
+    assert 900 <= (o < 2).sum() <= 1100  # ~500/s for 2 s
+    assert 1800 <= ((o >= 2) & (o < 2.5)).sum() <= 2200  # ~4000/s for 0.5 s
+    tail = o[o >= 2.5]
+    assert abs(len(tail) / (tail[-1] - 2.5) - 500) < 60  # back to ~500/s
+    assert np.array_equal(o, schedule_offsets(4000, segments, seed=3))  # the seed fixes the stream
+    for bad in ("x", "0", "100@0,5", "100,200@1"):
+        with pytest.raises(DataError):
+            parse_rate(bad)

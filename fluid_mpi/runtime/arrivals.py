@@ -30,6 +30,46 @@ def poisson_offsets(n: int, rate: float | None, seed: int) -> np.ndarray:
     return np.cumsum(rng.exponential(1.0 / rate, size=n))
 
 
+def parse_rate(spec: str | float | None) -> list[tuple[float, float]] | None:
+    """``--rate``: ``R`` (images/s throughout) or a step load ``R1@S1,R2@S2,...,Rn`` (R1 images/s for S1
+    seconds, then R2 ..., the last rate for the rest). None: everything available at once."""
+    if spec is None or spec == "":
+        return None
+    segments = []
+    parts = str(spec).split(",")
+    for i, part in enumerate(parts):
+        rate, _, secs = part.partition("@")
+        try:
+            r, d = float(rate), (float(secs) if secs else float("inf"))
+        except ValueError:
+            raise DataError(f"--rate {spec!r}: expected R or R1@S1,R2@S2,...,Rn (images/s @ seconds)") from None
+        if r <= 0 or d <= 0 or (d == float("inf") and i < len(parts) - 1):
+            raise DataError(f"--rate {spec!r}: rates and durations must be > 0; only the last segment may "
+                            "omit its duration")
+        segments.append((r, d))
+    return segments
+
+
+def schedule_offsets(n: int, segments: list[tuple[float, float]] | None, seed: int) -> np.ndarray:
+    """Arrival times of ``n`` inputs under a piecewise-constant Poisson rate (see :func:`parse_rate`): within
+    each segment, exponential inter-arrival times of mean ``1/rate`` drawn with ``seed``; the last rate
+    goes on until all ``n`` have arrived. None: all zeros."""
+    if not segments:
+        return np.zeros(n, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    out, t, start = [], 0.0, 0.0
+    for i, (rate, duration) in enumerate(segments):
+        end = start + duration if i < len(segments) - 1 else float("inf")
+        while len(out) < n:
+            t += rng.exponential(1.0 / rate)
+            if t >= end:
+                t = end  # the next segment's first gap is drawn from its own rate
+                break
+            out.append(t)
+        start = end
+    return np.asarray(out[:n], dtype=np.float64)
+
+
 @dataclass
 class Item:
     """One arrived input. ``key`` numbers the inputs of a run in arrival order (0, 1, ...); ``image`` is

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import FluidError, LaunchError
 from . import faults
+from .arrivals import parse_rate
 from .liveness import Liveness
 from .options import MODES, InferOptions
 from .protocol import EXIT_BAD_INPUT, Job
@@ -93,6 +94,7 @@ def _start(t, opts: InferOptions):
         beyond = [r for r in plan.ranks if r >= t.size]
         if beyond:
             raise LaunchError(f"--kill-rank {beyond[0]}: there are only ranks 0..{t.size - 1}")
+        parse_rate(opts.rate)  # a bad --rate is every rank's error, before any work
         if opts.resume and not opts.predictions:
             raise LaunchError("--resume needs --predictions (the file that records what was answered)")
         part, _ = load_part(opts.checkpoint, t.rank)

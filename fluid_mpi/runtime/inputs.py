@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .arrivals import Item, ReplaySource, Source, StdinSource, poisson_offsets
+from .arrivals import Item, ReplaySource, Source, StdinSource, parse_rate, schedule_offsets
 
 # With an empty backlog and inputs still to arrive, wait at most 1 ms for them: a fraction of one batch's
 # compute, so an arrival waits little, yet an idle coordinator leaves the core to the workers.
@@ -179,8 +179,8 @@ def open_inputs(opts, skip: set[int], ds_loader=None) -> InputStream:
     keep = ~np.isin(keys, np.fromiter(skip, np.int64, len(skip))) if skip else np.ones(len(keys), bool)
     idx = np.nonzero(keep)[0]
     kept_names = [names[i] for i in idx] if names is not None else None
-    source = ReplaySource(images[idx], kept_names or [""] * len(idx), poisson_offsets(len(idx), opts.rate, opts.seed),
-                          time.monotonic())
+    offsets = schedule_offsets(len(idx), parse_rate(opts.rate), opts.seed)
+    source = ReplaySource(images[idx], kept_names or [""] * len(idx), offsets, time.monotonic())
     stream = InputStream(source, keys[idx], labels[idx] if labels is not None else None, kept_names,
                          not opts.rate, len(keys) + len(bad), description)
     stream.errors = [(k, n, e) for k, n, e in bad if k not in skip]

@@ -2,6 +2,7 @@
 follow a script, a fake prober; plus hostfile/agent/probe helpers and the CLI's preflight."""
 from __future__ import annotations
 
+import json
 import os
 import stat
 import sys
@@ -416,3 +417,85 @@ def test_launch_preflight_missing_part_file(tmp_path, monkeypatch):
     assert res.exit_code == 2
     assert res.output.strip().splitlines() == [f"fluid-mpi launch: error: node2: missing {parts / 'part-1.pt'}"]
     assert os.path.exists(parts / "part-0.pt")
+
+
+# --- the whole command with a fake mpirun and a fake agent (no MPI, no root) ------------------------
+
+FAKE_MPIRUN = r'''#!PYTHON
+"""Stands in for mpirun: answers inputs like infer would; while DIR/lose names a host of this attempt,
+answers 300 inputs, 'powers that host off' (DIR/down/HOST) and ends without a stop event, as PRRTE does."""
+import json, os, sys, time
+argv = sys.argv
+opt = lambda name: argv[argv.index(name) + 1]
+hosts = open(opt("--hostfile")).read().split()[::2]
+preds, events, state = opt("--predictions"), opt("--events"), os.path.dirname(os.environ["FAKE_STATE"] + "/")
+done = set()
+if os.path.exists(preds):
+    done = {json.loads(line)["index"] for line in open(preds)}
+emit = lambda **ev: open(events, "a").write(json.dumps({"t": time.time(), **ev}) + "\n")
+emit(event="start", ranks=len(hosts), family="fluid", mode="ht", images=1000, todo=1000 - len(done))
+lose = open(state + "/lose").read().strip() if os.path.exists(state + "/lose") else ""
+todo = [i for i in range(1000) if i not in done]
+if lose in hosts:
+    todo = todo[:300]
+with open(preds, "a") as fh:
+    for i in todo:
+        fh.write(json.dumps({"index": i, "label": 0, "pred": 0, "rank": 0}) + "\n")
+if lose in hosts:
+    os.makedirs(state + "/down", exist_ok=True)
+    open(state + "/down/" + lose, "w").close()
+    sys.exit(0)
+emit(event="stop", status="ok", answered=1000, images=1000, exit_code=0, message="", silent_hosts=[])
+'''
+
+
+def _fake_cluster(tmp_path, lose: str = ""):
+    state = tmp_path / "state"
+    (state / "down").mkdir(parents=True)
+    (state / "lose").write_text(lose)
+    mpirun = tmp_path / "mpirun"
+    mpirun.write_text(FAKE_MPIRUN.replace("PYTHON", sys.executable))
+    mpirun.chmod(0o755)
+    agent = tmp_path / "agent"
+    agent.write_text(f'#!/bin/sh\nhost="$1"; shift\n[ -e {state}/down/"$host" ] && exit 255\nexec sh -c "$*"\n')
+    agent.chmod(0o755)
+    (tmp_path / "hosts").write_text("node1 slots=1\nnode2 slots=1\n")
+    (tmp_path / "m.pt").write_bytes(b"x")
+    env = dict(os.environ, MPIEXEC=str(mpirun), PRTE_MCA_plm_ssh_agent=str(agent), FAKE_STATE=str(state))
+    return env
+
+
+def _launch(tmp_path, env, *extra):
+    import subprocess
+
+    cmd = [sys.executable, "-m", "fluid_mpi.cli", "launch", "-np", "2", "--hostfile", str(tmp_path / "hosts"),
+           "-c", str(tmp_path / "m.pt"), "--run-dir", str(tmp_path / "run"), *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)  # a few seconds
+
+
+def test_launch_relaunches_after_lost_daemon_fake_mpirun(tmp_path):
+    env = _fake_cluster(tmp_path, lose="node2")
+    res = _launch(tmp_path, env)
+    assert res.returncode == 0, res.stderr
+    assert "1000 of 1000 inputs answered" in res.stdout
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [a["hosts"] for a in s["attempts"]] == [["node1", "node2"], ["node1"]] and s["duplicates"] == 0
+    assert [(f["host"], f["fault"]) for f in s["failures"]] == [("node2", "lost daemon")]
+    assert read_indices(tmp_path / "run" / "predictions.jsonl") == (set(range(1000)), 0)
+
+
+def test_launch_gives_up_with_resume_line_then_resumes(tmp_path):
+    env = _fake_cluster(tmp_path, lose="node1")
+    (tmp_path / "hosts").write_text("node1 slots=1\n")  # its only device is lost: nothing to relaunch on
+    res = _launch(tmp_path, env, "--max-restarts", "0")
+    last = res.stderr.strip().splitlines()[-1]
+    assert res.returncode == 3 and "300 of 1000 inputs answered" in last and last.endswith("--resume")
+    again = last.split("resume with: ", 1)[1].split()
+    (tmp_path / "state" / "lose").write_text("")
+    os.remove(tmp_path / "state" / "down" / "node1")  # the device is back
+    import subprocess
+
+    res = subprocess.run([sys.executable, "-m", "fluid_mpi.cli", *again[1:]], env=env, capture_output=True,
+                         text=True, timeout=60)  # a few seconds
+    assert res.returncode == 0, res.stderr
+    assert read_indices(tmp_path / "run" / "predictions.jsonl") == (set(range(1000)), 0)

@@ -17,7 +17,7 @@ from . import hosts as hostlib
 # (open ULFM bugs); one rank per host in hostfile order; no binding (hosts of a virtual cluster share
 # the same cores, and binding would pin every rank to core 0)
 MPIRUN_FLAGS = ["--map-by", "node", "--bind-to", "none", "--with-ft", "ulfm", "--mca", "btl", "tcp,self",
-                "--mca", "coll", "^han"]
+                "--mca", "coll", "^han", "-x", "FLUID_MPI_RUN_ID"]  # the run's id in every rank's env
 # after SIGKILL to its group mpirun is reaped at once; the bound only guards a wedged process table
 REAP_TIMEOUT_S = 2.0
 

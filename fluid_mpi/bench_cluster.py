@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .cluster import vcluster
 from .model import data
-from .mpirun import find_mpirun, mpi_env, read_json_lines
+from .mpirun import find_mpirun, mpi_env
 
 # its own vcluster instance, never the user's (fmpi) nor test_vcluster's (t<pid>); $FLUID_MPI_BENCH_VCLUSTER
 # overrides it (test_bench does, so that a test never touches a bench running beside it)
@@ -56,10 +56,21 @@ def port_bytes(vc: vcluster.VCluster) -> dict[str, tuple[int, int]]:
             for h in vcluster.hosts(vc.name, include_head=True) if vc.veth(h) in by_port}
 
 
+def throttling(vc: vcluster.VCluster) -> tuple[int, int]:
+    """(CFS periods, periods throttled) summed over the ranks' hosts (cgroup v1 ``cpu.stat``): whether a
+    ``--cpus`` quota actually bound, or the machine's other load kept the ranks below it anyway."""
+    periods = throttled = 0
+    for host in vcluster.hosts(vc.name):
+        with contextlib.suppress(OSError):
+            stat = dict(line.split() for line in (vc.cgroup("cpu", host) / "cpu.stat").read_text().splitlines())
+            periods, throttled = periods + int(stat["nr_periods"]), throttled + int(stat["nr_throttled"])
+    return periods, throttled
+
+
 def run_on_cluster(vc: vcluster.VCluster, k: int, hostfile: Path, args: list[str], out_dir: Path, name: str,
-                   timeout: float) -> tuple[int | None, dict | None, int]:
+                   timeout: float) -> tuple[int | None, dict | None, int, str]:
     """``mpirun`` inside ``head`` over TCP, one rank per node; returns (exit code or None when cut at
-    ``timeout``, the summary, bytes sent between the ranks' hosts during the run)."""
+    ``timeout``, the summary, bytes sent between the ranks' hosts during the run, the end of stderr)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     summary, preds, events = (out_dir / f"{name}{ext}" for ext in (".json", ".jsonl", ".events.jsonl"))
     for stale in (summary, preds, events):
@@ -72,7 +83,7 @@ def run_on_cluster(vc: vcluster.VCluster, k: int, hostfile: Path, args: list[str
                             stderr=subprocess.PIPE, text=True, env=vcluster.mpirun_env(mpi_env(), vc.name),
                             start_new_session=True, cwd=str(Path.cwd()))
     try:
-        proc.communicate(timeout=timeout)
+        err = proc.communicate(timeout=timeout)[1]
         rc = proc.returncode
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -80,14 +91,14 @@ def run_on_cluster(vc: vcluster.VCluster, k: int, hostfile: Path, args: list[str
             for pid in vc.pids(host):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-        proc.communicate()
+        err = proc.communicate()[1] + f"\n(cut at {timeout:g} s)"
         rc = None
     after = port_bytes(vc)
     sent = sum(after[h][0] - before[h][0] for h in after if h != vcluster.HEAD)
     to_head = after[vcluster.HEAD][1] - before[vcluster.HEAD][1] if vcluster.HEAD in after else 0
     s = json.loads(summary.read_text()) if summary.exists() else None
-    read_json_lines(preds)  # parsed as the shared-memory runs' are, so both pay the same
-    return rc, s, max(0, sent - to_head)
+    (out_dir / f"{name}.stderr").write_text(err)
+    return rc, s, max(0, sent - to_head), " ".join(err.strip().splitlines()[-2:])[-300:]
 
 
 def run_cluster(cfg, ckpts: dict[str, Path], bar) -> dict:
@@ -110,23 +121,26 @@ def run_cluster(cfg, ckpts: dict[str, Path], bar) -> dict:
             vc.shape(None, rate=rate)  # rate None: no shaping
             for host in vcluster.hosts(vc.name):  # the ranks' hosts; head only runs mpirun
                 vc.slow(host, cpus or 0)
-            got, images = {}, {}
+            got, images, load, cfs = {}, {}, [], throttling(vc)
             for rep in range(reps):
+                load.append(round(os.getloadavg()[0], 2))
                 start = rep % len(scen)
                 for family, variant, args in scen[start:] + scen[:start]:
                     bar.set_description(f"cluster {link}, {cpus or 'full'} CPU: {family} {variant} ({rep + 1}/{reps})")
                     n = images.get((family, variant), math.ceil(probe * (cpus or 1)))
                     limit = ["--limit", str(min(n, n_test))] + (["--repeat", str(math.ceil(n / n_test))]
                                                                 if n > n_test else [])
-                    rc, s, wire = run_on_cluster(vc, k, hostfile, args + data_args + ["-b", "64"] + limit, out_dir,
+                    rc, s, wire, err = run_on_cluster(vc, k, hostfile, args + data_args + ["-b", "64"] + limit, out_dir,
                                                  f"{family}-{variant}".replace(" ", ""), CLUSTER_RUN_TIMEOUT_S)
                     s = s or {}
-                    got.setdefault((family, variant), []).append((s, rc, wire))
+                    got.setdefault((family, variant), []).append((s, rc, wire, err))
                     rate_ = s.get("images_per_s") or 0
                     if rep == 0 and reps > 1 and rate_:  # later repetitions last about window_s
                         images[(family, variant)] = max(n, min(cfg.max_images, int(cfg.window_s * rate_)))
                     bar.update(1)
-            result["settings"].append(_setting(link, rate, cpus, got, k))
+            periods, throttled = (a - b for a, b in zip(throttling(vc), cfs))
+            result["settings"].append({**_setting(link, rate, cpus, got, k), "load_avg": load,
+                                       "throttled": round(throttled / periods, 3) if cpus and periods else None})
     finally:
         vc.down()
     result["wall_s"] = round(time.perf_counter() - t0, 1)
@@ -136,14 +150,15 @@ def run_cluster(cfg, ckpts: dict[str, Path], bar) -> dict:
 def _setting(link: str, rate: str | None, cpus: float | None, got: dict, k: int) -> dict:
     rows = []
     for (family, variant), runs in got.items():
-        rates = [s.get("images_per_s") or 0.0 for s, _, _ in runs]
-        per_image = [w / s["answered"] for s, _, w in runs if s.get("answered")]
+        rates = [s.get("images_per_s") or 0.0 for s, _, _, _ in runs]
+        per_image = [w / s["answered"] for s, _, w, _ in runs if s.get("answered")]
         rows.append({"family": family, "variant": variant, "images_per_s": statistics.median(rates),
-                     "min": min(rates), "max": max(rates), "runs": rates, "returncodes": [rc for _, rc, _ in runs],
-                     "images": [s.get("answered") for s, _, _ in runs],
+                     "min": min(rates), "max": max(rates), "runs": rates, "returncodes": [rc for _, rc, _, _ in runs],
+                     "images": [s.get("answered") for s, _, _, _ in runs],
+                     "errors": [e for s, rc, _, e in runs if rc != 0 or s.get("status") != "ok"],
                      "bytes_per_image": round(statistics.median(per_image), 1) if per_image else None,
                      "latency_ms": (runs[-1][0].get("latency_ms") or {}),
-                     "status": next((s.get("status", "no summary") for s, _, _ in runs
+                     "status": next((s.get("status", "no summary") for s, _, _, _ in runs
                                      if s.get("status") != "ok"), "ok")})
     tp = {(r["family"], r["variant"]): r for r in rows}
     ht = tp[("fluid", "HT")]["runs"]

@@ -303,3 +303,18 @@ def test_prediction_sink_fsyncs_at_most_every_interval(tmp_path, monkeypatch):
     sink.close()
     assert len(synced) == 4  # close makes the rest durable
     assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 21
+
+
+def test_stopped_since_sees_only_a_stop_after_the_ranks_start(tmp_path):
+    from fluid_mpi.runtime.events import EventLog, stopped_since
+
+    path = tmp_path / "ev.jsonl"
+    clock = iter([100.0, 101.0, 200.0, 201.0]).__next__
+    log = EventLog(path, clock=clock)
+    log.emit("start")
+    log.emit("stop", status="ok")  # an earlier attempt's stop (t = 101)
+    assert not stopped_since(path, 150.0) and stopped_since(path, 100.0)
+    log.emit("start")
+    log.emit("stop", status="silent")  # this attempt's stop (t = 201)
+    assert stopped_since(path, 150.0)
+    assert not stopped_since(None, 0.0) and not stopped_since(tmp_path / "missing", 0.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import time
 import tempfile
 from pathlib import Path
 
@@ -118,6 +119,7 @@ def _run(t, opts: InferOptions, ft: bool) -> int:
     if t.size > 1:
         faults.install_unplanned_exit_guard()
     drain = Drain()
+    started_at = time.time()
     started = _start(t, opts)
     if isinstance(started, int):
         return started
@@ -131,7 +133,7 @@ def _run(t, opts: InferOptions, ft: bool) -> int:
               images=np.zeros((0, 28, 28), np.uint8), labels=np.zeros(0, np.int64), indices=np.zeros(0, np.int64),
               batch_size=opts.batch_size, rank_timeout=opts.rank_timeout, faults=opts.fault_plan(),
               stamp_dir=stamp_dir, combine=opts.combine, width=width)
-    ctx = roles.Context(t, part, meta, opts, job, Liveness(hosts), drain)
+    ctx = roles.Context(t, part, meta, opts, job, Liveness(hosts), drain, started_at)
     return roles.coordinate(ctx) if t.rank == 0 else roles.serve(ctx)
 
 

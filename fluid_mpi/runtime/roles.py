@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import FluidError
-from .events import SUMMARY_EVENTS, EventLog, FailureTracker
+from .events import SUMMARY_EVENTS, EventLog, FailureTracker, stopped_since
 from .inputs import open_inputs
 from .liveness import Liveness
 from .outputs import Answered, PredictionSink, Summary, human_summary, read_answered, write_summary
-from .protocol import EXIT_BAD_INPUT, Job, Outcome
+from .protocol import EXIT_BAD_INPUT, EXIT_FAILED, Job, Outcome
 from .transport import Transport
 
 
@@ -29,6 +29,7 @@ class Context:
     job: Job
     liveness: Liveness
     draining: Callable[[], bool]
+    started_at: float = 0.0  # unix time this rank started: a stop event after it ends this run
 
     @property
     def fluid(self) -> bool:
@@ -162,6 +163,10 @@ def serve(ctx: Context) -> int:
                 continue  # serve the rank that takes over
             return end.code
         lost = sorted(set(end.lost))
+        if stopped_since(ctx.opts.events, ctx.started_at):  # cut off from a run that has already ended
+            print(f"fluid-mpi: rank {t.world_rank()}: the run has already stopped; not taking over",
+                  file=sys.stderr, flush=True)
+            return EXIT_FAILED
         if ctx.fluid:  # the lowest surviving rank takes over as coordinator
             print(f"fluid-mpi: coordinator (rank {min(lost)}) lost; rank {t.world_rank()} takes over "
                   f"on {t.size} rank(s)", file=sys.stderr, flush=True)

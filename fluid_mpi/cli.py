@@ -190,11 +190,25 @@ def infer(**kw) -> None:
 @click.option("--publish", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Then copy OUT's results.md, results.json and img/*.png into DIR (e.g. docs), keeping the "
                    "hand-written part below the mark in DIR/results.md.")
-def bench(quick, out, data_dir, parts, cluster, publish) -> None:
+@click.option("--adaptive", is_flag=True,
+              help="Instead: HA, HT and --mode auto under an offered load (10-120 % of HT's capacity) and a step "
+                   "load; writes OUT/adaptive.md, adaptive.json, img/adaptive-*.png (--publish DIR: as "
+                   "DIR/adaptive-results.*). --quick: about 3 minutes.")
+def bench(quick, out, data_dir, parts, cluster, publish, adaptive) -> None:
     """Reproduce the paper's comparison: throughput, latency, accuracy, failures (launches mpirun itself).
 
     Writes OUT/results.json, OUT/results.md and PNG plots (with --cluster: OUT/cluster.json, cluster.md).
     """
+    if adaptive:
+        from .bench_adaptive import AdaptiveConfig, publish_adaptive, run_adaptive
+
+        r = run_adaptive(AdaptiveConfig.make(out, data_dir, parts, quick))
+        for g in r["goals"]:
+            click.echo(f"{g['goal']}: {g['verdict']}")
+        click.echo(f"adaptive bench {r['wall_s']} s; report: {Path(out) / 'adaptive.md'}")
+        if publish:
+            publish_adaptive(Path(out), Path(publish))
+        return
     from . import bench as bm
 
     if cluster:

@@ -1,0 +1,189 @@
+"""The report of ``fluid-mpi bench --adaptive``: the goals' verdicts (computed from the figures), the plots
+(OUT/img/adaptive-*.png) and OUT/adaptive.md + OUT/adaptive.json. Nothing here is edited by hand."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+MODES = ("ha", "ht", "auto")
+LABELS = {"ha": "HA", "ht": "HT", "auto": "auto"}
+# A load HA can sustain: HA answers at least 98 % of the realized offered rate (the rest is the last
+# answers' latency after the last arrival, ~1 % of a 1.5-3 s run; a backlog that grows loses far more).
+SUSTAIN = 0.98
+ACCURACY_PP = 0.05  # goal 1: auto's accuracy within 0.05 pp of HA's where HA sustains the load
+THROUGHPUT = 0.95  # goal 2: auto's throughput >= 0.95 x HT's where HA does not
+IMG = "img"
+PLOTS = {"accuracy": "adaptive-accuracy.png", "p99": "adaptive-p99.png", "throughput": "adaptive-throughput.png",
+         "step": "adaptive-step.png"}
+
+
+def sustained(point: dict) -> bool:
+    """HA keeps up with this load: its throughput is at least SUSTAIN x the realized offered rate."""
+    ha = point["modes"]["ha"]
+    return bool(ha["images_per_s"] and ha["offered_per_s"] and ha["images_per_s"] >= SUSTAIN * ha["offered_per_s"])
+
+
+def _verdict(name: str, rule: str, checked: list[dict], failing: list[dict]) -> dict:
+    met = None if not checked else not failing  # None: no load point qualified (never a tick)
+    return {"goal": name, "rule": rule, "checked": checked, "failing": failing, "met": met,
+            "verdict": "✔ met" if met else ("✘ not met" if met is False else "– no load qualified")}
+
+
+def goals(points: list[dict], latency_ms: float) -> list[dict]:
+    """The three goals of issue 11 on the sweep's medians; each lists the loads it checked and those failing."""
+    acc, thr, lat = [], [], []
+    for p in points:
+        ha, ht, auto = (p["modes"][m] for m in MODES)
+        if sustained(p):
+            gap = None if ha["accuracy"] is None or auto["accuracy"] is None else round(auto["accuracy"] - ha["accuracy"], 3)
+            acc.append({"load": p["load"], "ha": ha["accuracy"], "auto": auto["accuracy"], "gap_pp": gap,
+                        "ok": gap is not None and abs(gap) <= ACCURACY_PP + 1e-9})
+        else:
+            ok = bool(auto["images_per_s"] and ht["images_per_s"]
+                      and auto["images_per_s"] >= THROUGHPUT * ht["images_per_s"])
+            thr.append({"load": p["load"], "ht": ht["images_per_s"], "auto": auto["images_per_s"],
+                        "ratio": round(auto["images_per_s"] / ht["images_per_s"], 3) if ok or (
+                            auto["images_per_s"] and ht["images_per_s"]) else None, "ok": ok})
+        if ht["p99_ms"] is not None and ht["p99_ms"] <= latency_ms:
+            lat.append({"load": p["load"], "ht": ht["p99_ms"], "auto": auto["p99_ms"],
+                        "ok": auto["p99_ms"] is not None and auto["p99_ms"] <= latency_ms})
+    return [
+        _verdict("accuracy where HA keeps up",
+                 f"at every load HA sustains (HA's throughput >= {SUSTAIN:g} x offered), |auto - HA| accuracy "
+                 f"<= {ACCURACY_PP:g} pp", acc, [c for c in acc if not c["ok"]]),
+        _verdict("throughput at overload",
+                 f"at every load HA does not sustain (overload for HA), auto's throughput >= {THROUGHPUT:g} x HT's",
+                 thr, [c for c in thr if not c["ok"]]),
+        _verdict("latency where HT meets the target",
+                 f"at every load where HT's p99 <= {latency_ms:g} ms, auto's p99 <= {latency_ms:g} ms",
+                 lat, [c for c in lat if not c["ok"]]),
+    ]
+
+
+def plot(results: dict, out: Path) -> list[str]:
+    """The four PNGs under OUT/img/ (an empty list without matplotlib, the optional [plots] extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    (out / IMG).mkdir(parents=True, exist_ok=True)
+    pts, cap = results["points"], results["ht_capacity"]["images_per_s"]
+    x = [100 * p["load"] for p in pts]
+    style = {"ha": ("tab:blue", "o"), "ht": ("tab:orange", "s"), "auto": ("tab:green", "^")}
+    target = results["config"]["latency_ms"]
+    for key, field, ylabel in (("accuracy", "accuracy", "accuracy (%)"), ("p99", "p99_ms", "p99 latency (ms)"),
+                               ("throughput", "images_per_s", "throughput (images/s)")):
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        for m in MODES:
+            ax.plot(x, [p["modes"][m][field] for p in pts], marker=style[m][1], color=style[m][0], label=LABELS[m])
+        if key == "p99":
+            ax.set_yscale("log")
+            ax.axhline(target, color="grey", ls="--", lw=1, label=f"target {target:g} ms")
+        if key == "throughput":
+            ax.plot(x, [p["rate"] for p in pts], color="grey", ls=":", lw=1, label="offered")
+        ax.set_xlabel(f"offered load (% of HT's measured capacity, {cap:.0f} images/s)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{ylabel.split(' (')[0]} vs offered load (median of {results['config']['reps']})")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / IMG / PLOTS[key], dpi=110)
+        plt.close(fig)
+    w = results["step"]["windows"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    rate = 1 / w["width_s"]
+    ax.plot(w["t"], [n * rate for n in w["offered"]], color="grey", lw=1, label="offered")
+    ax.bar(w["t"], [n * rate for n in w["ha"]], width=w["width_s"], align="edge", color="tab:blue", alpha=0.7,
+           label="answered in HA")
+    ax.bar(w["t"], [n * rate for n in w["ht"]], width=w["width_s"], align="edge", color="tab:orange", alpha=0.7,
+           bottom=[n * rate for n in w["ha"]], label="answered in HT")
+    for i, s in enumerate(w["switches"]):
+        ax.axvline(s["t"], color="red", ls="--", lw=1, label="mode switch" if i == 0 else None)
+    ax.set_xlabel("time since the run started (s)")
+    ax.set_ylabel(f"images/s (per {w['width_s'] * 1000:.0f} ms window)")
+    ax.set_title(f"step load in auto mode: {results['step']['spec']} images/s")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(out / IMG / PLOTS["step"], dpi=110)
+    plt.close(fig)
+    return [f"{IMG}/{name}" for name in PLOTS.values()]
+
+
+def _pcts(loads) -> str:
+    """``10 %, 50 %, ...``"""
+    return ", ".join(f"{100 * x:.0f} %" for x in loads)
+
+
+def _f(v, fmt: str = "{:,.0f}") -> str:
+    return "–" if v is None else fmt.format(v)
+
+
+def markdown(r: dict) -> str:
+    """OUT/adaptive.md: command, definitions, the sweep table, the verdicts, the step load and the plots."""
+    c, cap = r["config"], r["ht_capacity"]["images_per_s"]
+    env = r["environment"]
+    lines = [f"# fluid-mpi bench --adaptive: HA, HT and `--mode auto` under an offered load (K = {c['parts']})", "",
+             f"Command: `{env['command']}` — {env['date']}, {env['machine']}, Python {env['python']}, "
+             f"torch {env['torch']}, {env['mpi']}. Wall time {r['wall_s']} s"
+             + (f" (budget {r['budget_s']:g} s)." if r.get("budget_s") else "."), "",
+             f"Data: {r['data']}. Written by `fluid_mpi/report_adaptive.py`; not edited by hand.", "",
+             "## Method", "",
+             f"- **HT's capacity**: a closed-loop HT run (every input available at once, `--repeat` so it lasts "
+             f"≥ 2 s): **{cap:,.0f} images/s** ({r['ht_capacity']['run']['elapsed_s']} s, "
+             f"{r['ht_capacity']['run']['images']} images).",
+             f"- **Sweep**: offered load {_pcts(p['load'] for p in r['points'])} of that capacity, "
+             f"a Poisson stream (`infer --rate R --seed S`) of about {c['run_s']:g} s each. At every load HA, HT and "
+             f"auto run interleaved on the same arrivals, {c['reps']} repetition(s) each (the median is shown); "
+             f"batch {c['batch_size']}, `--latency-ms {c['latency_ms']:g}` for every run (only auto acts on it).",
+             "- **Throughput**: answered / elapsed (the summary's `images_per_s`); **offered**: the realized "
+             "rate of the seed's arrivals (inputs / last arrival time); **p99**: from each input's arrival to its answer.",
+             f"- **HA sustains a load** when HA's throughput ≥ {SUSTAIN:g} × offered; every other load is "
+             "**overload** (for HA: its backlog grows).", "",
+             "## Sweep (medians)", "",
+             "| offered | images/s | HA thr. | HT thr. | auto thr. | HA p99 ms | HT p99 ms | auto p99 ms "
+             "| HA acc. % | HT acc. % | auto acc. % | auto in HA | HA sustains |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+    for p in r["points"]:
+        m = p["modes"]
+        lines.append(f"| {100 * p['load']:.0f} % | {p['rate']:,.0f} | "
+                     + " | ".join(_f(m[k]["images_per_s"]) for k in MODES) + " | "
+                     + " | ".join(_f(m[k]["p99_ms"], "{:,.1f}") for k in MODES) + " | "
+                     + " | ".join(_f(m[k]["accuracy"], "{:.2f}") for k in MODES)
+                     + f" | {_f(m['auto']['ha_share'], '{:.0%}')} | {'yes' if sustained(p) else 'no'} |")
+    bad = [f"{100 * p['load']:.0f} % {k}" for p in r["points"] for k in MODES if not p["modes"][k]["all_ok"]]
+    lines += ["", "Every run answered every input exactly once with exit code 0." if not bad else
+              f"Runs with an error or a missing/duplicate answer: {', '.join(bad)} (see adaptive.json).", "",
+              "## Goals (computed from the table above)", "", "| goal | rule | loads checked | verdict |",
+              "|---|---|---|---|"]
+    for g in r["goals"]:
+        fails = "; failing: " + _pcts(f["load"] for f in g["failing"]) if g["failing"] else ""
+        lines.append(f"| {g['goal']} | {g['rule']} | {_pcts(x['load'] for x in g['checked']) or 'none'}"
+                     f"{fails} | {g['verdict']} |")
+    s, w = r["step"], r["step"]["windows"]
+    lines += ["", "## Step load (auto)", "",
+              f"`--rate {s['spec']}` ({_pcts(s['fractions'])} of HT's capacity, "
+              f"{s['segments_s']:g} s per step), `--latency-ms {c['latency_ms']:g}`: {s['answered']} of {s['images']} "
+              f"answered{' exactly once' if s['exactly_once'] else ' (NOT exactly once)'}, batches "
+              f"{s['by_mode']}, p99 {_f(s['latency_ms'].get('p99'), '{:,.1f}')} ms, max backlog {s['max_backlog']}.",
+              "", "| t (s) | switch | backlog | arrivals/s | reason |", "|---:|---|---:|---:|---|"]
+    lines += [f"| {x['t']:.2f} | {x['was']} → {x['mode']} | {x['backlog']} | {_f(x['arrival_rate'], '{:,.0f}')} | "
+              f"{x['reason']} |" for x in w["switches"]] or ["| – | no switch | | | |"]
+    lines += ["", "The switch marks sit at the answer time of the batch after which the policy switched "
+              "(`after_batch` of the `mode_switch` event).", ""]
+    if r.get("plots"):
+        lines += ["## Figures", ""] + [f"![{Path(p).stem}]({p})" for p in r["plots"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: dict, out: Path) -> None:
+    """Compute the verdicts, draw the plots, write OUT/adaptive.json and OUT/adaptive.md."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results["goals"] = goals(results["points"], results["config"]["latency_ms"])
+    results["plots"] = plot(results, out)
+    (out / "adaptive.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    (out / "adaptive.md").write_text(markdown(results))

@@ -238,6 +238,7 @@ def test_rejoin_drains_and_relaunches_on_bigger_set():
     code, _ = d.run()
     assert code == 0 and [j.hosts for j in w.jobs] == [["node1", "node2"], ["node1"], ["node1", "node2"]]
     assert w.jobs[1].drained_at == pytest.approx(4.0, abs=1.1)
+    assert ["node2"] in w.cleaned  # orphans on the returning host killed as soon as it answered
     rejoin = [f for e, f in w.emitted if e == "rejoin"]
     assert rejoin and rejoin[0]["host"] == "node2" and 0 < rejoin[0]["ms"] < 1000
     assert summary(d, code, "")["rejoins"][0]["host"] == "node2"

@@ -29,6 +29,7 @@ class Launcher(Protocol):
 
     def start(self, hosts: Sequence[str], attempt: int) -> Job: ...
     def cleanup(self, hosts: Sequence[str]) -> None: ...  # kill this run's processes on those hosts
+    # (called between attempts, and on a lost host as soon as it answers again)
 
 
 class Outputs(Protocol):
@@ -207,8 +208,9 @@ class Driver:
                     job.kill()
                     return AttemptEnd(None, None, "unreachable")
                 returned = [h for h in lost if answers.get(h, False)]
-                for host in returned:
-                    self._returned_at.setdefault(host, now())
+                new = [h for h in returned if h not in self._returned_at]
+                self.launcher.cleanup(new) if new else None  # at once: an orphan there must not write
+                self._returned_at.update({h: now() for h in new})
                 if returned and running and len(hosts) < self.s.np:
                     job.drain()
                     drain_at, back = now(), returned
@@ -235,8 +237,7 @@ class Driver:
 
     def _infer_event(self, ev: dict) -> None:
         """Learn from infer's events: the run's shape, and in-job failures for the summary."""
-        kind = ev.get("event")
-        if kind == "start":
+        if (kind := ev.get("event")) == "start":
             self.start_info = self.start_info or dict(ev)
         elif kind == "failure":
             lag = max(0.0, time.time() - ev["t"]) if "t" in ev else 0.0  # event written -> read here
@@ -249,9 +250,9 @@ class Driver:
                 f.next_answer_ms = ev.get("after_failure_ms")
 
     def _mark_lost(self, end: AttemptEnd, hosts: Sequence[str]) -> list[str]:
-        """After a failed attempt: every host that does not answer a probe is lost, and infer's silent
-        hosts are failures too (a silent host that answers, e.g. one frozen rank on a live board, is
-        cleaned up and used again). Returns the hosts lost before that answer again (they rejoin)."""
+        """After a failed attempt: hosts that do not answer a probe are lost; infer's silent hosts are
+        failures too but, if they answer (one frozen rank on a live board), cleaned up and used again.
+        Returns the hosts lost before that answer again (they rejoin)."""
         silent = list((end.stop or {}).get("silent_hosts") or [])
         earlier = [h for h in self.all_hosts if h in self.lost]
         answers = self.probe(list(hosts) + earlier)

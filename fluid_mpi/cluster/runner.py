@@ -86,9 +86,6 @@ class MpirunLauncher:
 
     def cleanup(self, hosts: Sequence[str]) -> None:
         """Kill what is left of this run on those hosts (ranks of a killed job, frozen ones included)."""
-        for job in self.jobs:
-            if job.poll() is None:
-                job.kill()
         if hosts:
             hostlib.kill_marked(self.agent, hosts, self.marker)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .bench import BenchConfig, ensure_checkpoints, environment
+from .bench_throughput import size_args
 from .model import data
 from .mpirun import mpirun_infer
 from .runtime.arrivals import parse_rate, schedule_offsets
@@ -29,8 +30,10 @@ MODES = ("ha", "ht", "auto")
 RUN_TIMEOUT_S = 120.0
 # The closed-loop capacity run is at most ~3 s of work; same start-up and margin as above.
 CAPACITY_TIMEOUT_S = 120.0
-# Wall-time goal of `bench --adaptive --quick` (tests/test_bench_adaptive.py asserts it; see the test).
-QUICK_BUDGET_S = 240.0
+# Wall-time goal of `bench --adaptive --quick` (tests/test_bench_adaptive.py asserts it): the whole command
+# measured 192 s (training the three quick checkpoints, ~45 s, included) on the project's 2-core machine on
+# 2026-11-30 while other test suites ran; x 1.5 for a shared, noisy machine gives 290 s.
+QUICK_BUDGET_S = 290.0
 # Width of the step-load timeline's windows: 100 ms, short next to each 1-2 s step, long enough to hold a few batches.
 WINDOW_S = 0.1
 
@@ -50,7 +53,7 @@ class AdaptiveConfig:
     capacity_s: float = 2.5  # the closed-loop HT capacity run lasts at least 2 s (sized to ~this)
     latency_ms: float = 50.0  # the --latency-ms target: 50 ms, a few HA batches of 64 on this machine
     batch_size: int = 64  # infer's default
-    step: tuple[float, float, float] = (0.2, 1.1, 0.2)  # step load: fractions of HT's capacity, low/high/low
+    step: tuple[float, float, float] = (0.1, 1.1, 0.1)  # step load: fractions of HT's capacity, low/high/low
     step_s: float = 2.0  # seconds of each step segment
     seed: int = 1  # repetition r uses seed + r
 
@@ -70,10 +73,10 @@ class AdaptiveConfig:
 
 
 def sizing(n: int, n_test: int) -> tuple[list[str], int]:
-    """``--limit``/``--repeat`` giving at least ``n`` inputs from a test split of ``n_test``; and the count."""
-    repeat = max(1, -(-n // n_test))
-    limit = min(n_test, -(-n // repeat))
-    return ["--limit", str(limit), "--repeat", str(repeat)], limit * repeat
+    """``bench_throughput.size_args`` (``--limit``/``--repeat`` for about ``n`` inputs) and how many they give."""
+    args = size_args(n, n_test)
+    repeat = int(args[3]) if len(args) > 2 else 1
+    return args, int(args[1]) * repeat
 
 
 class Runner:
@@ -104,7 +107,8 @@ class Runner:
                "images_per_s": s.get("images_per_s"), "elapsed_s": s.get("elapsed_s"),
                "latency_ms": s.get("latency_ms") or {}, "accuracy": s.get("accuracy"),
                "max_backlog": s.get("max_backlog"), "by_mode": s.get("by_mode") or {},
-               "switches": sum(e.get("event") == "mode_switch" for e in r.events), "wall_s": round(r.seconds, 1)}
+               "switches": sum(e.get("event") == "mode_switch" for e in r.events), "wall_s": round(r.seconds, 1),
+               "policy_ha_capacity": policy_ha_capacity(r.events)}
         if r.returncode != 0 or s.get("exit_code") != 0:
             row["error"] = (s.get("message") or r.stderr.strip()[-300:] or "no summary")
         if keep:
@@ -114,7 +118,9 @@ class Runner:
     def capacity(self, bar) -> dict:
         """HT's capacity: a closed-loop HT run (no --rate) sized to last ``capacity_s``; re-sized and run
         again (at most twice) while it lasts under 2 s."""
-        guess, row = 4000.0, {}
+        # first guess: above the fastest HT capacity seen on the project's 2-core machine (~8,600/s), so the
+        # first run usually lasts >= 2 s (a re-run costs a whole mpirun start-up, ~8 s)
+        guess, row = 10_000.0, {}
         for attempt in range(3):
             bar.set_description(f"HT capacity (run {attempt + 1})")
             row = self.run("ht", f"capacity-{attempt}", int(guess * self.cfg.capacity_s), None, 0, CAPACITY_TIMEOUT_S)
@@ -125,6 +131,16 @@ class Runner:
             guess = row["images_per_s"] * 1.1  # a little more than measured: the next run lasts >= 2 s
         bar.update(1)
         return row
+
+
+def policy_ha_capacity(events: list[dict]) -> float | None:
+    """The auto policy's HA capacity estimate (images/s, measured in-process at start-up), as its
+    ``mode_switch`` reasons state it ("... x 3825.7/s"); None when no reason names it."""
+    import re
+
+    found = [float(m.group(1)) for e in events if e.get("event") == "mode_switch"
+             for m in [re.search(r"x (?:HA capacity )?([\d.]+)/s", e.get("reason", ""))] if m]
+    return found[0] if found else None
 
 
 def step_windows(timeline: list, preds: list[dict], events: list[dict], offsets, width_s: float = WINDOW_S) -> dict:
@@ -170,6 +186,7 @@ def condense(rows: list[dict]) -> dict:
             "max_backlog": median(rows, lambda r: r["max_backlog"]),
             "ha_share": median(rows, lambda r: (r["by_mode"].get("ha", 0) / max(1, sum(r["by_mode"].values())))),
             "switches": median(rows, lambda r: r["switches"]),
+            "policy_ha_capacity": median(rows, lambda r: r.get("policy_ha_capacity")),
             "all_ok": all(r["returncode"] == 0 and r["exit_code"] == 0 and r["exactly_once"] for r in rows),
             "reps": rows}
 

@@ -37,7 +37,7 @@ def test_probe_and_kill_marked_with_fake_runner():
     assert hostlib.probe_many(["agent"], ["up", "down"], run=run) == {"up": True, "down": False}
     calls.clear()
     hostlib.kill_marked(["agent"], ["up"], "fluid_run=abc", run=run)
-    assert calls == [["agent", "up", "pkill -KILL -f '[f]luid_run=abc'"]]
+    assert calls == [["agent", "up", "pkill --ns $$ --nslist net -KILL -f '[f]luid_run=abc'"]]
 
 
 def test_preflight_problems_one_line_per_problem():

@@ -82,9 +82,10 @@ def agent_command(env: Mapping[str, str] | None = None) -> list[str]:
     return ["ssh", *SSH_OPTIONS]
 
 
-def remote_argv(agent: Sequence[str], host: str, cmd: Sequence[str]) -> list[str]:
-    """``AGENT HOST 'CMD…'``: like ssh, the agent hands one string to the remote shell, so quote it."""
-    return [*agent, host, shlex.join(cmd)]
+def remote_argv(agent: Sequence[str], host: str, cmd: Sequence[str] | str) -> list[str]:
+    """``AGENT HOST 'CMD…'``: like ssh, the agent hands one string to the remote shell, so a list is
+    quoted; a string is passed as it is (for the remote shell to expand)."""
+    return [*agent, host, cmd if isinstance(cmd, str) else shlex.join(cmd)]
 
 
 def _spawn_run(argv: list[str], timeout: float) -> tuple[int | None, str]:
@@ -103,7 +104,7 @@ def _spawn_run(argv: list[str], timeout: float) -> tuple[int | None, str]:
     return proc.returncode, out or ""
 
 
-def run_on(agent: Sequence[str], host: str, cmd: Sequence[str], timeout: float = PROBE_TIMEOUT_S,
+def run_on(agent: Sequence[str], host: str, cmd: Sequence[str] | str, timeout: float = PROBE_TIMEOUT_S,
            run: Runner | None = None) -> tuple[int | None, str]:
     """Run CMD on HOST; returns (exit code, or None on timeout / agent missing; its output). ``run``
     replaces the process runner in tests: ``run(argv, timeout) -> (code, output)``."""
@@ -130,9 +131,11 @@ def probe_many(agent: Sequence[str], hosts: Sequence[str], timeout: float = PROB
 def kill_marked(agent: Sequence[str], hosts: Sequence[str], marker: str, timeout: float = PROBE_TIMEOUT_S,
                 run: Runner | None = None) -> dict[str, int | None]:
     """SIGKILL every process whose command line holds ``marker`` on every host (in parallel). The
-    pattern's first character is bracketed so that the remote shell carrying it never matches itself."""
+    pattern's first character is bracketed so that the remote shell carrying it never matches itself;
+    ``--ns $$ --nslist net`` keeps the kill to the host's own network namespace (the same as plain
+    pkill on a real board; on the virtual cluster all hosts share one PID namespace)."""
     pattern = f"[{marker[0]}]{marker[1:]}"
-    cmd = ["pkill", "-KILL", "-f", pattern]
+    cmd = f"pkill --ns $$ --nslist net -KILL -f {shlex.quote(pattern)}"
     with ThreadPoolExecutor(max_workers=max(1, min(len(hosts), 16))) as pool:
         codes = list(pool.map(lambda h: run_on(agent, h, cmd, timeout, run)[0], hosts))
     return dict(zip(hosts, codes))

@@ -106,6 +106,8 @@ def launch(ctx: click.Context, np_: int, hostfile: str, checkpoint: str, max_res
     driver = Driver(names, settings, launcher, FileOutputs(evs, preds),
                     lambda hs: hostlib.probe_many(agent, hs), emit, Clock(), lambda: bool(stop_flag))
     code, message = driver.run()
+    if driver.lost:  # leave nothing behind on a lost host that can be reached again by now
+        launcher.cleanup(sorted(driver.lost))
     report = launch_summary(driver, code, message)
     report["duplicates"] = read_indices(preds)[1]
     report.update(run_id=run_id, predictions=str(preds), events=str(evs))

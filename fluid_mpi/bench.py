@@ -24,14 +24,16 @@ from .model import checkpoint, data
 from . import bench_throughput as throughput
 from .mpirun import find_mpirun, mpirun_infer
 
-# Wall-time goals of the whole benchmark (report.py gives the verdict). Full: the project's goal.
-# Quick: `fluid-mpi bench --quick` measured 184 s (wall_s; 3 min 8 s for the whole command) on the
-# project's 2-core machine on 2026-11-30 while other test suites ran (two of its runs cut at FAIL_TIMEOUT_S
-# by a lingering launcher; test_bench's own run took 182 s; a run on a quieter machine earlier that day
-# took 73 s); × 1.5 for a shared, noisy machine gives 280 s. tests/test_bench.py asserts this bound, and
-# the `--quick` help and README say "about 3 minutes".
+# Wall-time goals of the whole benchmark (report.py gives the verdict): issue 10's, full under 20 minutes and
+# --quick under 2 minutes on the project's 2-core machines.
 FULL_BUDGET_S = 1200.0
-QUICK_BUDGET_S = 280.0
+QUICK_BUDGET_S = 120.0
+# The bound tests/test_bench.py asserts for --quick: measured × 1.5. `fluid-mpi bench --quick` (2 interleaved
+# repetitions of 6 rows at batch 64 and 1, 8 runs with a rank killed, 2 detection runs: 34 mpiruns) measured
+# 241.5 s (wall_s) on 2026-11-30 with the machine's 1-minute load at 4-5 (other engineers' suites), and 363.1 s
+# inside test_bench with the load at 6-10 (each mpirun then takes 6-9 s, mostly start-up); 363 × 1.5 = 545 s.
+# The goal above (120 s) needs a quiet machine: ~2.5 s of start-up per mpirun there.
+QUICK_BOUND_S = 545.0
 # Hard limits of one mpirun (mpirun_infer kills its process group then): hangs must not stall the bench.
 # A throughput run presents about BenchConfig.window_s (2 s) of inputs at its in-process reference's speed, and
 # takes that plus start-up (~2.5 s; batch 1 over MPI: up to ~3 x the window); 120 s leaves room for a loaded machine.
@@ -60,11 +62,15 @@ class BenchConfig:
     cluster_probe_images: int = 4000  # bench --cluster: inputs of the first repetition at full speed (x CPU share)
 
     @classmethod
-    def make(cls, out, data_dir, parts, quick) -> "BenchConfig":
+    def make(cls, out, data_dir, parts, quick, batch_sizes: tuple[int, ...] | None = None) -> "BenchConfig":
         if quick:  # embedded data, tiny training, few repetitions: QUICK_BUDGET_S
-            return cls(Path(out), data_dir, parts, True, epochs=2, kill_reps=1, batch_sizes=(64, 1), reps=2,
-                       window_s=0.3, ref_window_s=0.1, cluster_probe_images=1000)
-        return cls(Path(out), data_dir, parts)
+            cfg = cls(Path(out), data_dir, parts, True, epochs=2, kill_reps=1, batch_sizes=(64, 1), reps=2,
+                      window_s=0.3, ref_window_s=0.1, cluster_probe_images=1000)
+        else:
+            cfg = cls(Path(out), data_dir, parts)
+        if batch_sizes:
+            cfg.batch_sizes = tuple(batch_sizes)
+        return cfg
 
 
 def ensure_checkpoints(cfg: BenchConfig, bar) -> dict[str, Path]:
@@ -93,12 +99,19 @@ def ensure_checkpoints(cfg: BenchConfig, bar) -> dict[str, Path]:
     return out
 
 
+def cls_default(cfg: BenchConfig) -> tuple[int, ...]:
+    """The batch sizes ``make`` gives without ``--batch-sizes``."""
+    return BenchConfig.make(cfg.out, cfg.data_dir, cfg.parts, cfg.quick).batch_sizes
+
+
 def environment(cfg: BenchConfig) -> dict:
     """Where and how this run was made: the command, date, machine and software versions."""
     import torch
 
     cmd = ["fluid-mpi", "bench"] + (["--quick"] if cfg.quick else []) + (
         ["--data-dir", str(cfg.data_dir)] if cfg.data_dir else []) + ["--parts", str(cfg.parts), "--out", str(cfg.out)]
+    if cfg.batch_sizes != cls_default(cfg):
+        cmd += ["--batch-sizes", ",".join(map(str, cfg.batch_sizes))]
     mpirun, mpi = find_mpirun(), None
     if mpirun:
         # `mpirun --version` prints at once; 30 s only guards against a broken installation

@@ -21,9 +21,9 @@ STOP_TIMEOUT_S = 60
 # measured on the 2-core machine (2026-11-30, other tests running): infer job 15 s, fault-demo job 10 s,
 # sbatch to exit; 60 s = 4 × the slower, as their mpirun start-up varies most under load
 JOB_TIMEOUT_S = 60
-# the quick bench measured 184 s outside Slurm (fluid_mpi/bench.py QUICK_BUDGET_S = that × 1.5 = 280 s),
-# plus 20 s for Slurm to schedule and start the job (this job took 266 s with other tests running)
-BENCH_JOB_TIMEOUT_S = 300
+# the quick bench's bound outside Slurm (fluid_mpi/bench.py QUICK_BOUND_S: measured 363 s × 1.5 = 545 s, with
+# issue 10's interleaved repetitions), plus 20 s for Slurm to schedule and start the job
+BENCH_JOB_TIMEOUT_S = 565
 
 
 @pytest.fixture(scope="module")

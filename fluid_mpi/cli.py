@@ -180,7 +180,8 @@ def infer(**kw) -> None:
 
 @cli.command()
 @click.option("--quick", is_flag=True,
-              help="Embedded data, 2 epochs per stage, one run per row: about 3 minutes (184 s on 2 cores).")
+              help="Embedded data, 2 epochs per stage, 2 interleaved repetitions per row: 4-6 minutes on a busy "
+                   "2-core machine (241 s, 363 s), about 2 on a quiet one.")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/bench", show_default=True)
 @DATA_DIR
 @click.option("--parts", "-k", type=click.IntRange(2, 8), default=2, show_default=True, help="K ranks.")
@@ -190,11 +191,14 @@ def infer(**kw) -> None:
 @click.option("--publish", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Then copy OUT's results.md, results.json and img/*.png into DIR (e.g. docs), keeping the "
                    "hand-written part below the mark in DIR/results.md.")
+@click.option("--batch-sizes", default=None, metavar="B,B,...",
+              help="Batch sizes of the throughput and latency rows (default 64,16,4,1; --quick: 64,1); the goals "
+                   "are at 64 and 1.")
 @click.option("--adaptive", is_flag=True,
               help="Instead: HA, HT and --mode auto under an offered load (10-120 % of HT's capacity) and a step "
                    "load; writes OUT/adaptive.md, adaptive.json, img/adaptive-*.png (--publish DIR: as "
                    "DIR/adaptive-results.*). --quick: about 3 minutes.")
-def bench(quick, out, data_dir, parts, cluster, publish, adaptive) -> None:
+def bench(quick, out, data_dir, parts, cluster, publish, batch_sizes, adaptive) -> None:
     """Reproduce the paper's comparison: throughput, latency, accuracy, failures (launches mpirun itself).
 
     Writes OUT/results.json, OUT/results.md and PNG plots (with --cluster: OUT/cluster.json, cluster.md).
@@ -222,7 +226,11 @@ def bench(quick, out, data_dir, parts, cluster, publish, adaptive) -> None:
         if publish and c["merged"]:
             bm.publish(Path(out), Path(publish))
         return
-    results = bm.run_bench(bm.BenchConfig.make(out, data_dir, parts, quick))
+    try:
+        sizes = tuple(int(v) for v in batch_sizes.split(",")) if batch_sizes else None
+    except ValueError:
+        raise click.BadParameter(f"{batch_sizes!r}: comma-separated integers, e.g. 64,1", param_hint="--batch-sizes")
+    results = bm.run_bench(bm.BenchConfig.make(out, data_dir, parts, quick, sizes))
     if publish:
         bm.publish(Path(out), Path(publish))
     q = results["ratios"]

@@ -11,7 +11,7 @@ import sys
 from click.testing import CliRunner
 
 from fluid_mpi.cluster import hosts as hostlib
-from fluid_mpi.cluster.runner import FileOutputs, MpirunLauncher, read_indices
+from fluid_mpi.cluster.runner import AttemptFiles, FileOutputs, MpirunLauncher, read_indices
 
 
 # --- hosts.py ---------------------------------------------------------------------------------------
@@ -59,27 +59,45 @@ def test_needed_paths(tmp_path):
 
 # --- runner.py file helpers and the command line ---------------------------------------------------
 
-def test_file_outputs_tail_and_indices(tmp_path):
-    ev, pr = tmp_path / "e.jsonl", tmp_path / "p.jsonl"
-    ev.write_text('{"event": "old"}\n')
-    out = FileOutputs(ev, pr)
-    with open(ev, "a") as fh:
-        fh.write('{"event": "start"}\n{"event": "host_lost", "by": "launch"}\n{"event": "to')
+def test_attempt_files_fence_and_event_copy(tmp_path):
+    """Each attempt gets its own files; the record points to the current one; a stale attempt's writes
+    are not seen; infer's events are copied into the one events file, complete lines only."""
+    rec, evs = tmp_path / "p.jsonl", tmp_path / "e.jsonl"
+    rec.write_text('{"index": 1}\n{"index": 2}\n{"index": 1}\n{"index": 3')  # a repeat, a torn line
+    files = AttemptFiles(rec, evs, tmp_path)
+    out = FileOutputs(files)
+    assert out.new_events() == []
+    p1, e1 = files.begin(1)
+    assert rec.is_symlink() and read_indices(rec) == ({1, 2}, 0) and out.answered() == 2
+    with open(e1, "a") as fh:
+        fh.write('{"event": "start"}\n{"event": "to')
     assert [e["event"] for e in out.new_events()] == ["start"]
-    with open(ev, "a") as fh:
+    with open(e1, "a") as fh:
         fh.write('rn"}\n')
     assert [e["event"] for e in out.new_events()] == ["torn"]
-    pr.write_text('{"index": 1}\n{"index": 2}\n{"index": 1}\n{"index": 3')
-    assert read_indices(pr) == ({1, 2}, 1) and out.answered() == 2 and out.progress() > 0
+    p2, e2 = files.begin(2)
+    with open(p1, "a") as fh:  # an orphan of attempt 1 writes on
+        fh.write('{"index": 2}\n')
+    with open(e1, "a") as fh:
+        fh.write('{"event": "takeover"}\n')
+    with open(p2, "a") as fh:
+        fh.write('{"index": 3}\n')
+    assert out.new_events() == [] and read_indices(rec) == ({1, 2, 3}, 0) and out.progress() > 0
+    files.finish()
+    assert not rec.is_symlink() and read_indices(rec) == ({1, 2, 3}, 0) and not p1.exists()
+    assert [json.loads(x)["event"] for x in evs.read_text().splitlines()] == ["start", "torn"]
 
 
 def test_mpirun_command_has_marker_and_flags(tmp_path):
-    lau = MpirunLauncher("/v/mpirun", ["--checkpoint", "/c.pt"], tmp_path, "abc123", ["agent"], {})
+    files = AttemptFiles(tmp_path / "p.jsonl", tmp_path / "e.jsonl", tmp_path)
+    lau = MpirunLauncher("/v/mpirun", ["--checkpoint", "/c.pt"], files, "abc123", ["agent"], {})
     cmd = lau.command(["node1", "node3"], 2)
     assert cmd[:5] == ["/v/mpirun", "--hostfile", str(tmp_path / "hosts-2"), "-np", "2"]
     assert "--with-ft" in cmd and "tcp,self" in cmd and "^han" in cmd and "node" in cmd
-    assert cmd[cmd.index("-X") + 1] == "fluid_run=abc123" and cmd[-3:] == ["--resume", "--summary",
-                                                                            str(tmp_path / "infer-2.json")]
+    assert cmd[cmd.index("-X") + 1] == "fluid_run=abc123"
+    assert cmd[cmd.index("--resume"):] == ["--resume", "--predictions", str(tmp_path / "predictions-2.jsonl"),
+                                           "--events", str(tmp_path / "events-2.jsonl"),
+                                           "--summary", str(tmp_path / "infer-2.json")]
     assert (tmp_path / "hosts-2").read_text() == "node1 slots=1\nnode3 slots=1\n"
 
 

@@ -62,7 +62,7 @@ def launch(ctx: click.Context, np_: int, hostfile: str, checkpoint: str, max_res
     """
     from . import hosts as hostlib
     from .elastic import Clock, Driver, Settings
-    from .runner import EventLog, FileOutputs, MpirunLauncher, read_indices
+    from .runner import AttemptFiles, EventLog, FileOutputs, MpirunLauncher, read_indices
     from ..mpirun import find_mpirun, mpi_env
 
     run_path = Path(run_dir).resolve()
@@ -91,23 +91,25 @@ def launch(ctx: click.Context, np_: int, hostfile: str, checkpoint: str, max_res
     if not resume:  # a fresh run: earlier answers must not be skipped
         preds.unlink(missing_ok=True)
         evs.unlink(missing_ok=True)
-    infer_args = ["--checkpoint", str(Path(checkpoint).resolve()), "--predictions", str(preds),
-                  "--events", str(evs), "--rank-timeout", str(rank_timeout), *ctx.args]
+    infer_args = ["--checkpoint", str(Path(checkpoint).resolve()), "--rank-timeout", str(rank_timeout),
+                  *ctx.args]
+    files = AttemptFiles(preds, evs, run_path)
     run_id = uuid.uuid4().hex[:12]
     env = mpi_env()
     env["FLUID_MPI_RUN_ID"] = run_id
-    launcher = MpirunLauncher(mpirun, infer_args, run_path, run_id, agent, env, mpirun_arg)
+    launcher = MpirunLauncher(mpirun, infer_args, files, run_id, agent, env, mpirun_arg)
     emit = EventLog(evs)
     stop_flag: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _frame: stop_flag.append(signum))
     settings = Settings(np=np_, max_restarts=max_restarts, probe_every=probe_interval, stop_grace=stop_grace,
                         stall_timeout=stall_timeout or 2 * rank_timeout + 10)
-    driver = Driver(names, settings, launcher, FileOutputs(evs, preds),
+    driver = Driver(names, settings, launcher, FileOutputs(files),
                     lambda hs: hostlib.probe_many(agent, hs), emit, Clock(), lambda: bool(stop_flag))
     code, message = driver.run()
     if driver.lost:  # leave nothing behind on a lost host that can be reached again by now
         launcher.cleanup(sorted(driver.lost))
+    files.finish()
     report = launch_summary(driver, code, message)
     report["duplicates"] = read_indices(preds)[1]
     report.update(run_id=run_id, predictions=str(preds), events=str(evs))

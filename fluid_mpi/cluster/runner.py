@@ -57,13 +57,12 @@ class MpirunLauncher:
     ``-X`` option is ignored by Python but puts the run's marker on every rank's command line, so that
     ``pkill -f`` through the agent can end exactly this run's processes on any host."""
 
-    def __init__(self, mpirun: str, infer_args: Sequence[str], run_dir: Path, run_id: str,
-                 agent: Sequence[str], env: dict, mpirun_args: Sequence[str] = (),
-                 python: str = sys.executable, summary: str | None = None):
-        self.mpirun, self.infer_args, self.run_dir = mpirun, list(infer_args), run_dir
+    def __init__(self, mpirun: str, infer_args: Sequence[str], files: "AttemptFiles", run_id: str,
+                 agent: Sequence[str], env: dict, mpirun_args: Sequence[str] = (), python: str = sys.executable):
+        self.mpirun, self.infer_args, self.files = mpirun, list(infer_args), files
+        self.run_dir = files.run_dir
         self.run_id, self.agent, self.env = run_id, list(agent), env
-        self.mpirun_args, self.python, self.summary = list(mpirun_args), python, summary
-        self.jobs: list[MpirunJob] = []
+        self.mpirun_args, self.python = list(mpirun_args), python
 
     @property
     def marker(self) -> str:
@@ -73,16 +72,16 @@ class MpirunLauncher:
     def command(self, hosts: Sequence[str], attempt: int) -> list[str]:
         """The mpirun command of one attempt (its hostfile is written here)."""
         hostfile = hostlib.write_hostfile(hosts, self.run_dir / f"hosts-{attempt}")
-        summary = ["--summary", str(self.run_dir / f"infer-{attempt}.json")]
+        preds, events = self.files.begin(attempt)
+        outputs = ["--predictions", str(preds), "--events", str(events),
+                   "--summary", str(self.run_dir / f"infer-{attempt}.json")]
         return [self.mpirun, "--hostfile", str(hostfile), "-np", str(len(hosts)), *MPIRUN_FLAGS,
                 *self.mpirun_args, self.python, "-X", self.marker, "-m", "fluid_mpi.cli", "infer",
-                *self.infer_args, "--resume", *summary]
+                *self.infer_args, "--resume", *outputs]
 
     def start(self, hosts: Sequence[str], attempt: int) -> MpirunJob:
         """Run one attempt; its output goes to RUN_DIR/mpirun-ATTEMPT.log."""
-        job = MpirunJob(self.command(hosts, attempt), self.env, self.run_dir / f"mpirun-{attempt}.log")
-        self.jobs.append(job)
-        return job
+        return MpirunJob(self.command(hosts, attempt), self.env, self.run_dir / f"mpirun-{attempt}.log")
 
     def cleanup(self, hosts: Sequence[str]) -> None:
         """Kill what is left of this run on those hosts (ranks of a killed job, frozen ones included)."""
@@ -90,24 +89,95 @@ class MpirunLauncher:
             hostlib.kill_marked(self.agent, hosts, self.marker)
 
 
-class FileOutputs:
-    """Reads the events file incrementally (only complete lines, not the launcher's own) and the
-    predictions file's size and answers."""
+class AttemptFiles:
+    """Each attempt writes its own predictions and events files: the fence against a rank of an earlier
+    attempt that lives on (a device that lost its cable, then takes over when it comes back) — it can
+    only write to its own attempt's files, which nobody reads any more. The record (``--predictions``)
+    is a symlink to the current attempt's file during the run, a plain file at the end; the launcher
+    copies infer's events into the one events file as it reads them."""
 
-    def __init__(self, events: Path, predictions: Path):
-        self.events, self.predictions = events, predictions
-        self.offset = events.stat().st_size if events.exists() else 0  # earlier runs' events are history
+    def __init__(self, predictions: Path, events: Path, run_dir: Path):
+        self.predictions, self.events, self.run_dir = predictions, events, run_dir
+        self.current: Path | None = None  # this attempt's events file
+        self.made: list[Path] = []
+
+    def begin(self, attempt: int) -> tuple[Path, Path]:
+        """This attempt's files: the answers so far (complete lines, each input once) copied into a new
+        predictions file that the record then points to, and an empty events file."""
+        preds = self.run_dir / f"predictions-{attempt}.jsonl"
+        _write_synced(preds, unique_lines(self.predictions))
+        link = self.predictions.with_name(self.predictions.name + ".link")
+        link.unlink(missing_ok=True)
+        link.symlink_to(preds)
+        os.replace(link, self.predictions)  # atomic: a reader sees the old or the new record
+        self.current = self.run_dir / f"events-{attempt}.jsonl"
+        self.current.write_bytes(b"")
+        self.made += [preds, self.current]
+        return preds, self.current
+
+    def finish(self) -> None:
+        """Make the record a plain file again and remove the per-attempt files."""
+        if self.predictions.is_symlink():
+            tmp = self.predictions.with_name(self.predictions.name + ".final")
+            _write_synced(tmp, unique_lines(self.predictions))
+            os.replace(tmp, self.predictions)
+        for path in self.made:
+            path.unlink(missing_ok=True)
+
+
+def unique_lines(path: Path) -> bytes:
+    """The complete lines of a predictions file, the first one of each input index only."""
+    seen: set[int] = set()
+    out = []
+    try:
+        with open(path, "rb") as fh:
+            for line in fh:
+                if not line.endswith(b"\n"):
+                    break  # a torn last line: that input is answered again
+                try:
+                    idx = int(json.loads(line)["index"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+                if idx not in seen:
+                    seen.add(idx)
+                    out.append(line)
+    except FileNotFoundError:
+        pass
+    return b"".join(out)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())  # the record must survive the launcher's own device going down
+
+
+class FileOutputs:
+    """Reads the current attempt's events incrementally (complete lines only) and copies them into the
+    one events file; the predictions record's size and answers."""
+
+    def __init__(self, files: AttemptFiles):
+        self.files, self.predictions = files, files.predictions
+        self.path, self.offset = None, 0
 
     def new_events(self) -> list[dict]:
-        """Complete event lines appended since the last call, the launcher's own left out."""
+        """Complete event lines infer appended since the last call (also copied to the events file)."""
+        if self.path != self.files.current:
+            self.path, self.offset = self.files.current, 0
+        if self.path is None:
+            return []
         try:
-            with open(self.events, "rb") as fh:
+            with open(self.path, "rb") as fh:
                 fh.seek(self.offset)
                 data = fh.read()
         except FileNotFoundError:
             return []
         complete = data[: data.rfind(b"\n") + 1]
         self.offset += len(complete)
+        if complete:
+            with open(self.files.events, "ab") as fh:
+                fh.write(complete)
         out = []
         for line in complete.splitlines():
             try:

@@ -9,6 +9,7 @@ from 10 % to 120 % of that capacity running HA, HT and auto interleaved at every
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
 import time
@@ -57,13 +58,14 @@ class AdaptiveConfig:
     step: tuple[float, float, float] = (0.1, 1.1, 0.1)  # step load: fractions of HT's capacity, low/high/low
     step_s: float = 2.0  # seconds of each step segment
     seed: int = 1  # repetition r uses seed + r
+    recheck: bool = True  # re-measure HT's capacity after every repetition (the machine is shared: it drifts)
 
     @classmethod
     def make(cls, out, data_dir, parts: int, quick: bool) -> "AdaptiveConfig":
         """The full sweep, or the quick one (3 loads, one repetition, shorter runs; QUICK_BUDGET_S)."""
         if quick:
             return cls(Path(out), data_dir, parts, True, loads=(0.1, 0.5, 1.2), reps=1, run_s=1.5,
-                       capacity_s=2.2, step_s=1.0)
+                       capacity_s=2.2, step_s=1.0, recheck=False)
         return cls(Path(out), data_dir, parts)
 
     def command(self) -> str:
@@ -96,6 +98,7 @@ class Runner:
         args = ["-c", str(self.ckpt), "--mode", mode, "-b", str(self.cfg.batch_size),
                 "--latency-ms", f"{self.cfg.latency_ms:g}", "--seed", str(seed)] + size + self.data_args
         args += ["--rate", rate] if rate else []
+        load_avg = round(os.getloadavg()[0], 2)  # 1-min load average at launch: how busy the shared machine was
         r = mpirun_infer(self.cfg.parts, args, self.runs, name, timeout=timeout)
         s = r.summary or {}
         offsets = schedule_offsets(count, parse_rate(rate), seed) if rate else None
@@ -109,7 +112,7 @@ class Runner:
                "latency_ms": s.get("latency_ms") or {}, "accuracy": s.get("accuracy"),
                "max_backlog": s.get("max_backlog"), "by_mode": s.get("by_mode") or {},
                "switches": sum(e.get("event") == "mode_switch" for e in r.events), "wall_s": round(r.seconds, 1),
-               "policy_ha_capacity": policy_ha_capacity(r.events)}
+               "policy_ha_capacity": policy_ha_capacity(r.events), "load_avg": load_avg}
         if r.returncode != 0 or s.get("exit_code") != 0:
             row["error"] = (s.get("message") or r.stderr.strip()[-300:] or "no summary")
         if keep:
@@ -196,7 +199,7 @@ def run_adaptive(cfg: AdaptiveConfig) -> dict:
     """Every measurement of ``bench --adaptive``; writes (and returns) OUT/adaptive.json and the report."""
     t_start = time.perf_counter()
     runs_total = len(cfg.loads) * cfg.reps * len(MODES)
-    with tqdm(total=3 + 1 + runs_total + 1, desc="bench --adaptive", unit="run") as bar:
+    with tqdm(total=3 + 1 + runs_total + (cfg.reps if cfg.recheck else 0) + 1, desc="bench --adaptive", unit="run") as bar:
         bcfg = BenchConfig.make(cfg.out, cfg.data_dir, cfg.parts, cfg.quick)
         ckpts = ensure_checkpoints(bcfg, bar)
         bar.update(3)
@@ -205,6 +208,7 @@ def run_adaptive(cfg: AdaptiveConfig) -> dict:
         cap_row = runner.capacity(bar)
         cap = float(cap_row["images_per_s"])
         raw: dict[tuple[int, str], list[dict]] = {}
+        checks: list[float | None] = []  # HT's closed-loop capacity after each repetition (cfg.recheck)
         for rep in range(cfg.reps):
             order = MODES[rep % 3:] + MODES[:rep % 3]  # rotate, so no mode always runs first
             for i, frac in enumerate(cfg.loads):
@@ -215,6 +219,12 @@ def run_adaptive(cfg: AdaptiveConfig) -> dict:
                                      RUN_TIMEOUT_S)
                     raw.setdefault((i, mode), []).append(row)
                     bar.update(1)
+            if cfg.recheck:
+                bar.set_description(f"rep {rep + 1}/{cfg.reps}: HT capacity again")
+                again = runner.run("ht", f"capacity-check-{rep}", int(cap * cfg.capacity_s), None, 0,
+                                   CAPACITY_TIMEOUT_S)
+                checks.append(again["images_per_s"])
+                bar.update(1)
         bar.set_description("step load (auto)")
         lo, hi, lo2 = (round(f * cap, 1) for f in cfg.step)
         spec = f"{lo:g}@{cfg.step_s:g},{hi:g}@{cfg.step_s:g},{lo2:g}"
@@ -229,7 +239,10 @@ def run_adaptive(cfg: AdaptiveConfig) -> dict:
     results = {"config": {**asdict(cfg), "out": str(cfg.out)}, "environment": env,
                "data": data.load_split(cfg.data_dir, "test").source,
                "checkpoint_accuracy": json.loads(json.dumps(_accuracy(ckpts["fluid"]))),
-               "ht_capacity": {"images_per_s": cap, "run": cap_row}, "points": points, "step": step,
+               "ht_capacity": {"images_per_s": cap, "run": cap_row, "after_each_rep": checks},
+               "load_avg": [min(loads), max(loads)] if (loads := [row["load_avg"] for rows in raw.values()
+                                                                  for row in rows]) else None,
+               "points": points, "step": step,
                "budget_s": QUICK_BUDGET_S if cfg.quick else None}
     from .report_adaptive import write_report
 

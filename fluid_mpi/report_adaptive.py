@@ -134,7 +134,12 @@ def markdown(r: dict) -> str:
              "## Method", "",
              f"- **HT's capacity**: a closed-loop HT run (every input available at once, `--repeat` so it lasts "
              f"≥ 2 s): **{cap:,.0f} images/s** ({r['ht_capacity']['run']['elapsed_s']} s, "
-             f"{r['ht_capacity']['run']['images']} images).",
+             f"{r['ht_capacity']['run']['images']} images)"
+             + (f"; measured again after each repetition: {', '.join(_f(v) for v in r['ht_capacity']['after_each_rep'])}"
+                " images/s" if r["ht_capacity"].get("after_each_rep") else "") + ".",
+             f"- **Machine**: shared with other engineers' test runs; the 1-min load average at the sweep's launches "
+             f"was {_f((r.get('load_avg') or [None])[0], '{:.1f}')}–{_f((r.get('load_avg') or [None, None])[-1], '{:.1f}')} "
+             f"on {env['machine']} (every figure is measured under that load).",
              f"- **Sweep**: offered load {_pcts(p['load'] for p in r['points'])} of that capacity, "
              f"a Poisson stream (`infer --rate R --seed S`) of about {c['run_s']:g} s each. At every load HA, HT and "
              f"auto run interleaved on the same arrivals, {c['reps']} repetition(s) each (the median is shown); "

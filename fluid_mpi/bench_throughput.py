@@ -3,7 +3,9 @@
 Every repetition measures, for every batch size, the in-process references (one torch thread, in this
 process) and then one ``mpirun`` per scenario, round-robin (the first scenario rotates from one repetition
 to the next): so every row's runs are spread over the whole bench instead of coming 5 in a row, and every
-ratio pairs figures measured minutes apart at most. A row is the median of the repetitions, with min and
+ratio pairs figures measured minutes apart at most. Each mpirun presents about ``window_s`` seconds of
+inputs: in the first repetition at the speed of its in-process reference (MPI is slower, so at least that
+long), in the later ones at the speed the first repetition measured (a loaded machine does not stretch them). A row is the median of the repetitions, with min and
 max; the paper's claims are also computed per repetition (HT and its baselines of the same repetition),
 and their minimum is reported."""
 from __future__ import annotations
@@ -92,7 +94,7 @@ def measure(cfg, ckpts: dict[str, Path], runs: Path, data_args: list[str], bar, 
     ``reference_runs`` and ``per_rep`` for the results."""
     k, refs = cfg.parts, References(ckpts, cfg.parts, cfg.data_dir)
     n_test, scen = len(refs.x), scenarios(ckpts, cfg.parts)
-    images: dict = {}  # (batch, family, variant) -> inputs per run, fixed after the first repetition
+    images: dict = {}  # (batch, family, variant) -> inputs per run (first repetition, then the later ones)
     samples: dict = {}  # (batch, family, variant) -> [(summary, returncode)] in repetition order
     ref_runs: dict = {str(b): [] for b in cfg.batch_sizes}
     load = []  # the machine's 1-minute load average at each step: other users' runs share the cores
@@ -106,7 +108,7 @@ def measure(cfg, ckpts: dict[str, Path], runs: Path, data_args: list[str], bar, 
             start = rep % len(scen)
             for family, variant, np_, args, sized_by in scen[start:] + scen[:start]:
                 key = (b, family, variant)
-                if key not in images:  # about window_s seconds at the speed of its in-process reference
+                if key not in images:  # first repetition: about window_s at its in-process reference's speed
                     want = cfg.window_s * ref[sized_by]
                     images[key] = max(4 * b, min(cfg.max_images, b * math.ceil(want / b)))
                 bar.set_description(f"{family} {variant} b={b} ({rep + 1}/{cfg.reps})")
@@ -114,6 +116,9 @@ def measure(cfg, ckpts: dict[str, Path], runs: Path, data_args: list[str], bar, 
                 r = mpirun_infer(np_, args + data_args + ["-b", str(b)] + size_args(images[key], n_test), runs, name,
                                  timeout=timeout)
                 samples.setdefault(key, []).append((r.summary or {}, r.returncode))
+                rate = (r.summary or {}).get("images_per_s")
+                if rep == 0 and rate:  # later repetitions: about window_s at the speed this run measured
+                    images[key] = max(4 * b, min(cfg.max_images, b * math.ceil(cfg.window_s * rate / b)))
                 bar.update(1)
     rows = [_row(b, fam, var, np_, samples[(b, fam, var)]) for b in cfg.batch_sizes for fam, var, np_, _, _ in scen]
     reference = {b: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for b, rs in ref_runs.items()}
@@ -131,6 +136,7 @@ def _row(b: int, family: str, variant: str, np_: int, got: list[tuple[dict, int 
             "latency_ms": {p: _median([x.get(p) for x in lat]) for p in ("p50", "p95", "p99")},
             "elapsed_s": _median([s.get("elapsed_s") for s, _ in got]),
             "accuracy": got[-1][0].get("accuracy"), "images": got[-1][0].get("answered"),
+            "images_runs": [s.get("answered") for s, _ in got],
             "status": next((s for s in status if s != "ok"), "ok")}
 
 

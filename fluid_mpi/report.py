@@ -115,8 +115,9 @@ def markdown(r: dict) -> str:
     lines = _header(r) + [
         "", f"## Throughput (images/s, no failure; median of {cfg.get('reps', 1)} interleaved repetitions, "
         "min–max in brackets)", "",
-        f"Each mpirun presents about {cfg.get('window_s', '?')} s of inputs at the speed of its in-process "
-        "reference (`--limit`/`--repeat`; `images_per_s` counts the inference loop only, start-up excluded). "
+        f"Each mpirun presents about {cfg.get('window_s', '?')} s of inputs (`--limit`/`--repeat`): in the first "
+        "repetition at the speed of its in-process reference, in the later ones at the speed the first measured; "
+        "`images_per_s` counts the inference loop only, start-up excluded. "
         "The repetitions go round-robin over the rows and the references, so no row runs 5 times in a row.", "",
         "| family | variant | ranks | " + " | ".join(f"batch {b}" for b in bs) + " |",
         "|---|---|---:|" + "---:|" * len(bs)]

@@ -66,8 +66,9 @@ def launch(ctx: click.Context, np_: int, hostfile: str, checkpoint: str, max_res
     from ..mpirun import find_mpirun, mpi_env
 
     run_path = Path(run_dir).resolve()
-    preds = Path(predictions or run_path / "predictions.jsonl").resolve()
-    evs = Path(events or run_path / "events.jsonl").resolve()
+    # absolute, symlinks kept: during a run the record is a symlink to the attempt's file (runner.py)
+    preds = Path(os.path.abspath(predictions or run_path / "predictions.jsonl"))
+    evs = Path(os.path.abspath(events or run_path / "events.jsonl"))
     summ = Path(summary or run_path / "summary.json").resolve()
     for path in (run_path, preds.parent, evs.parent, summ.parent):
         path.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
-"""The thin real layer under the elastic driver: mpirun in its own process group, the events and
-predictions files, and the launcher's own event lines. Everything that decides lives in elastic.py."""
+"""The thin real layer under the elastic driver: mpirun in its own process group, per-attempt
+predictions and events files (a fence against ranks of earlier attempts), and the launcher's own event
+lines. Everything that decides lives in elastic.py."""
 from __future__ import annotations
 
 import json

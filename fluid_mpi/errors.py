@@ -7,11 +7,17 @@ Who raises what:
 """
 from __future__ import annotations
 
+# Exit codes of `fluid-mpi infer` and `fluid-mpi launch` (infer's also travel as the summary's
+# `exit_code` and the `stop` event's): 0 every input answered; 2 bad input, before any work; 3 stopped
+# after a failure that cannot be survived (answers kept); 4 a device went silent and could not be excluded
+# in-job (relaunch without it); 5 stopped at a safe point on request (SIGUSR2); 130 interrupted (Ctrl-C).
+EXIT_OK, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_SILENT, EXIT_DRAINED, EXIT_INTERRUPTED = 0, 2, 3, 4, 5, 130
+
 
 class FluidError(Exception):
     """Base class: an error the user can fix; the CLI prints it as one line and exits 2."""
 
-    exit_code = 2
+    exit_code = EXIT_BAD_INPUT
 
 
 class DataError(FluidError):

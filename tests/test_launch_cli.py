@@ -25,7 +25,7 @@ def test_agent_and_remote_argv():
     assert hostlib.agent_command({"PRTE_MCA_plm_ssh_agent": "/run/x/agent -v"}) == ["/run/x/agent", "-v"]
     ssh = hostlib.agent_command({})
     assert ssh[0] == "ssh" and "BatchMode=yes" in ssh and any(a.startswith("ConnectTimeout") for a in ssh)
-    assert hostlib.remote_argv(["a"], "h", ["echo", "x y"]) == ["a", "h", "echo 'x y'"]
+    assert hostlib.remote_argv("h", ["echo", "x y"], ["a"]) == ["a", "h", "echo 'x y'"]
 
 
 def test_probe_and_kill_marked_with_fake_runner():

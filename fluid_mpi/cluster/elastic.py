@@ -12,8 +12,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
-# exit codes of `fluid-mpi infer` (its `stop` event) and of `fluid-mpi launch`
-OK, BAD_INPUT, STOPPED, SILENT, DRAINED, INTERRUPTED = 0, 2, 3, 4, 5, 130
+# exit codes of `fluid-mpi infer` (its `stop` event) and of `fluid-mpi launch`, under the driver's names
+from ..errors import EXIT_BAD_INPUT as BAD_INPUT, EXIT_DRAINED as DRAINED, EXIT_FAILED as STOPPED
+from ..errors import EXIT_INTERRUPTED as INTERRUPTED, EXIT_OK as OK, EXIT_SILENT as SILENT
 
 
 class Job(Protocol):

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+from ..runtime import liveness
+
 # A probe that takes longer than this counts as "no answer": ssh to a live Pi answers in well under a
 # second on a LAN; 2 s leaves room for a loaded 2-core host without stalling recovery much.
 PROBE_TIMEOUT_S = 2.0
 # The preflight starts a Python interpreter on every host (about 0.3 s on a Pi 4, more cold): 20 s.
 PREFLIGHT_TIMEOUT_S = 20.0
-SSH_OPTIONS = ("-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(PROBE_TIMEOUT_S)}")
 
 Runner = Callable[[list[str], float], tuple[int | None, str]]
 
@@ -73,42 +74,19 @@ def write_hostfile(hosts: Sequence[str], path: str | os.PathLike) -> Path:
 
 
 def agent_command(env: Mapping[str, str] | None = None) -> list[str]:
-    """How mpirun reaches a host: PRRTE's ``plm_ssh_agent`` (env ``PRTE_MCA_plm_ssh_agent``, may hold
-    arguments), else ssh in batch mode with a connect timeout (a probe must never wait for a password)."""
-    env = os.environ if env is None else env
-    agent = env.get("PRTE_MCA_plm_ssh_agent", "").strip()
-    if agent:
-        return shlex.split(agent)
-    return ["ssh", *SSH_OPTIONS]
+    """How mpirun reaches a host (the runtime's one definition), with the probe's connect timeout."""
+    return liveness.agent_command(env, PROBE_TIMEOUT_S)
 
 
-def remote_argv(agent: Sequence[str], host: str, cmd: Sequence[str] | str) -> list[str]:
-    """``AGENT HOST 'CMD…'``: like ssh, the agent hands one string to the remote shell, so a list is
-    quoted; a string is passed as it is (for the remote shell to expand)."""
-    return [*agent, host, cmd if isinstance(cmd, str) else shlex.join(cmd)]
-
-
-def _spawn_run(argv: list[str], timeout: float) -> tuple[int | None, str]:
-    """subprocess.run without its wait after a timeout: an agent that entered a frozen host cannot die
-    until the host is thawed (SIGKILL stays pending), and a probe must not wait for that."""
-    try:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    except OSError as exc:
-        return None, str(exc)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()  # reaped later by subprocess's own clean-up of finished children
-        return None, f"no answer within {timeout:g} s"
-    return proc.returncode, out or ""
+remote_argv = liveness.remote_command  # (host, cmd, agent) -> AGENT HOST 'CMD…'
+_spawn_run = liveness.run_command
 
 
 def run_on(agent: Sequence[str], host: str, cmd: Sequence[str] | str, timeout: float = PROBE_TIMEOUT_S,
            run: Runner | None = None) -> tuple[int | None, str]:
     """Run CMD on HOST; returns (exit code, or None on timeout / agent missing; its output). ``run``
     replaces the process runner in tests: ``run(argv, timeout) -> (code, output)``."""
-    return (run or _spawn_run)(remote_argv(agent, host, cmd), timeout)
+    return (run or _spawn_run)(remote_argv(host, cmd, agent), timeout)
 
 
 def probe(agent: Sequence[str], host: str, timeout: float = PROBE_TIMEOUT_S,

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import click
 
+from ..errors import EXIT_INTERRUPTED
+
 
 def _fail(message: str, code: int = 2) -> None:
     click.echo(f"fluid-mpi launch: error: {message}", err=True)
@@ -84,7 +86,7 @@ def launch(ctx: click.Context, np_: int, hostfile: str, checkpoint: str, max_res
     try:
         problems = _preflight(hostlib, agent, names, checkpoint, np_)
     except KeyboardInterrupt:  # nothing started yet; the preflight's probes end by their own timeout
-        _fail("interrupted during the preflight", 130)
+        _fail("interrupted during the preflight", EXIT_INTERRUPTED)
     if problems:
         for line in problems:
             click.echo(f"fluid-mpi launch: error: {line}", err=True)
@@ -114,7 +116,7 @@ def launch(ctx: click.Context, np_: int, hostfile: str, checkpoint: str, max_res
     report = launch_summary(driver, code, message)
     report["duplicates"] = read_indices(preds)[1]
     report.update(run_id=run_id, predictions=str(preds), events=str(evs))
-    status = "ok" if code == 0 else "interrupted" if code == 130 else "stopped"
+    status = "ok" if code == 0 else "interrupted" if code == EXIT_INTERRUPTED else "stopped"
     emit("launcher_stop", status=status, answered=report["answered"], images=report["images"])
     summ.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     of = f" of {report['images']}" if report["images"] is not None else ""

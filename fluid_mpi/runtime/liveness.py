@@ -19,7 +19,7 @@ import signal
 import socket
 import subprocess
 import time
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 # After a SIGKILL ULFM reported the death within ~50 ms on shared memory and ~3 ms over TCP (MPI_NOTES):
 # 3 s without a report means the dead rank's daemon cannot reach mpirun (cable pulled, frozen host).
@@ -29,33 +29,44 @@ KILL_GRACE_S = 3.0
 REMOTE_TIMEOUT_S = 3.0
 
 
-def agent_command() -> list[str]:
-    """How this cluster reaches a host: PRRTE's ``plm_ssh_agent`` setting (as mpirun does), else ssh."""
-    agent = os.environ.get("PRTE_MCA_plm_ssh_agent") or "ssh"
-    argv = shlex.split(agent)
-    if os.path.basename(argv[0]) == "ssh":
-        argv += ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(REMOTE_TIMEOUT_S)}"]
-    return argv
+def agent_command(env: Mapping[str, str] | None = None, connect_timeout: float = REMOTE_TIMEOUT_S) -> list[str]:
+    """How this cluster reaches a host, as mpirun does: PRRTE's ``plm_ssh_agent`` setting (env
+    ``PRTE_MCA_plm_ssh_agent``, may hold arguments), else ssh in batch mode with a connect timeout (a
+    remote command must never wait for a password). The one definition; ``cluster/hosts.py`` uses it."""
+    env = os.environ if env is None else env
+    agent = env.get("PRTE_MCA_plm_ssh_agent", "").strip()
+    if agent:
+        return shlex.split(agent)
+    return ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={max(1, int(connect_timeout))}"]
 
 
-def remote_command(host: str, argv: list[str]) -> list[str]:
-    """The command line that runs ``argv`` on ``host`` through the agent."""
-    return agent_command() + [host, shlex.join(argv)]
+def remote_command(host: str, argv: Sequence[str] | str, agent: Sequence[str] | None = None) -> list[str]:
+    """``AGENT HOST 'CMD…'``: like ssh, the agent hands one string to the remote shell, so an argument
+    list is quoted; a string is a shell command line, passed as it is."""
+    line = argv if isinstance(argv, str) else shlex.join(argv)
+    return [*(agent_command() if agent is None else agent), host, line]
+
+
+def run_command(argv: list[str], timeout: float) -> tuple[int | None, str]:
+    """Run ``argv``; returns (exit code, or None when it did not end within ``timeout`` s or could not
+    start; its output). It is not waited for after a timeout: an agent that entered a frozen host cannot
+    die until the host is thawed (SIGKILL stays pending), and nobody may wait for that."""
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+    except OSError as exc:
+        return None, str(exc)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # reaped later by subprocess's own clean-up of finished children
+        return None, f"no answer within {timeout:g} s"
+    return proc.returncode, out or ""
 
 
 def run_remote(host: str, argv: list[str], timeout: float = REMOTE_TIMEOUT_S) -> bool:
     """Run ``argv`` on ``host``; True when it exited 0 within ``timeout`` seconds."""
-    try:
-        proc = subprocess.Popen(remote_command(host, argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
-    except OSError:
-        return False
-    try:
-        return proc.wait(timeout) == 0
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        return False
+    return run_command(remote_command(host, argv), timeout)[0] == 0
 
 
 def process_state(pid: int) -> str:

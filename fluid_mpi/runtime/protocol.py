@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import EXIT_BAD_INPUT, EXIT_DRAINED, EXIT_FAILED, EXIT_OK, EXIT_SILENT  # noqa: F401 (re-exported)
 from .faults import FaultPlan
 
 CMD_STOP, CMD_FEATURES, CMD_LOGITS, CMD_RUN, CMD_PING = 0, 1, 2, 3, 4  # PING: a keep-alive, no work
@@ -43,8 +44,7 @@ class Job:
     indices: np.ndarray | None = None
 
 
-# Exit codes of `fluid-mpi infer` (and the status word in the summary and the `stop` event).
-EXIT_OK, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_SILENT, EXIT_DRAINED = 0, 2, 3, 4, 5
+# The status word of the summary and the `stop` event, and its exit code
 STATUS_EXIT = {"ok": EXIT_OK, "failed": EXIT_FAILED, "silent": EXIT_SILENT, "drained": EXIT_DRAINED}
 # A STOP message is 40 bytes: a worker that cannot take it within 2 s is gone, and mpirun ends it.
 STOP_FLUSH_S = 2.0

@@ -5,9 +5,9 @@ process) and then one ``mpirun`` per scenario, round-robin (the first scenario r
 to the next): so every row's runs are spread over the whole bench instead of coming 5 in a row, and every
 ratio pairs figures measured minutes apart at most. Each mpirun presents about ``window_s`` seconds of
 inputs: in the first repetition at the speed of its in-process reference (MPI is slower, so at least that
-long), in the later ones at the speed the first repetition measured (a loaded machine does not stretch them). A row is the median of the repetitions, with min and
-max; the paper's claims are also computed per repetition (HT and its baselines of the same repetition),
-and their minimum is reported."""
+long), in the later ones at the speed the first repetition measured (a loaded machine does not stretch
+them). A row is the median of the repetitions, with min and max; the paper's claims are also computed per
+repetition (HT and its baselines of the same repetition), and their minimum is reported."""
 from __future__ import annotations
 
 import math
@@ -121,7 +121,8 @@ def measure(cfg, ckpts: dict[str, Path], runs: Path, data_args: list[str], bar, 
                     images[key] = max(4 * b, min(cfg.max_images, b * math.ceil(cfg.window_s * rate / b)))
                 bar.update(1)
     rows = [_row(b, fam, var, np_, samples[(b, fam, var)]) for b in cfg.batch_sizes for fam, var, np_, _, _ in scen]
-    reference = {b: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for b, rs in ref_runs.items()}
+    reference = {b: {key: round(statistics.median(r[key] for r in rs), 3) for key in rs[0]}
+                 for b, rs in ref_runs.items()}
     return {"throughput": rows, "reference": reference, "reference_runs": ref_runs,
             "per_rep": per_rep(rows, ref_runs, k), "load_avg": load}
 

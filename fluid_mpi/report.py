@@ -59,7 +59,7 @@ def goals(r: dict) -> list[dict]:
     if q1 and q1.get("fluid_ha_p50_over_whole_model") is not None:
         ms = r["reference"]["1"]["fluid_whole_latency_ms"]
         add("Fluid HA p50 latency ≤ 1.3 × the whole Fluid model's in-process latency, batch 1",
-            f"{q1['fluid_ha_p50_over_whole_model']}× ({ms} ms in-process)", q1["fluid_ha_p50_over_whole_model"],
+            f"{q1['fluid_ha_p50_over_whole_model']}× ({ms:.3f} ms in-process)", q1["fluid_ha_p50_over_whole_model"],
             1.3, at_most=True)
     one = r["reference"].get("64", {}).get("fluid_subnetwork")
     for f in r["failures"]:

@@ -34,7 +34,8 @@ RUN_TIMEOUT_S = 120.0
 CAPACITY_TIMEOUT_S = 120.0
 # Wall-time goal of `bench --adaptive --quick` (tests/test_bench_adaptive.py asserts it): the whole command
 # measured 192 s (training the three quick checkpoints, ~45 s, included) on the project's 2-core machine on
-# 2026-11-30 while other test suites ran; x 1.5 for a shared, noisy machine gives 290 s.
+# 2026-11-30 while other test suites ran (132 s later, at load average ~3); x 1.5 of the slower run for a
+# shared, noisy machine gives 290 s.
 QUICK_BUDGET_S = 290.0
 # Width of the step-load timeline's windows: 100 ms, short next to each 1-2 s step, long enough to hold a few batches.
 WINDOW_S = 0.1

@@ -5,8 +5,8 @@ a fake one). One loop serves both modes, batch by batch, so ``--mode auto`` can 
   gets fewer batches. Between replies the coordinator classifies batches of its own.
 - HA: every batch goes to every rank (up to ``HA_DEPTH`` in flight); the coordinator adds its own group's
   features and applies the head of the groups that answered.
-- auto: the :class:`~fluid_mpi.runtime.adaptive.ModePolicy` picks the mode of each new batch from the
-  backlog and the recent arrival rate; every switch is a ``mode_switch`` event.
+- auto: the :class:`~fluid_mpi.runtime.adaptive.ModePolicy` picks each new batch's mode from the backlog,
+  the arrival rate and each mode's capacity measured live; every switch is a ``mode_switch`` event.
 - On a :class:`PeerFailure` the one recovery path runs (``transport.recover``) and every batch in flight is
   re-sent to the survivors; answered batches keep their answers. A worker that holds a batch past
   ``rank_timeout`` is lost by the liveness policy: killed out of band so ULFM reports it, or, when that
@@ -28,6 +28,7 @@ from ..errors import DeviceSilent, PeerFailure, RecoveryFailed
 from ..model.data import to_tensor_batch
 from .events import EventLog, FailureTracker
 from .faults import FaultInjector
+from .adaptive import Capacity
 from .inputs import ARRIVAL_WAIT_S, Batch, InputStream
 from .liveness import Liveness, keepalive_interval
 from .outputs import PredictionSink
@@ -68,6 +69,10 @@ class FluidCoordinator:
         self.by_mode = {"ha": 0, "ht": 0}
         self.subset = fluid_subset(self.t.members)
         self.last_ping = time.monotonic()
+        self.decided = False
+        ha, ht = self.capacities() if policy is not None else (None, None)
+        self.capacity = {"ha": Capacity(ha), "ht": Capacity(ht)}
+        self.last_answer: dict[str, float] = {}
         total = -(-(self.stream.total or 0) // job.batch_size)  # batches in the run (0: unknown, stdin)
         self.n_batches = total
         self.expected = max(1, expected_share(total, self.t.size, job.mode))
@@ -101,6 +106,22 @@ class FluidCoordinator:
         self.answered_batches += 1
         self.by_mode[mode] += 1
         self.tracker.answered()
+        if self.policy is not None:
+            self.measure(mode, len(b))
+
+    def measure(self, mode: str, images: int) -> None:
+        """The auto policy's capacities, live: between two full batches of one mode answered with inputs
+        waiting (saturated), the gap is what that mode takes per batch. The warm-up estimate ignores MPI,
+        the head and shared cores (3.4x too high, measured under load)."""
+        now = time.monotonic()
+        if images < self.job.batch_size or self.stream.backlog == 0:  # not saturated: the gap is idle time
+            self.last_answer.pop(mode, None)
+            return
+        last, self.last_answer[mode] = self.last_answer.get(mode), now
+        if last is not None and self.mode == mode:
+            self.capacity[mode].update(images, now - last)
+            ha, ht = self.capacity["ha"].value, self.capacity["ht"].value
+            self.policy.set_capacity(ha, ht)
 
     # --- failures -------------------------------------------------------------------------------------
     def on_failure(self) -> None:
@@ -120,8 +141,11 @@ class FluidCoordinator:
             self.events.emit("head_switch", head="+".join(map(str, new)), was="+".join(map(str, self.subset)),
                              after_batch=self.answered_batches)
             self.subset = new
-        if self.policy is not None:
-            self.policy.reset(*self.capacities())
+        if self.policy is not None:  # a membership change: scale the live estimates to the survivors
+            ha, ht = self.capacities()
+            self.capacity = {"ha": Capacity(ha), "ht": Capacity(ht)}
+            self.last_answer.clear()
+            self.policy.reset(ha, ht)
 
     def check_overdue(self, overdue: list[int]) -> None:
         """The liveness policy for workers that held a batch past the deadline: kill them out of band
@@ -148,8 +172,8 @@ class FluidCoordinator:
 
     # --- the loop -------------------------------------------------------------------------------------
     def capacities(self) -> tuple[float, float]:
-        """Images/s of HA and HT on the current members, for the auto policy (from the rates measured
-        at warm-up: HA runs one sub-network's features side by side, HT K sub-networks' logits)."""
+        """First estimates of HA's and HT's images/s on the current members (from the warm-up rates: HA runs
+        one sub-network's features side by side, HT K sub-networks' logits); :meth:`measure` corrects them."""
         ha, ht_one = self.rates
         return ha, ht_one * len(self.t.members)
 
@@ -157,21 +181,19 @@ class FluidCoordinator:
         if self.policy is None:
             return self.mode
         d = self.policy.decide(now, self.stream.backlog + sum(map(len, self.retry)), self.stream.oldest_wait(now))
-        if d.changed:
+        if d.changed or not self.decided:  # the first decision is logged too: a run may never switch
             self.events.emit("mode_switch", **d.event(), after_batch=self.answered_batches)
+            self.decided = True
+        self.last_answer = {} if d.changed else self.last_answer  # an interval across a switch measures neither
         self.mode = d.mode
         return d.mode
 
     def keep_alive(self, now: float) -> None:
-        """Idle (no inputs arriving): ping the workers now and then, so that they do not take a quiet
-        stream for a lost coordinator."""
+        """Idle: ping the workers now and then, lest they take a quiet stream for a lost coordinator."""
         if now - self.last_ping > keepalive_interval(self.job.rank_timeout):
             for w in self.workers():
                 self.t.send(self.t.members.index(w), header(CMD_PING, 0, 0, 0), np.zeros(0, np.uint8))
             self.last_ping = now
-
-    def in_flight(self) -> bool:
-        return bool(self.batches)
 
     def run(self) -> Outcome:
         for w in self.workers():
@@ -199,7 +221,7 @@ class FluidCoordinator:
 
     def _loop(self) -> bool:
         drained = False
-        while self.in_flight() or self.retry or not (drained or self.stream.finished()):
+        while self.batches or self.retry or not (drained or self.stream.finished()):
             try:
                 now = time.monotonic()
                 if not drained:
@@ -216,7 +238,7 @@ class FluidCoordinator:
                 got = self._step(self.choose_mode(now) if not drained else self.mode, drained)
                 if got:
                     self.idle.reset()
-                elif not self.in_flight() and not self.retry and self.stream.backlog == 0 and not drained:
+                elif not self.batches and not self.retry and self.stream.backlog == 0 and not drained:
                     self.keep_alive(now)
                     self.stream.wait(ARRIVAL_WAIT_S)
                 else:

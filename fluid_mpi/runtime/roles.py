@@ -37,24 +37,24 @@ class Context:
 
 
 def measure_rates(part, batch_size: int) -> tuple[float, float]:
-    """Images/s of this sub-network's features and logits at ``batch_size`` (median of 3 timed forwards
-    on a blank batch after a warm-up one): the auto policy's first capacity estimates."""
+    """Images/s of this sub-network's features and logits at ``batch_size`` (median of 7 timed forwards
+    on a blank batch after a warm-up one, interleaved so that a burst of load hits both alike): the auto
+    policy's first capacity estimates, corrected from the answers once the run goes."""
     import statistics
 
     import torch
 
     x = torch.zeros(batch_size, 1, 28, 28)
-    rates = []
+    times: dict = {part.features: [], part.logits: []}
     with torch.no_grad():
-        for fn in (part.features, part.logits):
+        for fn in times:
             fn(x)
-            times = []
-            for _ in range(3):
+        for _ in range(7):
+            for fn, seen in times.items():
                 t0 = time.perf_counter()
                 fn(x)
-                times.append(time.perf_counter() - t0)
-            rates.append(batch_size / max(statistics.median(times), 1e-9))
-    return rates[0], rates[1]
+                seen.append(time.perf_counter() - t0)
+    return tuple(batch_size / max(statistics.median(seen), 1e-9) for seen in times.values())
 
 
 def coordinate(ctx: Context, lost_before: list[int] | None = None, lost_at: float = 0.0) -> int:

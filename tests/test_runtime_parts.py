@@ -112,8 +112,11 @@ def test_silent_after_kill_grace_with_a_fake_clock():
     assert lv.silent([0]) == []  # ULFM reported it: no longer a member, not silent
 
 
-def test_coordinator_silence_limit():
-    assert coordinator_silence_limit(2.0) == 3 * 2.0 + KILL_GRACE_S
+def test_coordinator_silence_limit_covers_noticing_killing_and_shrinking():
+    from fluid_mpi.runtime.liveness import SHRINK_SLACK_S, recovery_deadline
+
+    assert recovery_deadline(2.0) == 2.0 + SHRINK_SLACK_S
+    assert coordinator_silence_limit(2.0) == 2 * 2.0 + KILL_GRACE_S + recovery_deadline(2.0)
 
 
 def test_remote_command_uses_the_launch_agent(monkeypatch):

@@ -152,12 +152,23 @@ def _sigkill(pid: int) -> None:
         pass
 
 
+# A shrink takes 0.1-9 ms (MPI_NOTES), but seconds were seen on a loaded 2-core machine (a 1.5 s deadline
+# gave up on a healthy shrink in CI): 5 s on top of --rank-timeout keeps such false give-ups away, while a
+# frozen peer that takes no part still ends the wait in bounded time.
+SHRINK_SLACK_S = 5.0
+
+
+def recovery_deadline(rank_timeout: float) -> float:
+    """How long the survivors may take to agree (shrink) before the run stops cleanly."""
+    return rank_timeout + SHRINK_SLACK_S
+
+
 def coordinator_silence_limit(rank_timeout: float) -> float:
     """How long a worker waits for a coordinator it cannot observe before it stops. The coordinator is
     silent to a worker at most while it notices a frozen peer (``rank_timeout``), kills it
-    (``KILL_GRACE_S``) and shrinks (``rank_timeout``); one more ``rank_timeout`` is slack for loading data
-    at start-up or after a take-over."""
-    return 3 * rank_timeout + KILL_GRACE_S
+    (``KILL_GRACE_S``) and shrinks (:func:`recovery_deadline`); one more ``rank_timeout`` is slack for
+    loading data at start-up or after a take-over."""
+    return 2 * rank_timeout + KILL_GRACE_S + recovery_deadline(rank_timeout)
 
 
 def keepalive_interval(rank_timeout: float) -> float:

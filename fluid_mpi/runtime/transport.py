@@ -17,7 +17,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from .faults import note_failure
-from .liveness import Liveness
+from .liveness import Liveness, recovery_deadline
 
 
 class Handle(Protocol):
@@ -93,8 +93,10 @@ class Backoff:
             time.sleep(min(self.max_sleep, 2e-5 * (self.n - self.spins)))
 
 
-def recover(t: Transport, liveness: Liveness, deadline_s: float, events=None) -> list[int]:
-    """The one recovery path (see the module docstring). ``events``: an EventLog for ``recovered``."""
+def recover(t: Transport, liveness: Liveness, rank_timeout: float, events=None) -> list[int]:
+    """The one recovery path (see the module docstring): the shrink may take
+    :func:`~fluid_mpi.runtime.liveness.recovery_deadline` of ``rank_timeout``. ``events``: an EventLog
+    for ``recovered``."""
     note_failure()
     t0 = time.monotonic()
     me = t.world_rank()
@@ -104,7 +106,7 @@ def recover(t: Transport, liveness: Liveness, deadline_s: float, events=None) ->
             events.emit("kill", rank=w, host=liveness.host(w), pid=liveness.hosts[w][1],
                         reason="stopped process found during recovery")
     before = len(t.members)
-    lost = t.shrink(deadline_s)
+    lost = t.shrink(recovery_deadline(rank_timeout))
     if events is not None:
         events.emit("recovered", lost=lost, ranks=len(t.members), was=before,
                     recovery_ms=round(1000 * (time.monotonic() - t0), 1))

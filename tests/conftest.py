@@ -1,6 +1,8 @@
 """Shared fixtures: tiny checkpoints trained on the embedded data, and a hard-timeout mpirun runner."""
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,17 @@ from fluid_mpi.mpirun import Launched, find_mpirun, mpirun_infer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
+
+
+def namespaces_refused(what: str, probe: str) -> str | None:
+    """Why ``what`` cannot run here (not root, or ``ip netns add`` refused), or None. ``probe``: a
+    namespace name of the caller's, made and removed at once (10 s bounds a wedged ``ip`` call)."""
+    if os.geteuid() != 0:
+        return f"{what} need root (network namespaces, cgroups)"
+    if subprocess.run(["ip", "netns", "add", probe], capture_output=True, timeout=10).returncode:
+        return "network namespaces refused here (ip netns add failed)"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=10)
+    return None
 
 
 def run_mpi(np_: int, args: list[str], tmp: Path, timeout: float = 90, ft: bool = True,

@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 from click.testing import CliRunner
+from conftest import namespaces_refused
 
 from fluid_mpi.bench import QUICK_BOUND_S
 from fluid_mpi.bench_cluster import CLUSTER_QUICK_BUDGET_S
@@ -105,18 +106,8 @@ def test_bench_quick_outputs(quick):
     assert r["wall_s"] < QUICK_BOUND_S
 
 
-def _no_namespaces() -> str | None:
-    if os.geteuid() != 0:
-        return "bench --cluster needs root (network namespaces, cgroups)"
-    probe = f"b{os.getpid() % 10_000_000}p"
-    if subprocess.run(["ip", "netns", "add", probe], capture_output=True, timeout=10).returncode:
-        return "network namespaces refused here"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=10)
-    return None
-
-
 def test_bench_cluster_quick(quick, monkeypatch):
-    reason = _no_namespaces()
+    reason = namespaces_refused("bench --cluster runs", f"b{os.getpid() % 10_000_000}p")
     if reason:
         pytest.skip(reason)
     name = f"b{os.getpid() % 10_000_000}"  # its own vcluster: never a bench running beside the tests

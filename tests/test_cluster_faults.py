@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import namespaces_refused
 
 pytestmark = [pytest.mark.mpi, pytest.mark.full_mnist]
 
@@ -26,12 +27,9 @@ IMAGES = 10000  # the full MNIST test set: long enough at batch 1-4 to hit it mi
 
 
 def _reason() -> str | None:
-    if os.geteuid() != 0:
-        return "virtual-cluster tests need root (network namespaces, cgroups)"
-    probe = subprocess.run(["ip", "netns", "add", f"{NAME}-probe"], capture_output=True, timeout=10)
-    if probe.returncode:
-        return "network namespaces refused here (ip netns add failed)"
-    subprocess.run(["ip", "netns", "del", f"{NAME}-probe"], capture_output=True, timeout=10)
+    refused = namespaces_refused("virtual-cluster tests", f"{NAME}-probe")
+    if refused:
+        return refused
     if not (SHARED / "t10k-images-idx3-ubyte.gz").exists():
         return f"full MNIST not found at {SHARED} (the runs must last long enough to inject a fault)"
     return None

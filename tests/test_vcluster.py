@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import namespaces_refused
 
 from fluid_mpi.cluster import vcluster as vc
 
@@ -37,17 +38,7 @@ except OSError as exc:
 """
 
 
-def _probe() -> str | None:
-    if os.geteuid() != 0:
-        return "vcluster tests need root (network namespaces, cgroups)"
-    probe = f"{NAME}-probe"
-    if subprocess.run(["ip", "netns", "add", probe], capture_output=True, timeout=10).returncode:
-        return "network namespaces refused here (ip netns add failed)"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True, timeout=10)
-    return None
-
-
-_REASON = _probe()
+_REASON = namespaces_refused("vcluster tests", f"{NAME}-probe")
 if _REASON:
     pytest.skip(_REASON, allow_module_level=True)
 

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from .report_cluster import cluster_lines
-from .report_latency import latency_lines, latency_plot
+from .report_latency import latency_lines, latency_plot, scenario_table
 from .runtime.scheduler import dynamic_width
 
 IMG = "img"  # plots go to OUT/img/, as docs/results.md expects them in docs/img/
@@ -118,12 +118,9 @@ def markdown(r: dict) -> str:
         f"Each mpirun presents about {cfg.get('window_s', '?')} s of inputs (`--limit`/`--repeat`): in the first "
         "repetition at the speed of its in-process reference, in the later ones at the speed the first measured; "
         "`images_per_s` counts the inference loop only, start-up excluded. "
-        "The repetitions go round-robin over the rows and the references, so no row runs 5 times in a row.", "",
-        "| family | variant | ranks | " + " | ".join(f"batch {b}" for b in bs) + " |",
-        "|---|---|---:|" + "---:|" * len(bs)]
-    rows: dict = {}
-    for t in r["throughput"]:
-        rows.setdefault((t["family"], t["variant"], t.get("ranks", k)), {})[str(t["batch"])] = t
+        "The repetitions go round-robin over the rows and the references, so no row runs 5 times in a row.", ""]
+    head, rows = scenario_table(r, k)
+    lines += head
     for (fam, var, ranks), by_b in rows.items():
         lines.append(f"| {fam} | {var} | {ranks} | " + " | ".join(_spread(by_b.get(b)) for b in bs) + " |")
     for key, label in (("static_single_process", "static, one process (1 thread), reference"),

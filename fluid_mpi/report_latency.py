@@ -11,18 +11,28 @@ def _cell(lat: dict | None) -> str:
     return f"{lat['p50']:.2f} / {lat['p95']:.2f} / {lat['p99']:.2f}"
 
 
+def scenario_table(r: dict, default_ranks) -> tuple[list[str], dict]:
+    """The two header lines of a per-scenario table (one column per batch size) and the throughput rows
+    grouped by (family, variant, ranks), each {batch: row}."""
+    bs = list(r["reference"])
+    head = ["| family | variant | ranks | " + " | ".join(f"batch {b}" for b in bs) + " |",
+            "|---|---|---:|" + "---:|" * len(bs)]
+    rows: dict = {}
+    for t in r["throughput"]:
+        rows.setdefault((t["family"], t["variant"], t.get("ranks", default_ranks)), {})[str(t["batch"])] = t
+    return head, rows
+
+
 def latency_lines(r: dict) -> list[str]:
     """Markdown: per-image latency in ms, p50 / p95 / p99, per scenario and batch size."""
     bs = list(r["reference"])
     lines = ["", "## Per-image latency (ms, p50 / p95 / p99; median of the repetitions)", "",
              "From when an input's batch is handed out by the coordinator to when its answer is written (a closed "
              "loop: the coordinator hands out the next batch as soon as a rank is free, so this is the latency of a "
-             "loaded system). In-process rows: the median time of one call on one batch, one thread.", "",
-             "| family | variant | ranks | " + " | ".join(f"batch {b}" for b in bs) + " |",
-             "|---|---|---:|" + "---:|" * len(bs)]
-    rows: dict = {}
-    for t in r["throughput"]:
-        rows.setdefault((t["family"], t["variant"], t.get("ranks", "")), {})[str(t["batch"])] = t.get("latency_ms")
+             "loaded system). In-process rows: the median time of one call on one batch, one thread.", ""]
+    head, by_scenario = scenario_table(r, "")
+    lines += head
+    rows = {key: {b: t.get("latency_ms") for b, t in by_b.items()} for key, by_b in by_scenario.items()}
     for (fam, var, ranks), by_b in rows.items():
         lines.append(f"| {fam} | {var} | {ranks} | " + " | ".join(_cell(by_b.get(b)) for b in bs) + " |")
     for key, label in (("fluid_whole_latency_ms", "whole Fluid model in-process (one batch)"),

@@ -73,18 +73,12 @@ def coordinate(ctx: Context, lost_before: list[int] | None = None, lost_at: floa
     job = ctx.job
     hosts = ctx.liveness.hosts
     ranks_start = t.size + len(lost_before or [])
+    todo = None if stream.total is None else stream.total - len(done.indices)
     events.emit("start", coordinator=t.world_rank(), ranks=t.size, family=ctx.meta["family"], mode=job.mode,
                 hosts=[list(hosts[w]) for w in t.members], inputs=stream.description, images=stream.total,
-                todo=None if stream.total is None else stream.total - len(done.indices),
-                resumed=len(done.indices), torn_lines_repaired=done.torn)
-    tracker = FailureTracker(events, hosts, job.stamp_dir, time.time())
-    if lost_before:
-        events.emit("takeover", coordinator=t.world_rank(), lost=lost_before)
-        tracker.lost(lost_before, lost_at, {}, None)
-    todo = None if stream.total is None else stream.total - len(done.indices)
+                todo=todo, resumed=len(done.indices), torn_lines_repaired=done.torn)
     sink = PredictionSink(opts.predictions, append=carry_on, with_logits=opts.with_logits,
                           progress_total=None if opts.quiet else todo)
-    by_mode = None
     if ctx.fluid:
         from .coordinator import FluidCoordinator
 
@@ -95,15 +89,15 @@ def coordinate(ctx: Context, lost_before: list[int] | None = None, lost_at: floa
             rates = measure_rates(ctx.part, job.batch_size)
             policy = ModePolicy(opts.latency_ms, rates[0], rates[1] * t.size, start=time.monotonic())
         loop = FluidCoordinator(t, ctx.part, job, sink, ctx.liveness, events, ctx.draining, stream, policy, rates)
-        loop.tracker = tracker
-        outcome = loop.run()
-        by_mode = loop.by_mode
     else:
         from .sliced import SlicedRun
 
         loop = SlicedRun(t, ctx.part, job, ctx.liveness, sink, events)
-        loop.tracker = tracker
-        outcome = loop.coordinate(stream)
+    if lost_before:  # the lost coordinators are this loop's failures: its next answer ends their outage
+        events.emit("takeover", coordinator=t.world_rank(), lost=lost_before)
+        loop.tracker.lost(lost_before, lost_at, {}, None)
+    outcome = loop.run() if ctx.fluid else loop.coordinate(stream)
+    by_mode = loop.by_mode if ctx.fluid else None
     sink.close()
     summary = _summary(ctx, events, outcome, stream.description, stream.total,
                        len(done.indices) + len(sink.answered), sink, done, ranks_start)

@@ -30,6 +30,11 @@ if [ -d .venv/etc ]; then
     grep -q '^hwloc_default_binding_policy' .venv/etc/prte-mca-params.conf ||
         printf 'hwloc_default_binding_policy = none\nrmaps_default_mapping_policy = :oversubscribe\n' \
             >> .venv/etc/prte-mca-params.conf
+    # only the transports fluid-mpi uses (shared memory on a board, TCP between boards): probing the
+    # wheel's libfabric (ofi) and UCX components costs every rank ~1 s in MPI_Init (1.17 s against
+    # 0.13 s for `from mpi4py import MPI` under mpirun -np 2, measured here), i.e. every start and relaunch
+    grep -q '^btl ' .venv/etc/openmpi-mca-params.conf ||
+        printf '# fluid-mpi: no ofi/uct probing at start-up\nbtl = self,sm,tcp\n' >> .venv/etc/openmpi-mca-params.conf
 fi
 # `fluid-mpi vcluster` needs ip and tc (iproute2, missing from minimal Debian images); unshare is in util-linux.
 if [ "$(id -u)" = 0 ] && ! command -v tc >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then

@@ -23,6 +23,10 @@ class World:
         self.jobs: list[FakeJob] = []
         self.cleaned: list[list[str]] = []
         self.timers: list[tuple[float, callable]] = []
+        self.prepared: dict[str, float] = {}  # host -> when its warm process was started
+        self.powered_off: set[str] = set()  # hosts whose warm process died
+        self.warm_delay = 0.0  # a warm process's import time
+        self.frozen: set[str] = set()
 
     # clock
     def now(self):
@@ -46,6 +50,18 @@ class World:
 
     def cleanup(self, hosts):
         self.cleaned.append(list(hosts))
+
+    def prepare(self, hosts):  # a warm process starts on each host that has none (or lost it)
+        for h in hosts:
+            if self.prepared.get(h) is None or h in self.powered_off:
+                self.prepared[h] = self.t
+                self.powered_off.discard(h)
+
+    def responsive(self, host):  # a frozen host's agent gets in (virtual cluster), its processes do not run
+        return host not in self.frozen
+
+    def ready(self, host):
+        return self.prepared.get(host) is not None and self.t - self.prepared[host] >= self.warm_delay
 
     # outputs
     def new_events(self):
@@ -179,6 +195,26 @@ def test_silent_host_from_infer_exit_4(answers):
     assert 2000 < rec["next_answer_ms"] < 2500  # from the fault infer dated, to the relaunch's first answer
 
 
+def test_frozen_host_whose_agent_gets_in_stays_out_until_it_thaws():
+    """A silent host that answers probes but whose processes do not run (the virtual cluster's freeze)
+    is left out like a frozen board; when it thaws it rejoins."""
+    def silent(w, job):
+        if job.elapsed() < 1.0:
+            w.answer(10)
+        elif job.code is None and not getattr(job, "stopped", False):
+            job.stopped = True
+            w.frozen.add("node2")
+            w.events.append({"event": "failure", "host": "node2", "fault": "silent", "detected_ms": 2000.0})
+            job.stop(4, silent_hosts=["node2"])
+    w = World(["node1", "node2"], {1: silent, 2: _draining, 3: steady()})
+    w.timers.append((5.0, lambda: w.frozen.discard("node2")))  # thaw
+    code, _ = w.driver(["node1", "node2"], 2).run()
+    assert code == 0
+    assert [(f["fault"], f["excluded"]) for e, f in w.emitted if e == "host_lost"] == [("silent", True)]
+    assert [j.hosts for j in w.jobs] == [["node1", "node2"], ["node1"], ["node1", "node2"]]
+    assert w.jobs[1].drained_at == pytest.approx(5.0, abs=1.1)  # the first probe after the thaw
+
+
 def test_lingering_mpirun_killed_after_grace():
     def linger(w, job):
         if len(w.answered) < IMAGES:
@@ -242,6 +278,29 @@ def test_rejoin_drains_and_relaunches_on_bigger_set():
     rejoin = [f for e, f in w.emitted if e == "rejoin"]
     assert rejoin and rejoin[0]["host"] == "node2" and 0 < rejoin[0]["ms"] < 1000
     assert summary(d, code, "")["rejoins"][0]["host"] == "node2"
+
+
+def _draining(w, job):
+    if job.drained_at is not None and w.t - job.drained_at >= 0.3:
+        job.stop(5)
+        job.code = 5
+    elif len(w.answered) < IMAGES:
+        w.answer(1)
+
+
+@pytest.mark.parametrize("warm_delay, ready_wait", [(2.5, 30.0), (99.0, 3.0)])
+def test_rejoin_waits_for_the_returning_host_to_be_ready(warm_delay, ready_wait):
+    """The others go on answering while the returning host's warm process imports torch; the drain
+    comes when it is ready, or after ready_wait at the latest (its rank then starts cold)."""
+    w = World(["node1", "node2"], {1: lose_daemon("node2", 1.0), 2: _draining, 3: steady()})
+    w.warm_delay = warm_delay
+    w.timers.append((1.0, lambda: w.powered_off.add("node2")))
+    w.timers.append((4.0, lambda: w.up.__setitem__("node2", True)))  # power-on, probed by t = 5
+    code, _ = w.driver(["node1", "node2"], 2, ready_wait=ready_wait).run()
+    assert code == 0 and [j.hosts for j in w.jobs] == [["node1", "node2"], ["node1"], ["node1", "node2"]]
+    returned = w.prepared["node2"]  # the new warm process started as soon as node2 answered
+    assert 4.0 <= returned <= 5.1
+    assert w.jobs[1].drained_at == pytest.approx(returned + min(warm_delay, ready_wait), abs=0.25)
 
 
 def test_rejoin_that_does_not_drain_is_killed():

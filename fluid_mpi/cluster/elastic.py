@@ -31,6 +31,11 @@ class Launcher(Protocol):
     def start(self, hosts: Sequence[str], attempt: int) -> Job: ...
     def cleanup(self, hosts: Sequence[str]) -> None: ...  # kill this run's processes on those hosts
     # (called between attempts, and on a lost host as soon as it answers again)
+    def prepare(self, hosts: Sequence[str]) -> None: ...  # get hosts ready to start ranks fast
+    # (warm processes, idempotent, does not wait); called before each attempt and for a returning host
+    def ready(self, host: str) -> bool: ...  # the host's preparation is done
+    def responsive(self, host: str) -> bool: ...  # its processes run (a frozen host may still answer a
+    # probe where a new process escapes the freeze, as on the virtual cluster); asked of silent hosts only
 
 
 class Outputs(Protocol):
@@ -71,6 +76,10 @@ class Settings:
     probe_misses: int = 2
     # the loop's cadence: fine enough to time answers to 0.1 s, one stat() per tick
     tick: float = 0.1
+    # a returning host gets this long to get ready (its warm process imports torch: ~2.5 s on a quiet
+    # x86 core, ~15 s on a Pi 3) while the others go on answering; then the drain goes ahead anyway and
+    # its rank starts cold
+    ready_wait: float = 30.0
 
 
 @dataclass
@@ -143,6 +152,7 @@ class Driver:
             if attempt > 1:
                 self.emit("relaunch", hosts=hosts, attempt=attempt, todo=self._todo())
             self._progress = self.outputs.progress()  # late writes of a killed attempt are not answers
+            self.launcher.prepare(hosts)
             end = self.watch(self.launcher.start(hosts, attempt), hosts)
             self._answered_now()  # answers written just before the end belong to this attempt
             self.attempts.append({"attempt": attempt, "hosts": hosts, "code": end.code, "reason": end.reason})
@@ -177,6 +187,7 @@ class Driver:
         misses: dict[str, int] = {}  # consecutive probes an attempt's host did not answer
         self._attempt_failures = len(self.failures)
         running = False  # infer has started (its SIGUSR2 handler is in place): a drain is safe
+        answering: list[str] = []  # lost hosts that answered the last probe
         while True:
             if self.interrupted():
                 job.kill()
@@ -208,13 +219,19 @@ class Driver:
                 if max(misses.values(), default=0) >= self.s.probe_misses:
                     job.kill()
                     return AttemptEnd(None, None, "unreachable")
-                returned = [h for h in lost if answers.get(h, False)]
-                new = [h for h in returned if h not in self._returned_at]
-                self.launcher.cleanup(new) if new else None  # at once: an orphan there must not write
+                answering = [h for h in lost if answers.get(h, False) and self._usable(h, silent=
+                                                                                    self.lost[h].fault == "silent")]
+                new = [h for h in answering if h not in self._returned_at]
+                if new:
+                    self.launcher.cleanup(new)  # at once: an orphan there must not write
+                    self.launcher.prepare(new)
                 self._returned_at.update({h: now() for h in new})
-                if returned and running and len(hosts) < self.s.np:
-                    job.drain()
-                    drain_at, back = now(), returned
+            # rejoin once a returning host is ready (checked every tick, not only at probes)
+            returned = [h for h in answering if self.launcher.ready(h)
+                        or now() - self._returned_at[h] > self.s.ready_wait]
+            if returned and running and stop is None and drain_at is None and len(hosts) < self.s.np:
+                job.drain()
+                drain_at, back = now(), returned
             self.clock.sleep(self.s.tick)
 
     def _answered_now(self) -> bool:
@@ -269,12 +286,17 @@ class Driver:
                 f = Failure(host, fault, since, fault_at=self.last_answer)
                 self.failures.append(f)
             self._waiting.append(f)
-            if not answers.get(host, False):
+            if not (answers.get(host, False) and self._usable(host, silent=host in silent)):
                 self.lost[host] = f
             self.emit("host_lost", host=host, fault=fault, detected_ms=_ms(f.detected_ms),
                       excluded=host in self.lost)
-        back = [h for h in earlier if answers.get(h, False)]
+        back = [h for h in earlier if answers.get(h, False) and self._usable(h, self.lost[h].fault == "silent")]
         return [h for h in back if self._returned_at.setdefault(h, self.clock.now()) is not None]
+
+    def _usable(self, host: str, silent: bool) -> bool:
+        """A host that answers a probe can run ranks, unless it went silent and its processes still do
+        not run (a frozen board whose agent gets in: it stays out until it thaws)."""
+        return not silent or self.launcher.responsive(host)
 
     def _rejoin(self, hosts: Sequence[str]) -> None:
         """Lost hosts that answer again are back for the next attempt; time them to its first answer."""

@@ -49,11 +49,14 @@ def _fail(message: str, code: int = 2) -> None:
 @click.option("--probe-interval", type=click.FloatRange(0.1), default=1.0, show_default=True,
               help="Seconds between probes of lost hosts (rejoin).")
 @click.option("--mpirun-arg", multiple=True, help="Extra mpirun argument (repeatable).")
+@click.option("--warm/--no-warm", default=True, show_default=True,
+              help="Keep one process per host with torch imported, from which every attempt's ranks are "
+                   "forked (a relaunch then skips the import; costs one idle Python with torch per host).")
 @click.pass_context
 def launch(ctx: click.Context, np_: int, hostfile: str, checkpoint: str, max_restarts: int, resume: bool,
            run_dir: str, predictions: str | None, events: str | None, summary: str | None,
            rank_timeout: float, stall_timeout: float | None, stop_grace: float, probe_interval: float,
-           mpirun_arg: tuple[str, ...]) -> None:
+           mpirun_arg: tuple[str, ...], warm: bool) -> None:
     """Elastic inference: run `fluid-mpi infer` under mpirun on the hostfile's devices; when a device is
     lost (power cut, cable pulled, frozen) relaunch on the devices that answer, skipping the inputs
     already answered; take a device back when it answers again. Other options go to infer.
@@ -65,6 +68,7 @@ def launch(ctx: click.Context, np_: int, hostfile: str, checkpoint: str, max_res
     from . import hosts as hostlib
     from .elastic import Clock, Driver, Settings
     from .runner import AttemptFiles, EventLog, FileOutputs, MpirunLauncher, read_indices
+    from .warm_pool import WarmPool
     from ..mpirun import find_mpirun, mpi_env
 
     run_path = Path(run_dir).resolve()
@@ -100,7 +104,8 @@ def launch(ctx: click.Context, np_: int, hostfile: str, checkpoint: str, max_res
     run_id = uuid.uuid4().hex[:12]
     env = mpi_env()
     env["FLUID_MPI_RUN_ID"] = run_id
-    launcher = MpirunLauncher(mpirun, infer_args, files, run_id, agent, env, mpirun_arg)
+    pool = WarmPool(agent, run_id, sys.executable, run_path) if warm else None
+    launcher = MpirunLauncher(mpirun, infer_args, files, run_id, agent, env, mpirun_arg, warm=pool)
     emit = EventLog(evs)
     stop_flag: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -109,7 +114,17 @@ def launch(ctx: click.Context, np_: int, hostfile: str, checkpoint: str, max_res
                         stall_timeout=stall_timeout or 2 * rank_timeout + 10)
     driver = Driver(names, settings, launcher, FileOutputs(files),
                     lambda hs: hostlib.probe_many(agent, hs), emit, Clock(), lambda: bool(stop_flag))
-    code, message = driver.run()
+    try:
+        if pool is not None:  # the first attempt waits for the imports it would do anyway
+            pool.start(names)
+            late = pool.wait_ready(names, settings.ready_wait, lambda: bool(stop_flag))
+            if late:
+                click.echo(f"fluid-mpi launch: note: no warm process ready on {', '.join(late)} after "
+                           f"{settings.ready_wait:g} s; its ranks start cold", err=True)
+        code, message = (EXIT_INTERRUPTED, "interrupted") if stop_flag else driver.run()
+    finally:
+        if pool is not None:
+            pool.close(names)
     if driver.lost:  # leave nothing behind on a lost host that can be reached again by now
         launcher.cleanup(sorted(driver.lost))
     files.finish()

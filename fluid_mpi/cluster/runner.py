@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import hosts as hostlib
+from .warm_pool import WarmPool
 
 # Open MPI flags for a run across hosts (shared/MPI_NOTES.md): ULFM on; TCP between hosts; HAN off
 # (open ULFM bugs); one rank per host in hostfile order; no binding (hosts of a virtual cluster share
@@ -59,11 +60,12 @@ class MpirunLauncher:
     ``pkill -f`` through the agent can end exactly this run's processes on any host."""
 
     def __init__(self, mpirun: str, infer_args: Sequence[str], files: "AttemptFiles", run_id: str,
-                 agent: Sequence[str], env: dict, mpirun_args: Sequence[str] = (), python: str = sys.executable):
+                 agent: Sequence[str], env: dict, mpirun_args: Sequence[str] = (), python: str = sys.executable,
+                 warm: WarmPool | None = None):
         self.mpirun, self.infer_args, self.files = mpirun, list(infer_args), files
         self.run_dir = files.run_dir
         self.run_id, self.agent, self.env = run_id, list(agent), env
-        self.mpirun_args, self.python = list(mpirun_args), python
+        self.mpirun_args, self.python, self.warm = list(mpirun_args), python, warm
 
     @property
     def marker(self) -> str:
@@ -76,9 +78,25 @@ class MpirunLauncher:
         preds, events = self.files.begin(attempt)
         outputs = ["--predictions", str(preds), "--events", str(events),
                    "--summary", str(self.run_dir / f"infer-{attempt}.json")]
+        # warm starts: each rank is a stub that the host's warm process forks the rank for (warm.py)
+        entry = (["fluid_mpi.cluster.warm", "stub", self.run_id, "--"] if self.warm is not None
+                 else ["fluid_mpi.cli"])
         return [self.mpirun, "--hostfile", str(hostfile), "-np", str(len(hosts)), *MPIRUN_FLAGS,
-                *self.mpirun_args, self.python, "-X", self.marker, "-m", "fluid_mpi.cli", "infer",
+                *self.mpirun_args, self.python, "-X", self.marker, "-m", *entry, "infer",
                 *self.infer_args, "--resume", *outputs]
+
+    def prepare(self, hosts: Sequence[str]) -> None:
+        """Start a warm process on each host that has none (a host back from a power cut)."""
+        if self.warm is not None:
+            self.warm.start(hosts)
+
+    def ready(self, host: str) -> bool:
+        """The host can start a rank quickly (its warm process is ready; always, without warm starts)."""
+        return self.warm is None or self.warm.ready(host)
+
+    def responsive(self, host: str) -> bool:
+        """The host's processes run (its warm process answers; without warm starts: assumed)."""
+        return self.warm is None or self.warm.responsive(host)
 
     def start(self, hosts: Sequence[str], attempt: int) -> MpirunJob:
         """Run one attempt; its output goes to RUN_DIR/mpirun-ATTEMPT.log."""

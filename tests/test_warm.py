@@ -133,6 +133,22 @@ def test_signal_and_status_pass_through(warm_proc, ckpts):
         p.kill()
 
 
+def test_rank_killed_stub_dies_of_the_same_signal(warm_proc, ckpts):
+    """A rank SIGKILLed (--kill-rank, the OOM killer): its stub dies of SIGKILL too, which is what
+    mpirun and ULFM see and recover from in-job."""
+    run_id, server = warm_proc
+    p = subprocess.Popen([PY, "-m", "fluid_mpi.cluster.warm", "stub", run_id, "--", "infer", "-q", "-c",
+                          str(ckpts("fluid", 2)), "--input", "-"], stdin=subprocess.PIPE,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert _wait_for(lambda: len(_children(server.pid)) == 1, RUN_TIMEOUT_S)
+        os.kill(_children(server.pid)[0], signal.SIGKILL)
+        _, err = p.communicate(timeout=RUN_TIMEOUT_S)
+        assert p.returncode == -signal.SIGKILL, err
+    finally:
+        p.kill()
+
+
 def test_frozen_warm_process_stub_starts_cold_and_late_fork_is_killed(warm_proc):
     run_id, server = warm_proc
     os.kill(server.pid, signal.SIGSTOP)

@@ -108,9 +108,10 @@ def run_stub(run_id: str, argv: list[str]) -> int:
         status = _recv_msg(sock)[0]
     except (EOFError, OSError):  # the warm process was killed (the host's teardown): so was the child
         status = {"signal": int(signal.SIGKILL)}
-    if status.get("signal"):
-        signal.signal(status["signal"], signal.SIG_DFL)
-        os.kill(os.getpid(), status["signal"])  # die of the same signal, as mpirun and ULFM expect
+    if status.get("signal"):  # die of the same signal, as mpirun and ULFM expect
+        if status["signal"] not in (signal.SIGKILL, signal.SIGSTOP):  # those two have no handler
+            signal.signal(status["signal"], signal.SIG_DFL)
+        os.kill(os.getpid(), status["signal"])
     return int(status.get("code", 1))
 
 

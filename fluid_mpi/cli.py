@@ -198,11 +198,28 @@ def infer(**kw) -> None:
               help="Instead: HA, HT and --mode auto under an offered load (10-120 % of HT's capacity) and a step "
                    "load; writes OUT/adaptive.md, adaptive.json, img/adaptive-*.png (--publish DIR: as "
                    "DIR/adaptive-results.*). --quick: about 3 minutes.")
-def bench(quick, out, data_dir, parts, cluster, publish, batch_sizes, adaptive) -> None:
+@click.option("--faults", is_flag=True,
+              help="Instead: a whole device lost (power-off, cable, freeze, power-on, the coordinator's device) on a "
+                   "virtual cluster (root), 5 repetitions each under `fluid-mpi launch`; writes OUT/faults.md and "
+                   "faults.json (--publish DIR: DIR/fault-results.*). About 12 minutes; --quick: one each.")
+def bench(quick, out, data_dir, parts, cluster, publish, batch_sizes, adaptive, faults) -> None:
     """Reproduce the paper's comparison: throughput, latency, accuracy, failures (launches mpirun itself).
 
     Writes OUT/results.json, OUT/results.md and PNG plots (with --cluster: OUT/cluster.json, cluster.md).
     """
+    if faults:
+        from .bench_faults import FaultConfig, publish_faults, run_faults
+
+        r = run_faults(FaultConfig.make(out, data_dir, quick))
+        for row in r["rows"]:
+            med = (row["next_answer_s"] or {}).get("median")
+            click.echo(f"{row['label']}: {row['ok']}/{row['runs']} runs ok, fault -> next answer median {med} s "
+                       f"(goal {row['goal_next_s']:g} s)" + (f", rejoin median {(row['rejoin_s'] or {}).get('median')} s"
+                                                             if "rejoin_met" in row else ""))
+        click.echo(f"fault bench {r['wall_s']} s; report: {Path(out) / 'faults.md'}")
+        if publish:
+            publish_faults(Path(out), Path(publish))
+        return
     if adaptive:
         from .bench_adaptive import AdaptiveConfig, publish_adaptive, run_adaptive
 

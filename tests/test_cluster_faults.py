@@ -39,13 +39,12 @@ _REASON = _reason()
 if _REASON:
     pytest.skip(_REASON, allow_module_level=True)
 
-from fluid_mpi.cluster import vcluster as vc  # noqa: E402
+from fluid_mpi.cluster import fault_runs  # noqa: E402
 
 
-def vcl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    """``fluid-mpi vcluster --name NAME ARGS`` (a fault takes well under a second; 30 s bound)."""
-    return subprocess.run([PY, "-m", "fluid_mpi.cli", "vcluster", "--name", NAME, *args], capture_output=True,
-                          text=True, timeout=timeout)
+def vcl(*args: str) -> subprocess.CompletedProcess:
+    """``fluid-mpi vcluster --name NAME ARGS``."""
+    return fault_runs.vcl(NAME, *args)
 
 
 @pytest.fixture
@@ -60,56 +59,9 @@ def cluster(tmp_path):
         vcl("down")
 
 
-class Launch:
-    """``fluid-mpi launch`` started inside a host (as on the head or the first Pi), in its own process
-    group, killed with it at the hard timeout."""
-
-    def __init__(self, tmp: Path, k: int, args: list[str], host: str = "head", hosts: list[str] | None = None,
-                 run: str = "run", resume: bool = False):
-        self.dir = tmp / run
-        self.dir.mkdir(exist_ok=True)
-        hostfile = tmp / f"hosts-{run}-{host}"
-        hostfile.write_text("".join(f"{h} slots=1\n" for h in hosts or [f"node{i}" for i in range(1, k + 1)]))
-        self.preds, self.events = self.dir / "predictions.jsonl", self.dir / "events.jsonl"
-        cmd = [FLUID_MPI, "launch", "-np", str(k), "--hostfile", str(hostfile), "--run-dir", str(self.dir),
-               "--data-dir", str(SHARED), "-q", *args] + (["--resume"] if resume else [])
-        env = vc.mpirun_env(dict(os.environ), NAME)
-        self.t0 = time.time()
-        self.proc = subprocess.Popen([PY, "-m", "fluid_mpi.cli", "vcluster", "--name", NAME, "exec", host,
-                                      "--", *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=env, start_new_session=True)
-
-    def answered_lines(self) -> int:
-        try:
-            return self.preds.read_bytes().count(b"\n")
-        except FileNotFoundError:
-            return 0
-
-    def wait_answers(self, n: int, timeout: float = 60) -> float:
-        """Block until n answers are written (the seeded fault point); returns that time."""
-        deadline = time.time() + timeout  # start-up takes ~3 s on 2 cores; 60 s means something is wrong
-        while self.answered_lines() < n:
-            assert self.proc.poll() is None, f"launch ended before {n} answers: {self.finish(1)}"
-            assert time.time() < deadline, f"fewer than {n} answers after {timeout} s"
-            time.sleep(0.02)  # 20 ms: a fault point within a few batches
-        return time.time()
-
-    def finish(self, timeout: float) -> tuple[int | None, str, str]:
-        """Exit code (None when killed at the hard timeout), stdout, stderr."""
-        try:
-            out, err = self.proc.communicate(timeout=timeout)
-            return self.proc.returncode, out, err
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            out, err = self.proc.communicate()
-            return None, out, err
-
-    def events_of(self, kind: str) -> list[dict]:
-        lines = self.events.read_text().splitlines() if self.events.exists() else []
-        return [e for e in map(json.loads, lines) if e["event"] == kind]
-
-    def summary(self) -> dict:
-        return json.loads((self.dir / "summary.json").read_text())
+def Launch(tmp: Path, k: int, args: list[str], **kw) -> fault_runs.Launch:
+    """``fluid-mpi launch`` inside a host of this test's cluster, on the full MNIST test set."""
+    return fault_runs.Launch(NAME, tmp, k, args, data_dir=str(SHARED), **kw)
 
 
 def exactly_once(preds: Path, images: int = IMAGES) -> None:
@@ -133,22 +85,6 @@ def _argv(pid: int) -> list[str]:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:  # gone meanwhile
         return []
-
-
-def next_answer_after(run: Launch, t_fault: float, timeout: float = 60) -> float | None:
-    """Seconds from the fault to the first answer of the relaunched attempt (None if the run ended
-    first): waits for the `relaunch` event, then for the predictions file to grow."""
-    deadline = time.time() + timeout  # a relaunch takes ~3-5 s on 2 cores
-    while not run.events_of("relaunch"):
-        if run.proc.poll() is not None or time.time() > deadline:
-            return None
-        time.sleep(0.02)  # 20 ms resolution for the figure
-    count = run.answered_lines()
-    while run.answered_lines() <= count:
-        if run.proc.poll() is not None or time.time() > deadline:
-            return None
-        time.sleep(0.02)
-    return time.time() - t_fault
 
 
 def record(case: str, **figures) -> None:
@@ -179,7 +115,7 @@ def test_device_lost_run_goes_on(cluster, ckpts, k, mode, fault, seed, rep):
     vcl(*{"power-off": ["power-off", victim], "cable": ["cable", victim, "down"],
           "freeze": ["freeze", victim]}[fault])
     try:
-        next_s = next_answer_after(run, t_fault)
+        next_s = run.next_answer_after(t_fault)
         code, out, err = run.finish(90)  # ~10 s of work on 2 cores, relaunch ~3 s
     finally:
         vcl("thaw", victim) if fault == "freeze" else None
@@ -212,7 +148,7 @@ def test_rejoin(cluster, ckpts, k, fault, rep):
     run = Launch(cluster, k, ["-c", str(ckpts("fluid", k)), "--mode", "ht", "-b", "1", "--rank-timeout", "2"])
     t_fault = run.wait_answers(fault_point(4 + 10 * rep, 600, 1200))
     vcl(*(["power-off", "node2"] if fault == "power-off" else ["cable", "node2", "down"]))
-    next_s = next_answer_after(run, t_fault)  # the relaunch without node2 answers within ~5 s
+    next_s = run.next_answer_after(t_fault)  # the relaunch without node2 answers within ~5 s
     assert next_s is not None
     t_on = time.time()
     vcl(*(["power-on", "node2"] if fault == "power-off" else ["cable", "node2", "up"]))
@@ -248,7 +184,7 @@ def test_coordinator_device_lost_with_head_goes_on(cluster, ckpts, rep):
     run = Launch(cluster, 3, ["-c", str(ckpts("fluid", 3)), "--mode", "ha", "-b", "4"])
     t_fault = run.wait_answers(fault_point(6 + 10 * rep))
     vcl("power-off", "node1")
-    next_s = next_answer_after(run, t_fault)
+    next_s = run.next_answer_after(t_fault)
     code, out, err = run.finish(90)
     assert code == 0, err
     exactly_once(run.preds)
@@ -292,3 +228,22 @@ def test_preflight_names_unreachable_host(cluster, ckpts):
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and "node2" in lines[0] and "unreachable" in lines[0], err
     assert not run.preds.exists()
+
+
+def test_bench_faults_quick(tmp_path):
+    """`fluid-mpi bench --faults --quick`: every fault kind once, measured, in the report."""
+    from fluid_mpi.bench_faults import SCENARIOS
+
+    # 5 kinds × (a fault run + a clean run on the survivors), ~10 s each on 2 cores; 900 s = 6 × that
+    res = subprocess.run([FLUID_MPI, "bench", "--faults", "--quick", "--out", str(tmp_path)], capture_output=True,
+                         text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads((tmp_path / "faults.json").read_text())
+    assert [row["label"] for row in r["rows"]] == [sc.label for sc in SCENARIOS]
+    for row in r["rows"]:
+        assert row["ok"] == row["runs"] == 1, r["runs"][row["label"]]
+        assert 0 < row["detected_s"]["median"] < 15 and 0 < row["next_answer_s"]["median"] < 30
+        assert row["after_over_capacity"] is not None and row["capacity_rate"]["median"] > 0
+    assert r["rows"][3]["rejoin_s"]["median"] > 0  # power-off, then power-on
+    md = (tmp_path / "faults.md").read_text()
+    assert "| power-off (K=2, HT, b1) | 1/1 |" in md and "## Every run" in md

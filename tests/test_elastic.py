@@ -261,14 +261,17 @@ def test_restarts_are_bounded():
     assert code == 3 and "2 restart" in msg and len(w.jobs) == 3
 
 
+def _draining(w, job):
+    """Answers until drained; 0.3 s later writes stop 5 and exits."""
+    if job.drained_at is not None and w.t - job.drained_at >= 0.3:
+        job.stop(5)
+        job.code = 5
+    elif len(w.answered) < IMAGES:
+        w.answer(1)
+
+
 def test_rejoin_drains_and_relaunches_on_bigger_set():
-    def draining(w, job):
-        if job.drained_at is not None and w.t - job.drained_at >= 0.3:
-            job.stop(5)
-            job.code = 5
-        elif len(w.answered) < IMAGES:
-            w.answer(2)
-    w = World(["node1", "node2"], {1: lose_daemon("node2", 1.0), 2: draining, 3: steady()})
+    w = World(["node1", "node2"], {1: lose_daemon("node2", 1.0), 2: _draining, 3: steady()})
     w.timers.append((4.0, lambda: w.up.__setitem__("node2", True)))  # power-on
     d = w.driver(["node1", "node2"], 2)
     code, _ = d.run()
@@ -278,14 +281,6 @@ def test_rejoin_drains_and_relaunches_on_bigger_set():
     rejoin = [f for e, f in w.emitted if e == "rejoin"]
     assert rejoin and rejoin[0]["host"] == "node2" and 0 < rejoin[0]["ms"] < 1000
     assert summary(d, code, "")["rejoins"][0]["host"] == "node2"
-
-
-def _draining(w, job):
-    if job.drained_at is not None and w.t - job.drained_at >= 0.3:
-        job.stop(5)
-        job.code = 5
-    elif len(w.answered) < IMAGES:
-        w.answer(1)
 
 
 @pytest.mark.parametrize("warm_delay, ready_wait", [(2.5, 30.0), (99.0, 3.0)])

@@ -100,14 +100,22 @@ def _wait_for(cond, timeout: float) -> bool:
     return cond()
 
 
+def waiting_rank(run_id: str, server: subprocess.Popen, ckpts) -> subprocess.Popen:
+    """A stub whose rank waits for input lines on its stdin (`infer --input -`), once forked."""
+    p = subprocess.Popen([PY, "-m", "fluid_mpi.cluster.warm", "stub", run_id, "--", "infer", "-q", "-c",
+                          str(ckpts("fluid", 2)), "--input", "-"], stdin=subprocess.PIPE,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if not _wait_for(lambda: len(_children(server.pid)) == 1, RUN_TIMEOUT_S):
+        p.kill()
+        pytest.fail("the warm process forked no rank")
+    return p
+
+
 def test_killed_stub_takes_its_child_along(warm_proc, ckpts):
     """mpirun's teardown SIGKILLs the stub: the warm process kills the rank it forked for it."""
     run_id, server = warm_proc
-    p = subprocess.Popen([PY, "-m", "fluid_mpi.cluster.warm", "stub", run_id, "--", "infer", "-q", "-c",
-                          str(ckpts("fluid", 2)), "--input", "-"], stdin=subprocess.PIPE,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        assert _wait_for(lambda: len(_children(server.pid)) == 1, RUN_TIMEOUT_S)  # waits on its stdin
+    p = waiting_rank(run_id, server, ckpts)
+    try:  # waits on its stdin
         (child,) = _children(server.pid)
         p.kill()
         p.wait(timeout=RUN_TIMEOUT_S)
@@ -120,11 +128,8 @@ def test_killed_stub_takes_its_child_along(warm_proc, ckpts):
 def test_signal_and_status_pass_through(warm_proc, ckpts):
     """SIGTERM to the stub reaches the rank; the stub then ends as the rank did."""
     run_id, server = warm_proc
-    p = subprocess.Popen([PY, "-m", "fluid_mpi.cluster.warm", "stub", run_id, "--", "infer", "-q", "-c",
-                          str(ckpts("fluid", 2)), "--input", "-"], stdin=subprocess.PIPE,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = waiting_rank(run_id, server, ckpts)
     try:
-        assert _wait_for(lambda: len(_children(server.pid)) == 1, RUN_TIMEOUT_S)
         time.sleep(1.0)  # let the stub install its forwarding handlers (right after the fork's reply)
         p.send_signal(signal.SIGTERM)
         code = p.wait(timeout=RUN_TIMEOUT_S)
@@ -137,11 +142,8 @@ def test_rank_killed_stub_dies_of_the_same_signal(warm_proc, ckpts):
     """A rank SIGKILLed (--kill-rank, the OOM killer): its stub dies of SIGKILL too, which is what
     mpirun and ULFM see and recover from in-job."""
     run_id, server = warm_proc
-    p = subprocess.Popen([PY, "-m", "fluid_mpi.cluster.warm", "stub", run_id, "--", "infer", "-q", "-c",
-                          str(ckpts("fluid", 2)), "--input", "-"], stdin=subprocess.PIPE,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    p = waiting_rank(run_id, server, ckpts)
     try:
-        assert _wait_for(lambda: len(_children(server.pid)) == 1, RUN_TIMEOUT_S)
         os.kill(_children(server.pid)[0], signal.SIGKILL)
         _, err = p.communicate(timeout=RUN_TIMEOUT_S)
         assert p.returncode == -signal.SIGKILL, err

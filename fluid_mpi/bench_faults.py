@@ -120,6 +120,9 @@ def one_run(cfg: FaultConfig, sc: Scenario, ckpt: Path, rep: int, tmp: Path, tag
     t_next = None if next_s is None else t_fault + next_s
     end = t_on or _last_answer(run)
     after = run.rate(t_next + SETTLE_S, end) if t_next and end else None
+    relaunches = run.events_of("relaunch")
+    rec.update(lost=[[e.get("host"), e.get("fault")] for e in lost],
+               relaunch_hosts=relaunches[0].get("hosts") if relaunches else None)
     rec.update(code=code, answered=len(answered), images=total, duplicates=repeats,
                detected_s=_r(lost[0]["t"] - t_fault) if lost else None, next_answer_s=_r(next_s),
                rejoin_s=_r(rejoins[0]["t"] - t_on) if rejoins and t_on else None,

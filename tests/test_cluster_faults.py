@@ -87,48 +87,6 @@ def _argv(pid: int) -> list[str]:
         return []
 
 
-def record(case: str, **figures) -> None:
-    """Print the figures (pytest -s) and append them to $FLUID_MPI_FIGURES (docs/cluster-elastic.md)."""
-    line = json.dumps({"case": case, **{k: None if v is None else round(v, 3) for k, v in figures.items()}})
-    print(f"\nFIGURES {line}")
-    if os.environ.get("FLUID_MPI_FIGURES"):
-        with open(os.environ["FLUID_MPI_FIGURES"], "a") as fh:
-            fh.write(line + "\n")
-
-
-# FLUID_MPI_FAULT_REPEAT=5 repeats each fault case with other seeds (the medians in the docs)
-REPEAT = int(os.environ.get("FLUID_MPI_FAULT_REPEAT", "1"))
-
-
-@pytest.mark.parametrize("rep", range(REPEAT))
-@pytest.mark.parametrize("k, mode, fault, seed", [
-    (2, "ht", "power-off", 1),
-    (3, "ha", "cable", 2),
-    (3, "ht", "freeze", 3),
-])
-def test_device_lost_run_goes_on(cluster, ckpts, k, mode, fault, seed, rep):
-    ckpt = ckpts("fluid", k)
-    batch = "1" if mode == "ht" else "4"
-    run = Launch(cluster, k, ["-c", str(ckpt), "--mode", mode, "-b", batch, "--rank-timeout", "2"])
-    victim = f"node{k}"
-    t_fault = run.wait_answers(fault_point(seed + 10 * rep))
-    vcl(*{"power-off": ["power-off", victim], "cable": ["cable", victim, "down"],
-          "freeze": ["freeze", victim]}[fault])
-    try:
-        next_s = run.next_answer_after(t_fault)
-        code, out, err = run.finish(90)  # ~10 s of work on 2 cores, relaunch ~3 s
-    finally:
-        vcl("thaw", victim) if fault == "freeze" else None
-    assert code == 0, err
-    exactly_once(run.preds)
-    lost = run.events_of("host_lost")
-    assert lost and lost[0]["host"] == victim
-    assert lost[0]["fault"] == ("lost daemon" if fault == "power-off" else "silent")
-    assert lost[0]["t"] - t_fault < (5 if fault == "power-off" else 10)  # rank-timeout 2 s + exit + probe
-    assert "inputs answered" in out and f"{IMAGES} of {IMAGES}" in out
-    record(f"{fault} K={k} {mode}", detected_s=lost[0]["t"] - t_fault, next_answer_s=next_s)
-
-
 def test_rank_killed_on_live_remote_host_recovered_in_job(cluster, ckpts):
     run = Launch(cluster, 2, ["-c", str(ckpts("fluid", 2)), "--mode", "ha", "-b", "8", "--kill-rank", "1"])
     code, out, err = run.finish(60)  # one attempt; must end by itself (no 40 s linger)
@@ -140,11 +98,11 @@ def test_rank_killed_on_live_remote_host_recovered_in_job(cluster, ckpts):
     assert run.events_of("launcher_stop")[-1]["t"] - stop["t"] < 5  # stop grace 3 s at most, then killed
 
 
-@pytest.mark.parametrize("rep", range(REPEAT))
-@pytest.mark.parametrize("k, fault", [(4, "power-off"), (3, "cable")])
-def test_rejoin(cluster, ckpts, k, fault, rep):
+def test_rejoin_after_cable_pull(cluster, ckpts):
     """The lost device comes back while the run goes on without it: drained at a safe point, relaunched
-    with it. After a cable pull its old ranks are still alive (orphans): nothing may be answered twice."""
+    with it. After a cable pull its old ranks are still alive (orphans): nothing may be answered twice.
+    (A power-off then power-on is in test_bench_faults_quick.)"""
+    k, fault, rep = 3, "cable", 0
     run = Launch(cluster, k, ["-c", str(ckpts("fluid", k)), "--mode", "ht", "-b", "1", "--rank-timeout", "2"])
     t_fault = run.wait_answers(fault_point(4 + 10 * rep, 600, 1200))
     vcl(*(["power-off", "node2"] if fault == "power-off" else ["cable", "node2", "down"]))
@@ -158,8 +116,6 @@ def test_rejoin(cluster, ckpts, k, fault, rep):
     rejoin = run.events_of("rejoin")
     assert rejoin and rejoin[0]["host"] == "node2"
     assert run.events_of("start")[-1]["ranks"] == k and rejoin[0]["t"] - t_on < 15
-    record(f"{fault} K={k} ht, then back", detected_s=run.events_of("host_lost")[0]["t"] - t_fault,
-           next_answer_s=next_s, rejoin_s=rejoin[0]["t"] - t_on)
 
 
 def test_coordinator_device_lost_then_resume(cluster, ckpts):
@@ -177,20 +133,6 @@ def test_coordinator_device_lost_then_resume(cluster, ckpts):
     assert code == 0, err
     exactly_once(again.preds)
     assert again.events_of("start")[-1]["resumed"] > 0
-
-
-@pytest.mark.parametrize("rep", range(REPEAT))
-def test_coordinator_device_lost_with_head_goes_on(cluster, ckpts, rep):
-    run = Launch(cluster, 3, ["-c", str(ckpts("fluid", 3)), "--mode", "ha", "-b", "4"])
-    t_fault = run.wait_answers(fault_point(6 + 10 * rep))
-    vcl("power-off", "node1")
-    next_s = run.next_answer_after(t_fault)
-    code, out, err = run.finish(90)
-    assert code == 0, err
-    exactly_once(run.preds)
-    assert run.events_of("relaunch")[0]["hosts"] == ["node2", "node3"]
-    record("power-off of the coordinator's device K=3 ha (mpirun on head)",
-           detected_s=run.events_of("host_lost")[0]["t"] - t_fault, next_answer_s=next_s)
 
 
 def test_static_stops_with_resume_line(cluster, ckpts):
@@ -240,10 +182,17 @@ def test_bench_faults_quick(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     r = json.loads((tmp_path / "faults.json").read_text())
     assert [row["label"] for row in r["rows"]] == [sc.label for sc in SCENARIOS]
-    for row in r["rows"]:
-        assert row["ok"] == row["runs"] == 1, r["runs"][row["label"]]
-        assert 0 < row["detected_s"]["median"] < 15 and 0 < row["next_answer_s"]["median"] < 30
-        assert row["after_over_capacity"] is not None and row["capacity_rate"]["median"] > 0
-    assert r["rows"][3]["rejoin_s"]["median"] > 0  # power-off, then power-on
+    for sc, row in zip(SCENARIOS, r["rows"]):
+        (run,) = r["runs"][sc.label]
+        # exit 0, every input answered exactly once (the launcher's summary and the predictions file)
+        assert row["ok"] == row["runs"] == 1, run
+        # the lost host, as seen from outside: a lost daemon after a power-off, silent otherwise
+        assert run["lost"][0] == [sc.victim, "lost daemon" if sc.fault == "power-off" else "silent"], run
+        assert run["relaunch_hosts"] == sc.survivors, run  # the coordinator's device too: node2 coordinates
+        # bounds: a lost daemon ends the job within ~1 s; a cable is two probes; a freeze is infer's
+        # deadline (--rank-timeout 2 s, 3 x 2 + 8 s at most) then the relaunch
+        assert 0 < run["detected_s"] < (5 if sc.fault == "power-off" else 15), run
+        assert 0 < run["next_answer_s"] < 30 and run["after_over_capacity"] is not None, run
+        assert (run["rejoin_s"] is not None) == sc.rejoin, run
     md = (tmp_path / "faults.md").read_text()
     assert "| power-off (K=2, HT, b1) | 1/1 |" in md and "## Every run" in md

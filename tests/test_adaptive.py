@@ -218,3 +218,13 @@ def test_capacity_follows_a_slowdown_and_an_overestimate():
     assert cap.value == pytest.approx(64 / (0.0015 + 64 * 0.0001), rel=0.1)
     serve(cap, rng, 50, 1e6, 0.0015, 0.0002)  # the per-image time doubles
     assert cap.value == pytest.approx(64 / (0.0015 + 64 * 0.0002), rel=0.1)
+
+
+def test_begin_counts_the_rate_from_the_stream_start():
+    """The policy is made before the warm-up and the probe: a rate divided by that extra time would read
+    low (at 1,650/s, 62 arrivals in 40 ms read as 103/s), and a rate rise would be caught late."""
+    policy = ModePolicy(None, C_HA, C_HT, start=0.0)
+    policy.begin(0.5)  # the probe took 0.5 s
+    policy.observe_arrivals(0.75, 250)
+    assert policy.arrival_rate(0.75) == pytest.approx(1000.0)  # 250 over the minimum span, 0.25 s
+    assert policy.decide(0.75, 0).mode == HT  # 1,000/s >= 0.9 x HA's 1,000/s

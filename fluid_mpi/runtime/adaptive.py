@@ -168,6 +168,12 @@ class ModePolicy:
         self._fresh = False
         self.reset(ha_capacity, ht_capacity, membership=False)
 
+    def begin(self, now: float) -> None:
+        """The inputs start arriving now: the rate's span counts from here (not from the policy's creation,
+        which the warm-up and the start-up probe precede), and nothing seen before counts."""
+        self.start, self.since = now, now
+        self._arrivals.clear()
+
     def observe_arrivals(self, now: float, count: int) -> None:
         """``count`` inputs arrived at ``now`` (call it with what each poll of the source returned)."""
         if count > 0:

@@ -190,6 +190,8 @@ class FluidCoordinator:
             self.ha_capacity = first_capacities(self)
         t0 = time.perf_counter()
         self.stream.start()
+        if self.policy is not None:
+            self.policy.begin(time.monotonic())
         try:
             drained = self._loop()
         except (RecoveryFailed, DeviceSilent) as exc:

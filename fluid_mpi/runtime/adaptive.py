@@ -21,8 +21,10 @@ DOWN_FRACTION = 0.7
 # Plan for the backlog to drain within 80 % of the latency target: the rest is left for batching, the
 # transport and the capacity estimate's error, none of which the drain estimate sees.
 LATENCY_MARGIN = 0.8
-# "Nearly empty" backlog: what HA clears in a tenth of a window (100 ms by default), i.e. about one batch.
-NEARLY_EMPTY = 0.1
+# "Nearly empty" backlog, to hand back to HA: what HA clears in 2 % of a window (20 ms by default: two or
+# three full batches at the ~8k images/s HA does on 2 cores). At 10 % a step load flapped back to HA with
+# 241 inputs (72 ms of HA work) waiting, and straight up to HT again.
+NEARLY_EMPTY = 0.02
 # Until one full window has passed, divide arrivals by at least a quarter window, so that a first burst
 # is not divided by a near-zero span (an infinite rate) nor by the whole window (a rate 4x too low).
 MIN_SPAN_FRACTION = 0.25
@@ -53,28 +55,35 @@ class Capacity:
     ``t(n) = overhead + per_image × n`` seconds, so the capacity is ``B / t(B)`` for the full batch ``B``.
 
     Why a model and not images/seconds of each batch: the coordinator cuts a batch from whatever has
-    arrived, so at a light load every batch is small and its own images/s is about the arrival rate
-    (the queue empties as fast as it fills), far below what full batches give. The per-batch overhead
-    (messages, the head, the loop) is taken from the start-up probe (a full and a quarter batch through the
-    real path, :func:`~fluid_mpi.runtime.probe.probe`); each answered batch then corrects ``per_image``
-    by an exponentially weighted step weighted by its size (``alpha × n/B``): a full batch counts fully, a
-    batch of 2 images, whose time is mostly overhead and noise, barely moves the estimate.
+    arrived, so at a light load every batch is small and its own images/s is about the arrival rate (the
+    queue empties as fast as it fills), far below what full batches give.
+
+    The first line comes from the start-up probe (two timed sizes, :meth:`from_timings`). Then the line is
+    fitted to the answered batches' ``(n, seconds)`` by least squares, exponentially weighted (``alpha`` per
+    batch). When the recent batches are too alike in size to give a slope (all small at a light load, all
+    full when saturated) or too few, the slope is kept and only the line's level is fitted: through their
+    weighted mean. A fit with a slope <= 0 or an overhead < 0 (noise) is treated the same way. (The probe's
+    points are not mixed into the fit: on a busy machine its overhead can be several ms off, and a line
+    through it and small live batches bends the slope, 40 % off in the tests.)
     """
 
-    # Weight of a full batch's correction: ~10 full batches of memory (~80 ms of HA on 2 cores), enough to
-    # average out one batch hit by a context switch (4-10 ms on a shared core, as long as the batch itself),
+    # Weight of each new batch: ~20 batches of memory (~160 ms of saturated HA on 2 cores, a few tens of ms
+    # of small batches), enough to average out a batch hit by a 4-10 ms context switch on a shared core,
     # short enough to follow a real slowdown (other jobs taking the cores) within a fraction of a second.
-    ALPHA = 0.1
+    ALPHA = 0.05
+    # A slope needs at least 5 batches' weight: fewer noisy points would set it from one or two batches.
+    MIN_FIT = 5.0
+    # Sizes must spread by a standard deviation of at least B/8 for a slope: below that (batches of 3 +- 2
+    # at a light load) the timing noise of a shared core (a few ms) swamps the slope (~0.1 ms per image).
+    SPREAD = 1 / 8
 
     def __init__(self, batch_size: int, overhead_s: float, per_image_s: float, alpha: float = ALPHA):
         if batch_size < 1 or overhead_s < 0 or per_image_s <= 0:
             raise ValueError(f"need batch_size >= 1, overhead >= 0, per_image > 0; not {batch_size}, "
                              f"{overhead_s}, {per_image_s}")
         self.batch_size, self.overhead_s, self.per_image_s, self.alpha = batch_size, overhead_s, per_image_s, alpha
-        # floor of per_image: a tenth of the first estimate. Batches faster than the overhead (noise) must not
-        # drive it to 0 (an infinite capacity); a shared machine freeing up gives 2-3x, never 10x.
-        self.floor_s = per_image_s / 10
-        self.samples = 0  # answered batches folded in since the probe
+        self._sums = [0.0] * 5  # weighted sums of 1, n, n^2, t, n*t over the answered batches
+        self.samples = 0  # answered batches folded in
 
     @classmethod
     def from_timings(cls, batch_size: int, full_s: float, part_n: int, part_s: float) -> "Capacity":
@@ -99,16 +108,29 @@ class Capacity:
         """Images/s at full batches: ``B / t(B)``."""
         return self.batch_size / self.seconds(self.batch_size)
 
+    def _add(self, n: float, t: float, weight: float) -> None:
+        for i, v in enumerate((1.0, n, n * n, t, n * t)):
+            self._sums[i] += weight * v
+
     def update(self, images: int, seconds: float) -> float:
         """Fold in one answered batch of ``images`` whose service took ``seconds`` (ignored when either is
         <= 0); returns the new :attr:`value`."""
-        if images > 0 and seconds > 0:
-            n = min(images, self.batch_size)
-            # per image, this batch; may be < 0 (a small batch that beat the overhead): unclipped, so unbiased
-            seen = (seconds - self.overhead_s) / n
-            self.per_image_s += self.alpha * n / self.batch_size * (seen - self.per_image_s)
-            self.per_image_s = max(self.per_image_s, self.floor_s)
-            self.samples += 1
+        if images <= 0 or seconds <= 0:
+            return self.value
+        self._sums = [(1 - self.alpha) * v for v in self._sums]
+        self._add(min(images, self.batch_size), seconds, 1.0)
+        self.samples += 1
+        w, sn, snn, st, snt = self._sums
+        n_mean, t_mean = sn / w, st / w
+        var = snn / w - n_mean ** 2
+        if w >= self.MIN_FIT and var >= (self.SPREAD * self.batch_size) ** 2:
+            slope = (snt / w - n_mean * t_mean) / var
+            if slope > 0 and t_mean - slope * n_mean >= 0:
+                self.per_image_s, self.overhead_s = slope, t_mean - slope * n_mean
+                return self.value
+        if t_mean - self.per_image_s * n_mean < 0:  # faster than the slope allows: no overhead at all
+            self.per_image_s = t_mean / n_mean
+        self.overhead_s = t_mean - self.per_image_s * n_mean
         return self.value
 
 

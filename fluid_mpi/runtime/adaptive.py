@@ -22,8 +22,8 @@ DOWN_FRACTION = 0.7
 # transport and the capacity estimate's error, none of which the drain estimate sees.
 LATENCY_MARGIN = 0.8
 # "Nearly empty" backlog, to hand back to HA: what HA clears in 2 % of a window (20 ms by default: two or
-# three full batches at the ~8k images/s HA does on 2 cores). At 10 % a step load flapped back to HA with
-# 241 inputs (72 ms of HA work) waiting, and straight up to HT again.
+# three full batches at the ~8k images/s HA does on 2 cores). At 0.1, a quick bench's step load (machine
+# load ~7) handed back to HA with 241 inputs (72 ms of HA work) waiting, and went straight up to HT again.
 NEARLY_EMPTY = 0.02
 # Until one full window has passed, divide arrivals by at least a quarter window, so that a first burst
 # is not divided by a near-zero span (an infinite rate) nor by the whole window (a rate 4x too low).

@@ -236,5 +236,15 @@ def test_begin_counts_the_rate_from_the_stream_start():
     policy = ModePolicy(None, C_HA, C_HT, start=0.0)
     policy.begin(0.5)  # the probe took 0.5 s
     policy.observe_arrivals(0.75, 250)
-    assert policy.arrival_rate(0.75) == pytest.approx(1000.0)  # 250 over the minimum span, 0.25 s
+    assert policy.arrival_rate(0.75) == pytest.approx(1000.0)  # 250 over the 0.25 s since begin
     assert policy.decide(0.75, 0).mode == HT  # 1,000/s >= 0.9 x HA's 1,000/s
+
+
+def test_an_overload_from_the_start_is_caught_within_60_ms():
+    """14,800 images/s from the start (90 % of HT's 16,500/s, 1.85 x HA's 8,000/s): HT within 60 ms, before
+    HA's backlog grows past ~400 (50 ms of HA work)."""
+    policy = ModePolicy(100.0, 8000.0, 16500.0, start=0.0)
+    policy.begin(0.0)
+    modes, switches, backlog, _ = simulate(policy, lambda t: 14800.0, 0.2, caps={HA: 8000.0, HT: 16500.0})
+    (t_up, up), = switches[:1]
+    assert t_up <= 0.06 and up.mode == HT and "arrivals" in up.reason and up.backlog < 450

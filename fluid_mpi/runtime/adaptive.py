@@ -25,9 +25,12 @@ LATENCY_MARGIN = 0.8
 # three full batches at the ~8k images/s HA does on 2 cores). At 0.1, a quick bench's step load (machine
 # load ~7) handed back to HA with 241 inputs (72 ms of HA work) waiting, and went straight up to HT again.
 NEARLY_EMPTY = 0.02
-# Until one full window has passed, divide arrivals by at least a quarter window, so that a first burst
-# is not divided by a near-zero span (an infinite rate) nor by the whole window (a rate 4x too low).
-MIN_SPAN_FRACTION = 0.25
+# Until one full window has passed, divide arrivals by at least a tenth of a window (100 ms), so that a
+# first burst is not divided by a near-zero span (an infinite rate) nor by the whole window (too low a rate).
+# At a quarter window, a run starting at 90 % of HT's capacity (~1.8 x HA's) was caught only after ~0.1 s in
+# HA, by its backlog (~640 inputs, ~80 ms of HA work), which then set the start's p99; at a tenth the rate
+# rule catches it after ~50 ms. 100 ms still holds ~165 arrivals at a 10 % load (+-8 % Poisson noise).
+MIN_SPAN_FRACTION = 0.1
 
 
 @dataclass

@@ -99,6 +99,11 @@ def first_capacities(coord) -> Capacity:
         ha_one, ht_one = coord.rates  # images/s of one sub-network's features and logits, in-process
         got = Capacity.from_rate(coord.job.batch_size, ha_one), ht_one * len(coord.t.members)
     ha, ht = got
+    # In HT each rank classifies batches of its own with about the work per image it does on every batch in
+    # HA (its sub-network; the head is small), so HT serves at least K x HA. A probe below that was slowed
+    # by the shared machine (bench 2026-11-30, load 8: HT 3,272/s probed vs HA 4,079/s), and would pin auto
+    # to HA through the policy's "HT is not faster" rule, meant for one device left.
+    ht = max(ht, len(coord.t.members) * ha.value)
     coord.policy.reset(ha.value, ht, membership=False)
     coord.events.emit("capacity", ha_per_s=round(ha.value, 1), ht_per_s=round(ht, 1),
                       ha_overhead_ms=round(ha.overhead_s * 1000, 3), ha_per_image_us=round(ha.per_image_s * 1e6, 2),

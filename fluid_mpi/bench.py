@@ -77,8 +77,9 @@ class BenchConfig:
         return cfg
 
 
-def ensure_checkpoints(cfg: BenchConfig, bar) -> dict[str, Path]:
-    """Train each family once per (data, K, epochs); reuse the checkpoint when it matches. A missing
+def ensure_checkpoints(cfg: BenchConfig, bar, families: tuple[str, ...] = ("static", "dynamic", "fluid")
+                       ) -> dict[str, Path]:
+    """Train each of ``families`` once per (data, K, epochs); reuse the checkpoint when it matches. A missing
     or unreadable checkpoint is trained anew; any other error surfaces."""
     from .model.models import Widths
     from .model.recipe import train_and_save
@@ -87,7 +88,7 @@ def ensure_checkpoints(cfg: BenchConfig, bar) -> dict[str, Path]:
     out = {}
     test = data.load_split(cfg.data_dir, "test")
     train_ds = None
-    for family in ("static", "dynamic", "fluid"):
+    for family in families:
         path = cfg.out / "checkpoints" / f"{family}-k{cfg.parts}.pt"
         bar.set_description(f"checkpoint {family}")
         try:

@@ -35,7 +35,7 @@ CAPACITY_TIMEOUT_S = 120.0
 # Wall-time goal of `bench --adaptive --quick` (tests/test_bench_adaptive.py asserts it): the whole command
 # measured 192 s (training the three quick checkpoints, ~45 s, included) on the project's 2-core machine on
 # 2026-11-30 while other test suites ran (132 s later, at load average ~3); x 1.5 of the slower run for a
-# shared, noisy machine gives 290 s.
+# shared, noisy machine gives 290 s. (Since then only the fluid checkpoint is trained: the budget only got looser.)
 QUICK_BUDGET_S = 290.0
 # Width of the step-load timeline's windows: 100 ms, short next to each 1-2 s step, long enough to hold a few batches.
 WINDOW_S = 0.1
@@ -54,7 +54,10 @@ class AdaptiveConfig:
     reps: int = 3  # interleaved repetitions per (load, mode): the median is reported
     run_s: float = 3.0  # each sweep run offers about this many seconds of arrivals
     capacity_s: float = 2.5  # the closed-loop HT capacity run lasts at least 2 s (sized to ~this)
-    latency_ms: float = 50.0  # the --latency-ms target: 50 ms, a few HA batches of 64 on this machine
+    # the --latency-ms target: 100 ms. The goal needs loads where HT alone meets it; on the 2026-11-30 sweep
+    # (docs/adaptive-results.md, load 0.7-1.8) HT's p99 was 54-95 ms from 10 % to 90 % load (one ~100 ms
+    # stall of a shared core in a 3 s run sets a p99) and 127-502 ms above: 50 ms qualified no load.
+    latency_ms: float = 100.0
     batch_size: int = 64  # infer's default
     step: tuple[float, float, float] = (0.1, 1.1, 0.1)  # step load: fractions of HT's capacity, low/high/low
     step_s: float = 2.0  # seconds of each step segment
@@ -113,7 +116,8 @@ class Runner:
                "latency_ms": s.get("latency_ms") or {}, "accuracy": s.get("accuracy"),
                "max_backlog": s.get("max_backlog"), "by_mode": s.get("by_mode") or {},
                "switches": sum(e.get("event") == "mode_switch" for e in r.events), "wall_s": round(r.seconds, 1),
-               "policy_ha_capacity": policy_ha_capacity(r.events), "load_avg": load_avg}
+               "policy_ha_capacity": policy_ha_capacity(r.events),
+               "policy_ha_capacity_last": policy_ha_capacity(r.events, last=True), "load_avg": load_avg}
         if r.returncode != 0 or s.get("exit_code") != 0:
             row["error"] = (s.get("message") or r.stderr.strip()[-300:] or "no summary")
         if keep:
@@ -138,14 +142,18 @@ class Runner:
         return row
 
 
-def policy_ha_capacity(events: list[dict]) -> float | None:
-    """The auto policy's HA capacity estimate (images/s, measured in-process at start-up), as its
-    ``mode_switch`` reasons state it ("... x 3825.7/s"); None when no reason names it."""
+def policy_ha_capacity(events: list[dict], last: bool = False) -> float | None:
+    """The auto policy's HA capacity (images/s): at start, from the start-up probe's ``capacity`` event
+    (else the first ``mode_switch`` reason naming it, "... x 3825.7/s"); with ``last``, the one named by the
+    run's last ``mode_switch`` reason (the live estimate then). None when no event names it."""
     import re
 
     found = [float(m.group(1)) for e in events if e.get("event") == "mode_switch"
              for m in [re.search(r"x (?:HA capacity )?([\d.]+)/s", e.get("reason", ""))] if m]
-    return found[0] if found else None
+    if last:
+        return found[-1] if found else None
+    probed = [e["ha_per_s"] for e in events if e.get("event") == "capacity" and e.get("probed")]
+    return probed[0] if probed else (found[0] if found else None)
 
 
 def step_windows(timeline: list, preds: list[dict], events: list[dict], offsets, width_s: float = WINDOW_S) -> dict:
@@ -192,6 +200,7 @@ def condense(rows: list[dict]) -> dict:
             "ha_share": median(rows, lambda r: (r["by_mode"].get("ha", 0) / max(1, sum(r["by_mode"].values())))),
             "switches": median(rows, lambda r: r["switches"]),
             "policy_ha_capacity": median(rows, lambda r: r.get("policy_ha_capacity")),
+            "policy_ha_capacity_last": median(rows, lambda r: r.get("policy_ha_capacity_last")),
             "all_ok": all(r["returncode"] == 0 and r["exit_code"] == 0 and r["exactly_once"] for r in rows),
             "reps": rows}
 
@@ -202,7 +211,7 @@ def run_adaptive(cfg: AdaptiveConfig) -> dict:
     runs_total = len(cfg.loads) * cfg.reps * len(MODES)
     with tqdm(total=3 + 1 + runs_total + (cfg.reps if cfg.recheck else 0) + 1, desc="bench --adaptive", unit="run") as bar:
         bcfg = BenchConfig.make(cfg.out, cfg.data_dir, cfg.parts, cfg.quick)
-        ckpts = ensure_checkpoints(bcfg, bar)
+        ckpts = ensure_checkpoints(bcfg, bar, ("fluid",))  # HA, HT and auto are all the fluid family's
         bar.update(3)
         n_test = len(data.load_split(cfg.data_dir, "test"))
         runner = Runner(cfg, ckpts["fluid"], n_test)

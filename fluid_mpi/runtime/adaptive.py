@@ -21,11 +21,16 @@ DOWN_FRACTION = 0.7
 # Plan for the backlog to drain within 80 % of the latency target: the rest is left for batching, the
 # transport and the capacity estimate's error, none of which the drain estimate sees.
 LATENCY_MARGIN = 0.8
-# "Nearly empty" backlog: what HA clears in a tenth of a window (100 ms by default), i.e. about one batch.
-NEARLY_EMPTY = 0.1
-# Until one full window has passed, divide arrivals by at least a quarter window, so that a first burst
-# is not divided by a near-zero span (an infinite rate) nor by the whole window (a rate 4x too low).
-MIN_SPAN_FRACTION = 0.25
+# "Nearly empty" backlog, to hand back to HA: what HA clears in 2 % of a window (20 ms by default: two or
+# three full batches at the ~8k images/s HA does on 2 cores). At 0.1, a quick bench's step load (machine
+# load ~7) handed back to HA with 241 inputs (72 ms of HA work) waiting, and went straight up to HT again.
+NEARLY_EMPTY = 0.02
+# Until one full window has passed, divide arrivals by at least a tenth of a window (100 ms), so that a
+# first burst is not divided by a near-zero span (an infinite rate) nor by the whole window (too low a rate).
+# At a quarter window, a run starting at 90 % of HT's capacity (~1.8 x HA's) was caught only after ~0.1 s in
+# HA, by its backlog (~640 inputs, ~80 ms of HA work), which then set the start's p99; at a tenth the rate
+# rule catches it after ~50 ms. 100 ms still holds ~165 arrivals at a 10 % load (+-8 % Poisson noise).
+MIN_SPAN_FRACTION = 0.1
 
 
 @dataclass
@@ -49,38 +54,121 @@ class Decision:
 
 
 class Capacity:
-    """Images/s of one mode, an exponentially weighted moving average over batches."""
+    """Images/s of one mode at full batches, from a service-time model: a batch of ``n`` images takes
+    ``t(n) = overhead + per_image × n`` seconds, so the capacity is ``B / t(B)`` for the full batch ``B``.
 
-    # Weight of the newest batch: ~3 batches of memory, enough to smooth one slow batch (a GC pause, a
-    # context switch) yet to follow a real slowdown (a throttled board) within a handful of batches.
-    ALPHA = 0.3
+    Why a model and not images/seconds of each batch: the coordinator cuts a batch from whatever has
+    arrived, so at a light load every batch is small and its own images/s is about the arrival rate (the
+    queue empties as fast as it fills), far below what full batches give.
 
-    def __init__(self, initial: float | None = None, alpha: float = ALPHA):
-        self.value = initial
-        self.alpha = alpha
+    The first line comes from the start-up probe (two timed sizes, :meth:`from_timings`). Then the line is
+    fitted to the answered batches' ``(n, seconds)`` by least squares, exponentially weighted (``alpha`` per
+    batch). When the recent batches are too alike in size to give a slope (all small at a light load, all
+    full when saturated) or too few, the slope is kept and only the line's level is fitted: through their
+    weighted mean. A fit with a slope <= 0 or an overhead < 0 (noise) is treated the same way. (The probe's
+    points are not mixed into the fit: on a busy machine its overhead can be several ms off, and a line
+    through it and small live batches bends the slope, 40 % off in the tests.)
+    """
 
-    def update(self, images: int, seconds: float) -> float | None:
-        """Fold in one batch of ``images`` served in ``seconds`` (ignored when ``seconds`` <= 0)."""
-        if seconds > 0 and images > 0:
-            rate = images / seconds
-            self.value = rate if self.value is None else self.alpha * rate + (1 - self.alpha) * self.value
+    # Weight of each new batch: ~20 batches of memory (~160 ms of saturated HA on 2 cores, a few tens of ms
+    # of small batches), enough to average out a batch hit by a 4-10 ms context switch on a shared core,
+    # short enough to follow a real slowdown (other jobs taking the cores) within a fraction of a second.
+    ALPHA = 0.05
+    # A slope needs at least 5 batches' weight: fewer noisy points would set it from one or two batches.
+    MIN_FIT = 5.0
+    # Sizes must spread by a standard deviation of at least B/8 for a slope: below that (batches of 3 +- 2
+    # at a light load) the timing noise of a shared core (a few ms) swamps the slope (~0.1 ms per image).
+    SPREAD = 1 / 8
+
+    def __init__(self, batch_size: int, overhead_s: float, per_image_s: float, alpha: float = ALPHA):
+        if batch_size < 1 or overhead_s < 0 or per_image_s <= 0:
+            raise ValueError(f"need batch_size >= 1, overhead >= 0, per_image > 0; not {batch_size}, "
+                             f"{overhead_s}, {per_image_s}")
+        self.batch_size, self.overhead_s, self.per_image_s, self.alpha = batch_size, overhead_s, per_image_s, alpha
+        self._sums = [0.0] * 5  # weighted sums of 1, n, n^2, t, n*t over the answered batches
+        self.samples = 0  # answered batches folded in
+
+    @classmethod
+    def from_timings(cls, batch_size: int, full_s: float, part_n: int, part_s: float) -> "Capacity":
+        """From two timed sizes: ``full_s`` for a full batch and ``part_s`` for ``part_n`` images (the line
+        through both; a slope the noise made <= 0 falls back to no overhead)."""
+        slope = (full_s - part_s) / (batch_size - part_n) if batch_size > part_n else 0.0
+        if slope <= 0 or full_s - slope * batch_size < 0:
+            return cls(batch_size, 0.0, full_s / batch_size)
+        return cls(batch_size, full_s - slope * batch_size, slope)
+
+    @classmethod
+    def from_rate(cls, batch_size: int, images_per_s: float) -> "Capacity":
+        """From a bare rate (no overhead known): ``per_image`` = 1 / rate."""
+        return cls(batch_size, 0.0, 1.0 / images_per_s)
+
+    def seconds(self, images: int) -> float:
+        """The model's time for a batch of ``images``."""
+        return self.overhead_s + self.per_image_s * images
+
+    @property
+    def value(self) -> float:
+        """Images/s at full batches: ``B / t(B)``."""
+        return self.batch_size / self.seconds(self.batch_size)
+
+    def _add(self, n: float, t: float, weight: float) -> None:
+        for i, v in enumerate((1.0, n, n * n, t, n * t)):
+            self._sums[i] += weight * v
+
+    def update(self, images: int, seconds: float) -> float:
+        """Fold in one answered batch of ``images`` whose service took ``seconds`` (ignored when either is
+        <= 0); returns the new :attr:`value`."""
+        if images <= 0 or seconds <= 0:
+            return self.value
+        self._sums = [(1 - self.alpha) * v for v in self._sums]
+        self._add(min(images, self.batch_size), seconds, 1.0)
+        self.samples += 1
+        w, sn, snn, st, snt = self._sums
+        n_mean, t_mean = sn / w, st / w
+        var = snn / w - n_mean ** 2
+        if w >= self.MIN_FIT and var >= (self.SPREAD * self.batch_size) ** 2:
+            slope = (snt / w - n_mean * t_mean) / var
+            if slope > 0 and t_mean - slope * n_mean >= 0:
+                self.per_image_s, self.overhead_s = slope, t_mean - slope * n_mean
+                return self.value
+        if t_mean - self.per_image_s * n_mean < 0:  # faster than the slope allows: no overhead at all
+            self.per_image_s = t_mean / n_mean
+        self.overhead_s = t_mean - self.per_image_s * n_mean
         return self.value
+
+
+class ServiceClock:
+    """Service time of each answered batch of one server (HA: the whole cluster, every rank on every batch):
+    from when the batch was sent, or when the server answered the batch before it if that was later (with
+    batches in flight back to back, each one's service starts when the previous one is done)."""
+
+    def __init__(self) -> None:
+        self.last_done = float("-inf")
+
+    def answered(self, sent: float, now: float) -> float:
+        """Seconds this batch (sent at ``sent``, answered ``now``) took the server."""
+        start, self.last_done = max(sent, self.last_done), now
+        return now - start
 
 
 class ModePolicy:
     """Chooses HA or HT per batch from the recent arrival rate and the backlog.
 
     With ``r`` the arrival rate over the last ``window_s`` seconds, ``B`` the backlog (arrived, not yet
-    dispatched), ``w`` how long its oldest input has waited, ``C_ha`` HA's capacity (images/s) and ``T``
-    the latency target (``latency_ms``/1000, or none):
+    dispatched), ``C_ha`` HA's capacity (images/s at full batches) and ``T`` the latency target
+    (``latency_ms``/1000, or none):
 
-    - HA *can keep up* when ``r < up × C_ha`` (``up`` = 0.9) and the backlog drains in HA in time:
-      ``w + B / C_ha <= 0.8 × T`` with a target, ``B <= C_ha × window_s`` (what HA clears in about one
-      window) without one.
+    - HA *can keep up* when ``r < up × C_ha`` (``up`` = 0.9) and HA answers the backlog in time:
+      ``B / C_ha <= 0.8 × T`` with a target (the newest waiting input would be answered within the target),
+      ``B <= C_ha × window_s`` (what HA clears in about one window) without one. The oldest input's wait
+      is not counted: a stall that has passed (start-up, a context switch) cannot be undone by HT, and a
+      backlog that HA clears in time needs no HT either.
     - From HA, switch to **HT** as soon as HA cannot keep up (the reason names the failed condition).
     - From HT, go back to **HA** only when the load has fallen: ``r < down × C_ha`` (``down`` = 0.7), the
-      backlog is nearly empty (``B <= 0.1 × C_ha × window_s``), the target (if any) would be met, and HT
-      has been in use for at least ``window_s`` (hysteresis: no flapping around the threshold).
+      backlog is nearly empty (``B <= 0.1 × C_ha × window_s``) and the target (if any) would be met; after
+      a switch made for the arrival rate, HT also stays on for at least ``window_s`` (hysteresis: no
+      flapping around the rate threshold). A switch made for a backlog (a burst) returns as soon as the
+      backlog is drained.
     - When HT is not faster than HA (``C_ht <= C_ha``, e.g. one device left), HA: HT would only cost accuracy.
     - :meth:`reset` (a membership change) forgets the current mode's history and re-decides with the
       new capacities from the HA rule alone, as if starting afresh with the arrivals seen so far.
@@ -101,9 +189,15 @@ class ModePolicy:
         self.start = start
         self._arrivals: deque[tuple[float, int]] = deque()
         self.mode, self.since = mode, start
+        self.dwell_s = window_s  # how long HT stays on at least (0 after a switch for a backlog)
         self._fresh = False
-        self.reset(ha_capacity, ht_capacity)
-        self._fresh = False  # the first decision needs no "membership change" reason
+        self.reset(ha_capacity, ht_capacity, membership=False)
+
+    def begin(self, now: float) -> None:
+        """The inputs start arriving now: the rate's span counts from here (not from the policy's creation,
+        which the warm-up and the start-up probe precede), and nothing seen before counts."""
+        self.start, self.since = now, now
+        self._arrivals.clear()
 
     def observe_arrivals(self, now: float, count: int) -> None:
         """``count`` inputs arrived at ``now`` (call it with what each poll of the source returned)."""
@@ -117,13 +211,13 @@ class ModePolicy:
         if ht_capacity is not None and ht_capacity > 0:
             self.ht_capacity = float(ht_capacity)
 
-    def reset(self, ha_capacity: float, ht_capacity: float) -> None:
-        """A membership change: new capacities for the surviving devices; the next :meth:`decide`
-        re-decides from scratch (no hysteresis carried over from the old membership)."""
+    def reset(self, ha_capacity: float, ht_capacity: float, membership: bool = True) -> None:
+        """New capacities; with ``membership`` (the surviving devices after a loss) the next :meth:`decide`
+        re-decides from scratch (no hysteresis carried over from the old membership) and says so."""
         if ha_capacity <= 0 or ht_capacity <= 0:
             raise ValueError(f"capacities must be > 0, not ha={ha_capacity} ht={ht_capacity}")
         self.ha_capacity, self.ht_capacity = float(ha_capacity), float(ht_capacity)
-        self._fresh = True
+        self._fresh = membership
 
     def arrival_rate(self, now: float) -> float:
         """Inputs per second over the last ``window_s`` seconds."""
@@ -132,14 +226,15 @@ class ModePolicy:
         span = min(self.window_s, max(now - self.start, MIN_SPAN_FRACTION * self.window_s))
         return sum(c for _, c in self._arrivals) / span
 
-    def _ha_shortfall(self, rate: float, backlog: int, wait_s: float, load_fraction: float,
+    def _ha_shortfall(self, rate: float, backlog: int, load_fraction: float,
                       backlog_limit: float | None) -> str | None:
-        """Why HA would not keep up at ``load_fraction`` of its capacity, or None when it would."""
+        """Why HA would not keep up at ``load_fraction`` of its capacity, or None when it would (a reason
+        that starts with "arrivals" is the rate's)."""
         c = self.ha_capacity
         if rate >= load_fraction * c:
             return f"arrivals {rate:.1f}/s >= {load_fraction:g} x HA capacity {c:.1f}/s"
         if self.target_s is not None:
-            projected = wait_s + backlog / c
+            projected = backlog / c
             if projected > LATENCY_MARGIN * self.target_s:
                 return (f"backlog {backlog} would be answered in {projected * 1000:.0f} ms in HA, over "
                         f"{LATENCY_MARGIN:g} x the {self.target_s * 1000:g} ms target")
@@ -149,8 +244,8 @@ class ModePolicy:
 
     def decide(self, now: float, backlog: int, oldest_wait_s: float = 0.0) -> Decision:
         """The mode for the next batch. ``backlog``: inputs arrived and not yet dispatched;
-        ``oldest_wait_s``: how long the oldest of them has waited (0 when none). Log
-        ``decision.event()`` as a ``mode_switch`` event when ``decision.changed``."""
+        ``oldest_wait_s``: how long the oldest of them has waited (0 when none; named in the reason, not part
+        of the rule). Log ``decision.event()`` as a ``mode_switch`` event when ``decision.changed``."""
         was, rate = self.mode, self.arrival_rate(now)
         fresh, self._fresh = self._fresh, False
         c = self.ha_capacity
@@ -158,18 +253,21 @@ class ModePolicy:
             mode, reason = HA, f"HT capacity {self.ht_capacity:.1f}/s is not above HA's {c:.1f}/s"
         elif was == HA or fresh:
             limit = None if self.target_s is not None else c * self.window_s  # the target rules if set
-            short = self._ha_shortfall(rate, backlog, oldest_wait_s, self.up, limit)
+            short = self._ha_shortfall(rate, backlog, self.up, limit)
             mode = HT if short else HA
+            if short:
+                self.dwell_s = self.window_s if short.startswith("arrivals") else 0.0
             reason = short or (f"HA keeps up: arrivals {rate:.1f}/s < {self.up:g} x {c:.1f}/s, "
                                f"backlog {backlog}")
         else:  # in HT: back to HA only when the load has clearly fallen and HT has had its window
-            short = self._ha_shortfall(rate, backlog, oldest_wait_s, self.down,
-                                       NEARLY_EMPTY * c * self.window_s)
-            if short is None and now - self.since < self.window_s:
-                short = f"in HT for {now - self.since:.2f} s < {self.window_s:g} s"
+            short = self._ha_shortfall(rate, backlog, self.down, NEARLY_EMPTY * c * self.window_s)
+            if short is None and now - self.since < self.dwell_s:
+                short = f"in HT for {now - self.since:.2f} s < {self.dwell_s:g} s"
             mode = HT if short else HA
             reason = (f"still HT: {short}" if short else
                       f"load fell: arrivals {rate:.1f}/s < {self.down:g} x {c:.1f}/s, backlog {backlog}")
+        if oldest_wait_s > 0:
+            reason = f"{reason}, oldest waited {oldest_wait_s * 1000:.0f} ms"
         if fresh:
             reason = f"membership change: {reason}"
         if mode != was:

@@ -6,7 +6,8 @@ a fake one). One loop serves both modes, batch by batch, so ``--mode auto`` can 
 - HA: every batch goes to every rank (up to ``HA_DEPTH`` in flight); the coordinator adds its own group's
   features and applies the head of the groups that answered.
 - auto: the :class:`~fluid_mpi.runtime.adaptive.ModePolicy` picks each new batch's mode from the backlog,
-  the arrival rate and each mode's capacity measured live; every switch is a ``mode_switch`` event.
+  the arrival rate and each mode's capacity (first from a start-up probe through the real path, then HA's
+  corrected from every answered HA batch's service time); every switch is a ``mode_switch`` event.
 - On a :class:`PeerFailure` the one recovery path runs (``transport.recover``) and every batch in flight is
   re-sent to the survivors; answered batches keep their answers. A worker that holds a batch past
   ``rank_timeout`` is lost by the liveness policy: killed out of band so ULFM reports it, or, when that
@@ -28,7 +29,7 @@ from ..errors import DeviceSilent, PeerFailure, RecoveryFailed
 from ..model.data import to_tensor_batch
 from .events import EventLog, FailureTracker
 from .faults import FaultInjector
-from .adaptive import Capacity
+from .adaptive import Capacity, ServiceClock
 from .inputs import ARRIVAL_WAIT_S, Batch, InputStream
 from .liveness import Liveness, keepalive_interval
 from .outputs import PredictionSink
@@ -70,9 +71,8 @@ class FluidCoordinator:
         self.subset = fluid_subset(self.t.members)
         self.last_ping = time.monotonic()
         self.decided = False
-        ha, ht = self.capacities() if policy is not None else (None, None)
-        self.capacity = {"ha": Capacity(ha), "ht": Capacity(ht)}
-        self.last_answer: dict[str, float] = {}
+        self.ha_capacity: Capacity | None = None  # auto: HA's service-time model (probe, then live)
+        self.ha_clock = ServiceClock()
         total = -(-(self.stream.total or 0) // job.batch_size)  # batches in the run (0: unknown, stdin)
         self.n_batches = total
         self.expected = max(1, expected_share(total, self.t.size, job.mode))
@@ -100,32 +100,26 @@ class FluidCoordinator:
         with torch.no_grad():
             return self.part.features(x) if features else self.part.logits(x)
 
-    def record(self, b: Batch, logits: np.ndarray, rank: int, mode: str, extra: dict | None = None) -> None:
+    def record(self, b: Batch, logits: np.ndarray, rank: int, mode: str, extra: dict | None = None,
+               sent: float | None = None) -> None:
         self.sink.write(b, logits, rank, {"mode": mode, **(extra or {})})
         del self.batches[b.bid]
         self.answered_batches += 1
         self.by_mode[mode] += 1
         self.tracker.answered()
-        if self.policy is not None:
-            self.measure(mode, len(b))
+        if self.policy is not None and sent is not None:
+            self.measure(len(b), sent)
 
-    def measure(self, mode: str, images: int) -> None:
-        """The auto policy's capacities, live: between two full batches of one mode answered with inputs
-        waiting (saturated), the gap is what that mode takes per batch. The warm-up estimate ignores MPI,
-        the head and shared cores (3.4x too high, measured under load)."""
-        now = time.monotonic()
-        if images < self.job.batch_size or self.stream.backlog == 0:  # not saturated: the gap is idle time
-            self.last_answer.pop(mode, None)
-            return
-        last, self.last_answer[mode] = self.last_answer.get(mode), now
-        if last is not None and self.mode == mode:
-            self.capacity[mode].update(images, now - last)
-            ha, ht = self.capacity["ha"].value, self.capacity["ht"].value
-            self.policy.set_capacity(ha, ht)
+    def measure(self, images: int, sent: float) -> None:
+        """auto: HA's capacity, live, from this HA batch's service time (sent, or the previous HA answer if
+        later, to now). Not while HT batches are in flight: the workers' time then went to those too."""
+        seconds = self.ha_clock.answered(sent, time.monotonic())
+        if self.ha_capacity is not None and not any(self.ht.values()):
+            self.policy.set_capacity(ha_capacity=self.ha_capacity.update(images, seconds))
 
     # --- failures -------------------------------------------------------------------------------------
     def on_failure(self) -> None:
-        t_detect = time.time()
+        t_detect, before = time.time(), len(self.t.members)
         lost = recover(self.t, self.liveness, self.job.rank_timeout, self.events)
         self.tracker.lost(lost, t_detect, self.last_contact, None, killed=self.liveness.killed)
         for w in lost:
@@ -141,11 +135,10 @@ class FluidCoordinator:
             self.events.emit("head_switch", head="+".join(map(str, new)), was="+".join(map(str, self.subset)),
                              after_batch=self.answered_batches)
             self.subset = new
-        if self.policy is not None:  # a membership change: scale the live estimates to the survivors
-            ha, ht = self.capacities()
-            self.capacity = {"ha": Capacity(ha), "ht": Capacity(ht)}
-            self.last_answer.clear()
-            self.policy.reset(ha, ht)
+        if self.policy is not None:  # a membership change: HA's time per batch stays (each rank its own
+            # group, side by side); HT's capacity scales with the ranks left
+            self.policy.reset(self.policy.ha_capacity, self.policy.ht_capacity * len(self.t.members) / before)
+            self.ha_clock = ServiceClock()
 
     def check_overdue(self, overdue: list[int]) -> None:
         """The liveness policy for workers that held a batch past the deadline: kill them out of band
@@ -171,12 +164,6 @@ class FluidCoordinator:
         return sorted(late)
 
     # --- the loop -------------------------------------------------------------------------------------
-    def capacities(self) -> tuple[float, float]:
-        """First estimates of HA's and HT's images/s on the current members (from the warm-up rates: HA runs
-        one sub-network's features side by side, HT K sub-networks' logits); :meth:`measure` corrects them."""
-        ha, ht_one = self.rates
-        return ha, ht_one * len(self.t.members)
-
     def choose_mode(self, now: float) -> str:
         if self.policy is None:
             return self.mode
@@ -184,7 +171,6 @@ class FluidCoordinator:
         if d.changed or not self.decided:  # the first decision is logged too: a run may never switch
             self.events.emit("mode_switch", **d.event(), after_batch=self.answered_batches)
             self.decided = True
-        self.last_answer = {} if d.changed else self.last_answer  # an interval across a switch measures neither
         self.mode = d.mode
         return d.mode
 
@@ -198,8 +184,14 @@ class FluidCoordinator:
     def run(self) -> Outcome:
         for w in self.workers():
             self.post(w)
+        if self.policy is not None:
+            from .probe import first_capacities
+
+            self.ha_capacity = first_capacities(self)
         t0 = time.perf_counter()
         self.stream.start()
+        if self.policy is not None:
+            self.policy.begin(time.monotonic())
         try:
             drained = self._loop()
         except (RecoveryFailed, DeviceSilent) as exc:
@@ -279,10 +271,11 @@ class FluidCoordinator:
         oldest = next(iter(self.ha), None)
         if oldest is not None and len(self.ha[oldest]) == len(self.t.members):
             feats = self.ha.pop(oldest)
-            del self.ha_sent[oldest]
+            sent = self.ha_sent.pop(oldest)
             with torch.no_grad():
                 logits = self.part.bank.logits(feats, self.job.combine).numpy()
-            self.record(self.batches[oldest], logits, self.me, "ha", {"groups": "+".join(map(str, sorted(feats)))})
+            self.record(self.batches[oldest], logits, self.me, "ha", {"groups": "+".join(map(str, sorted(feats)))},
+                        sent)
             self.injector.tick(self.expected)
         return got
 

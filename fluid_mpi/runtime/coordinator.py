@@ -249,8 +249,10 @@ class FluidCoordinator:
         return drained
 
     def _step(self, mode: str, drained: bool) -> bool:
-        """Hand out, collect, compute and record what can be; True when anything happened."""
-        got = False
+        """Collect, hand out, compute and record what can be; True when anything happened. Replies come
+        first and the hand-out right after them, before this rank's own compute: a worker's answer is its
+        request for more, and a batch sent only after the coordinator's own forward left it idle."""
+        got = self._collect()
         now = time.monotonic()
         new = (lambda: None) if drained else self.next_batch
         if mode == "ht":
@@ -264,10 +266,6 @@ class FluidCoordinator:
                 for w in self.workers():
                     self.send(w, b, CMD_FEATURES)
                 self.ha[b.bid], self.ha_sent[b.bid] = {}, now
-        for w in self.workers():
-            if self.t.ready(self.handles[w]):
-                got = True
-                self._reply(w)
         mine = next((bid for bid, f in self.ha.items() if self.me not in f), None)
         if mine is not None:  # my features for an HA batch come first: the workers' are on their way
             self.ha[mine][self.me] = self.compute(self.batches[mine], features=True)
@@ -276,15 +274,28 @@ class FluidCoordinator:
             self.record(b, self.compute(b, features=False).numpy(), self.me, "ht")
             self.injector.tick(self.expected)
             got = True
-        oldest = next(iter(self.ha), None)
-        if oldest is not None and len(self.ha[oldest]) == len(self.t.members):
+        self._combine()
+        return got
+
+    def _collect(self) -> bool:
+        """Take every reply that has arrived, and classify the HA batches they complete."""
+        got = False
+        for w in self.workers():
+            while self.t.ready(self.handles[w]):  # at most credit (HT) or HA_DEPTH replies, plus stale ones
+                got = True
+                self._reply(w)
+        self._combine()
+        return got
+
+    def _combine(self) -> None:
+        """Apply the head to the oldest HA batches whose features are all in, oldest first."""
+        while (oldest := next(iter(self.ha), None)) is not None and len(self.ha[oldest]) == len(self.t.members):
             feats = self.ha.pop(oldest)
             del self.ha_sent[oldest]
             with torch.no_grad():
                 logits = self.part.bank.logits(feats, self.job.combine).numpy()
             self.record(self.batches[oldest], logits, self.me, "ha", {"groups": "+".join(map(str, sorted(feats)))})
             self.injector.tick(self.expected)
-        return got
 
     def _reply(self, w: int) -> None:
         h = self.handles[w]

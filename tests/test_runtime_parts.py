@@ -291,6 +291,7 @@ def test_prediction_sink_fsyncs_at_most_every_interval(tmp_path, monkeypatch):
 
     def write(i):
         sink.write(batch([i], [0]), logits, rank=0)
+        assert sink.settled(5.0)  # the helper thread has made the fsync asked for, if any
 
     write(0)
     assert len(synced) == 1  # the first batch is made durable
@@ -304,7 +305,7 @@ def test_prediction_sink_fsyncs_at_most_every_interval(tmp_path, monkeypatch):
     write(20)
     assert len(synced) == 3
     sink.close()
-    assert len(synced) == 4  # close makes the rest durable
+    assert len(synced) == 4 and not sink._syncer.thread.is_alive()  # close makes the rest durable
     assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 21
 
 

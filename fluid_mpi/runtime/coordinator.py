@@ -3,8 +3,8 @@ a fake one). One loop serves both modes, batch by batch, so ``--mode auto`` can 
 
 - HT: each worker holds up to ``credit`` batches; a reply is its request for more, so a slow device
   gets fewer batches. Between replies the coordinator classifies batches of its own.
-- HA: every batch goes to every rank (up to ``HA_DEPTH`` in flight); the coordinator adds its own group's
-  features and applies the head of the groups that answered.
+- HA: every batch goes to every rank (up to ``HA_DEPTH`` in flight); the coordinator adds its own
+  group's features and applies the head of the groups that answered.
 - auto: the :class:`~fluid_mpi.runtime.adaptive.ModePolicy` picks each new batch's mode from the backlog,
   the arrival rate and each mode's capacity measured live; every switch is a ``mode_switch`` event.
 - On a :class:`PeerFailure` the one recovery path runs (``transport.recover``) and every batch in flight is
@@ -33,12 +33,8 @@ from .inputs import ARRIVAL_WAIT_S, Batch, InputStream
 from .liveness import Liveness, keepalive_interval
 from .outputs import PredictionSink
 from .protocol import CMD_FEATURES, CMD_LOGITS, CMD_PING, CMD_STOP, STOP_FLUSH_S, Job, Outcome, header
-from .scheduler import expected_share, fluid_subset
+from .scheduler import HA_DEPTH, expected_share, fluid_subset
 from .transport import Backoff, Transport, recover
-
-# HA batches in flight: the next one is already at the workers while this one's features come back (a
-# third gave no gain: the workers compute one batch at a time).
-HA_DEPTH = 2
 
 
 class FluidCoordinator:
@@ -73,8 +69,7 @@ class FluidCoordinator:
         ha, ht = self.capacities() if policy is not None else (None, None)
         self.capacity = {"ha": Capacity(ha), "ht": Capacity(ht)}
         self.last_answer: dict[str, float] = {}
-        total = -(-(self.stream.total or 0) // job.batch_size)  # batches in the run (0: unknown, stdin)
-        self.n_batches = total
+        self.n_batches = total = -(-(self.stream.total or 0) // job.batch_size)  # 0: unknown (stdin)
         self.expected = max(1, expected_share(total, self.t.size, job.mode))
 
     # --- messages -------------------------------------------------------------------------------------
@@ -249,10 +244,14 @@ class FluidCoordinator:
         return drained
 
     def _step(self, mode: str, drained: bool) -> bool:
-        """Collect, hand out, compute and record what can be; True when anything happened. Replies come
-        first and the hand-out right after them, before this rank's own compute: a worker's answer is its
-        request for more, and a batch sent only after the coordinator's own forward left it idle."""
-        got = self._collect()
+        """Collect, hand out, compute and record what can be; True when anything happened. The hand-out
+        follows the replies, before this rank's own forward: sent after it, a batch left its worker idle."""
+        got = False
+        for w in self.workers():
+            while self.t.ready(self.handles[w]):  # at most credit (HT) or the HA depth, plus stale replies
+                got = True
+                self._reply(w)
+        self._combine()
         now = time.monotonic()
         new = (lambda: None) if drained else self.next_batch
         if mode == "ht":
@@ -274,16 +273,6 @@ class FluidCoordinator:
             self.record(b, self.compute(b, features=False).numpy(), self.me, "ht")
             self.injector.tick(self.expected)
             got = True
-        self._combine()
-        return got
-
-    def _collect(self) -> bool:
-        """Take every reply that has arrived, and classify the HA batches they complete."""
-        got = False
-        for w in self.workers():
-            while self.t.ready(self.handles[w]):  # at most credit (HT) or HA_DEPTH replies, plus stale ones
-                got = True
-                self._reply(w)
         self._combine()
         return got
 

@@ -141,8 +141,19 @@ class PredictionSink:
         # per-batch fields formatted once; the lines themselves by hand (json.dumps per line cost
         # ~10 % of the coordinator's time in High-Throughput runs)
         tail = "".join(f", {json.dumps(k)}: {json.dumps(v)}" for k, v in (extra or {}).items())
+        keys = batch.keys.tolist()
+        new = set(keys) - self.answered
+        if len(new) == len(keys) and batch.names is None and not self.with_logits and min(labels, default=0) >= 0:
+            # the usual batch (labelled, all new): one %-format per line, 2.4 -> 1.2 µs per image here
+            form = '{"index": %d, "label": %d, "pred": %d, "confidence": %.4f, "rank": ' + \
+                f"{rank}{tail}".replace("%", "%%") + ', "latency_ms": %.3f}'
+            self.answered |= new
+            self.labelled += len(keys)
+            self.correct += sum(p == y for p, y in zip(preds, labels))
+            self._finish(batch, [form % v for v in zip(keys, labels, preds, conf, lat)], batch.arrived, now)
+            return
         lines, fresh = [], []
-        for i, idx in enumerate(batch.keys.tolist()):
+        for i, idx in enumerate(keys):
             if idx in self.answered:
                 self.duplicates += 1
                 continue
@@ -159,7 +170,10 @@ class PredictionSink:
             if self.with_logits:
                 line += ', "logits": [' + ", ".join(f"{float(v):.6g}" for v in logits[i]) + "]"
             lines.append(line + "}")
-        self.latency.record_many(batch.arrived[fresh], now)
+        self._finish(batch, lines, batch.arrived[fresh], now)
+
+    def _finish(self, batch, lines: list[str], arrived: np.ndarray, now: float) -> None:
+        self.latency.record_many(arrived, now)
         self.timeline.append((round(time.perf_counter() - self.t0, 4), len(batch)))
         if self.bar is not None:
             self.bar.update(len(batch))

@@ -42,7 +42,10 @@ class References:
     def __init__(self, ckpts: dict[str, Path], k: int, data_dir: str | None):
         import torch
 
+        from .runtime.memory import tune_allocator
+
         torch.set_num_threads(1)
+        tune_allocator()  # as every rank does (runtime/infer.py), so both allocate alike
         self.k = k
         self.x = data.to_tensor_batch(data.load_split(data_dir, "test").images)
         self.static, _ = checkpoint.load_checkpoint(ckpts["static"])

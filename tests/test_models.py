@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from fluid_mpi.model.models import FluidCNN, SlicedCNN, Widths, all_subsets, build_model, subset_key
+import torch.nn.functional as F
+
+from fluid_mpi.model.models import FluidCNN, SlicedCNN, Widths, all_subsets, build_model, relu_pool, subset_key
 from fluid_mpi.model.partition import FluidPart, SlicePart, fluid_ha_forward, narrow, sliced_forward
 
 
@@ -88,3 +90,25 @@ def test_bad_family_and_width():
         build_model("huge", 2)
     with pytest.raises(ValueError):
         SlicedCNN(2)(torch.zeros(1, 1, 28, 28), width=3)
+
+
+@pytest.mark.parametrize("shape", [(64, 16, 24, 24), (3, 32, 8, 8), (1, 4, 7, 9)])
+def test_fast_relu_pool_is_bit_identical_to_max_pool_of_relu(shape):
+    torch.manual_seed(1)
+    x = torch.randn(*shape)
+    x[0, 0, 0, :2] = 0.0  # ties, and zeros on both sides of the ReLU
+    want = F.max_pool2d(F.relu(x), 2)
+    with torch.no_grad():
+        got = relu_pool(x)
+    assert got.shape == want.shape
+    assert torch.equal(got, want)
+
+
+def test_relu_pool_keeps_max_pool_gradients_when_training():
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    relu_pool(x).sum().backward()
+    got = x.grad.clone()
+    x.grad = None
+    F.max_pool2d(F.relu(x), 2).sum().backward()
+    assert torch.equal(got, x.grad)

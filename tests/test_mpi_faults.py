@@ -147,15 +147,17 @@ def test_sliced_stops_when_rank_0_is_lost(ckpts, tmp_path, family, how):
 @pytest.mark.parametrize("mode", ["ha", "ht"])
 @pytest.mark.parametrize("k", [2, 3])
 def test_coordinator_loss_lowest_survivor_takes_over(ckpts, tmp_path, k, mode, how):
-    """Rank 0 dies (or freezes: the survivor on its host kills it) after 3 batches of its own: rank 1
-    takes over, skips what the predictions file holds and finishes; every input exactly once."""
+    """Rank 0 dies (or freezes: the survivor on its host kills it) after 2 batches of its own: rank 1
+    takes over, skips what the predictions file holds and finishes; every input exactly once. Rank 0
+    computes at least 2 of the 10 batches: each step refills every worker up to its credit (2), then
+    computes one of its own."""
     ckpt = ckpts("fluid", k)
     res = run_mpi(k, ["-c", str(ckpt), "--mode", mode, "--limit", str(LIMIT), "-b", str(BATCH),
-                      "--kill-rank", f"0:{how}:3", "--rank-timeout", str(TIMEOUT)], tmp_path, timeout=60)
+                      "--kill-rank", f"0:{how}:2", "--rank-timeout", str(TIMEOUT)], tmp_path, timeout=60)
     assert res.returncode == 0, res.stderr[-2000:]
     s = res.summary
     assert s["takeover"]["coordinator"] == 1 and s["takeover"]["lost"] == [0] and s["status"] == "ok"
-    assert s["takeover"]["answered_before"] >= 3 * BATCH and s["answered"] == LIMIT
+    assert s["takeover"]["answered_before"] >= 2 * BATCH and s["answered"] == LIMIT
     assert events_of(res, "takeover")[0]["coordinator"] == 1
     assert_exactly_once(res)  # rank 0's lines and the new coordinator's together
     ref = fluid_refs(ckpt)  # one cache of reference logits per run

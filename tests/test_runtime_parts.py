@@ -281,6 +281,24 @@ def test_prediction_sink_counts_duplicates_and_writes_each_input_once(tmp_path):
     assert recs[5] == {"index": 15, "name": "bad.png", "error": "cannot identify image file"} and again.errors == 1
 
 
+def test_prediction_sink_lines_are_the_same_whichever_way_they_are_formatted(tmp_path, monkeypatch):
+    """A labelled batch of new inputs takes the one-format-per-line path; a batch with a duplicate the
+    line-by-line one: the lines of the same inputs are byte for byte the same."""
+    monkeypatch.setattr(outputs.time, "monotonic", lambda: 5.0)
+    logits = np.random.default_rng(0).normal(size=(4, 10)).astype(np.float32)
+    fast, slow = PredictionSink(tmp_path / "fast.jsonl"), PredictionSink(tmp_path / "slow.jsonl")
+    fast.write(batch([7, 8, 9], [1, 2, 3]), logits[1:], rank=1, extra={"mode": "ha", "groups": "0+1"})
+    slow.write(batch([6], [0]), logits[:1], rank=1, extra={"mode": "ha", "groups": "0+1"})
+    slow.write(batch([6, 7, 8, 9], [0, 1, 2, 3]), logits, rank=1, extra={"mode": "ha", "groups": "0+1"})
+    fast.close()
+    slow.close()
+    lines = (tmp_path / "fast.jsonl").read_text().splitlines()
+    assert lines == (tmp_path / "slow.jsonl").read_text().splitlines()[1:]
+    assert json.loads(lines[0])["index"] == 7 and slow.duplicates == 1
+    assert fast.labelled == 3 and slow.labelled == 4
+    assert slow.correct == fast.correct + (int(logits[0].argmax()) == 0)  # input 6's label is 0
+
+
 def test_prediction_sink_fsyncs_at_most_every_interval(tmp_path, monkeypatch):
     synced = []
     clock = FakeClock()
@@ -291,6 +309,7 @@ def test_prediction_sink_fsyncs_at_most_every_interval(tmp_path, monkeypatch):
 
     def write(i):
         sink.write(batch([i], [0]), logits, rank=0)
+        assert sink.settled(5.0)  # the helper thread has made the fsync asked for, if any
 
     write(0)
     assert len(synced) == 1  # the first batch is made durable
@@ -304,7 +323,7 @@ def test_prediction_sink_fsyncs_at_most_every_interval(tmp_path, monkeypatch):
     write(20)
     assert len(synced) == 3
     sink.close()
-    assert len(synced) == 4  # close makes the rest durable
+    assert len(synced) == 4 and not sink._syncer.thread.is_alive()  # close makes the rest durable
     assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 21
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import POOLED, FluidCNN, HeadBank, SlicedCNN, Trunk, Widths
+from .models import POOLED, FluidCNN, HeadBank, SlicedCNN, Trunk, Widths, relu_pool
 
 N_STAGES = 3
 
@@ -47,9 +47,9 @@ class SlicePart(nn.Module):
     def stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Run stage ``i`` on the full (gathered) input of that stage; returns this part's share."""
         if i == 0:
-            return F.max_pool2d(F.relu(self.conv1(x)), 2)
+            return relu_pool(self.conv1(x))
         if i == 1:
-            return F.max_pool2d(F.relu(self.conv2(x)), 2)
+            return relu_pool(self.conv2(x))
         if i == 2:
             return F.linear(F.relu(self.fc(x.flatten(1))), self.cls_weight, self.cls_bias)
         raise IndexError(i)

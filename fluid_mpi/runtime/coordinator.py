@@ -3,8 +3,8 @@ a fake one). One loop serves both modes, batch by batch, so ``--mode auto`` can 
 
 - HT: each worker holds up to ``credit`` batches; a reply is its request for more, so a slow device
   gets fewer batches. Between replies the coordinator classifies batches of its own.
-- HA: every batch goes to every rank (up to ``HA_DEPTH`` in flight); the coordinator adds its own group's
-  features and applies the head of the groups that answered.
+- HA: every batch goes to every rank (up to ``HA_DEPTH`` in flight); the coordinator adds its own
+  group's features and applies the head of the groups that answered.
 - auto: the :class:`~fluid_mpi.runtime.adaptive.ModePolicy` picks each new batch's mode from the backlog,
   the arrival rate and each mode's capacity (first from a start-up probe through the real path, then HA's
   corrected from every answered HA batch's service time); every switch is a ``mode_switch`` event.
@@ -34,12 +34,8 @@ from .inputs import ARRIVAL_WAIT_S, Batch, InputStream
 from .liveness import Liveness, keepalive_interval
 from .outputs import PredictionSink
 from .protocol import CMD_FEATURES, CMD_LOGITS, CMD_PING, CMD_STOP, STOP_FLUSH_S, Job, Outcome, header
-from .scheduler import expected_share, fluid_subset
+from .scheduler import HA_DEPTH, expected_share, fluid_subset
 from .transport import Backoff, Transport, recover
-
-# HA batches in flight: the next one is already at the workers while this one's features come back (a
-# third gave no gain: the workers compute one batch at a time).
-HA_DEPTH = 2
 
 
 class FluidCoordinator:
@@ -241,8 +237,14 @@ class FluidCoordinator:
         return drained
 
     def _step(self, mode: str, drained: bool) -> bool:
-        """Hand out, collect, compute and record what can be; True when anything happened."""
+        """Collect, hand out, compute and record what can be; True when anything happened. The hand-out
+        follows the replies, before this rank's own forward: sent after it, a batch left its worker idle."""
         got = False
+        for w in self.workers():
+            while self.t.ready(self.handles[w]):  # at most credit (HT) or the HA depth, plus stale replies
+                got = True
+                self._reply(w)
+        self._combine()
         now = time.monotonic()
         new = (lambda: None) if drained else self.next_batch
         if mode == "ht":
@@ -256,10 +258,6 @@ class FluidCoordinator:
                 for w in self.workers():
                     self.send(w, b, CMD_FEATURES)
                 self.ha[b.bid], self.ha_sent[b.bid] = {}, now
-        for w in self.workers():
-            if self.t.ready(self.handles[w]):
-                got = True
-                self._reply(w)
         mine = next((bid for bid, f in self.ha.items() if self.me not in f), None)
         if mine is not None:  # my features for an HA batch come first: the workers' are on their way
             self.ha[mine][self.me] = self.compute(self.batches[mine], features=True)
@@ -268,8 +266,12 @@ class FluidCoordinator:
             self.record(b, self.compute(b, features=False).numpy(), self.me, "ht")
             self.injector.tick(self.expected)
             got = True
-        oldest = next(iter(self.ha), None)
-        if oldest is not None and len(self.ha[oldest]) == len(self.t.members):
+        self._combine()
+        return got
+
+    def _combine(self) -> None:
+        """Apply the head to the oldest HA batches whose features are all in, oldest first."""
+        while (oldest := next(iter(self.ha), None)) is not None and len(self.ha[oldest]) == len(self.t.members):
             feats = self.ha.pop(oldest)
             sent = self.ha_sent.pop(oldest)
             with torch.no_grad():
@@ -277,7 +279,6 @@ class FluidCoordinator:
             self.record(self.batches[oldest], logits, self.me, "ha", {"groups": "+".join(map(str, sorted(feats)))},
                         sent)
             self.injector.tick(self.expected)
-        return got
 
     def _reply(self, w: int) -> None:
         h = self.handles[w]

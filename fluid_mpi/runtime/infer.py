@@ -82,7 +82,10 @@ def _start(t, opts: InferOptions):
     together (no rank left waiting). Returns (part, meta, width, where, hosts) or an exit code."""
     import torch
 
+    from .memory import tune_allocator
+
     torch.set_num_threads(1)
+    tune_allocator()
     part = meta = error = width = where = None
     try:
         from ..model.checkpoint import load_meta, load_part

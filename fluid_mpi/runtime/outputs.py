@@ -143,7 +143,8 @@ class PredictionSink:
         tail = "".join(f", {json.dumps(k)}: {json.dumps(v)}" for k, v in (extra or {}).items())
         keys = batch.keys.tolist()
         new = set(keys) - self.answered
-        if len(new) == len(keys) and batch.names is None and not self.with_logits and min(labels, default=0) >= 0:
+        plain = batch.names is None and not self.with_logits and min(labels, default=0) >= 0
+        if len(new) == len(keys) and plain:
             # the usual batch (labelled, all new): one %-format per line, 2.4 -> 1.2 µs per image here
             form = '{"index": %d, "label": %d, "pred": %d, "confidence": %.4f, "rank": ' + \
                 f"{rank}{tail}".replace("%", "%%") + ', "latency_ms": %.3f}'

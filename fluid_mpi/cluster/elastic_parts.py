@@ -1,0 +1,72 @@
+"""What the elastic driver (elastic.py) works with: the protocols of its real or fake launcher, job and
+outputs, its clock, and its settings with the reason for every default."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+
+class Job(Protocol):
+    """One running mpirun."""
+
+    def poll(self) -> int | None: ...  # exit code once it ended
+    def drain(self) -> None: ...  # ask infer to stop at a safe point (exit 5)
+    def kill(self) -> None: ...  # end mpirun's whole process group now
+
+
+class Launcher(Protocol):
+    """Starts mpirun on a set of hosts and cleans hosts up."""
+
+    def start(self, hosts: Sequence[str], attempt: int) -> Job: ...
+    def cleanup(self, hosts: Sequence[str]) -> None: ...  # kill this run's processes on those hosts
+    # (called between attempts, and on a lost host as soon as it answers again)
+    def prepare(self, hosts: Sequence[str]) -> None: ...  # get hosts ready to start ranks fast
+    # (warm processes, idempotent, does not wait); called before each attempt and for a returning host
+    def ready(self, host: str) -> bool: ...  # the host's preparation is done
+    def responsive(self, host: str) -> bool: ...  # its processes run (a frozen host may still answer a
+    # probe where a new process escapes the freeze, as on the virtual cluster); asked of silent hosts only
+
+
+class Outputs(Protocol):
+    """The files the ranks write: events (JSON lines) and predictions."""
+
+    def new_events(self) -> list[dict]: ...  # events appended since the last call
+    def progress(self) -> int: ...  # grows whenever an answer is written (file size)
+    def answered(self) -> int: ...  # distinct input indices answered so far
+
+
+@dataclass
+class Clock:
+    """Time as the driver sees it: a monotonic ``now`` and a ``sleep``."""
+
+    now: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+
+
+@dataclass
+class Settings:
+    """Knobs of the driver, with the reason for every default."""
+
+    np: int
+    max_restarts: int = 3
+    # hosts are probed once a second: the goals are 3 s to the next answer and 5 s to rejoin; a probe
+    # costs ~10 ms (agent) to ~100 ms (ssh handshake)
+    probe_every: float = 1.0
+    # after infer's `stop` event, mpirun normally exits within ~1 s (ranks os._exit, PRRTE tears its
+    # daemons down over TCP); after a survived death it may never exit (issue 9), so 3 s then kill
+    stop_grace: float = 3.0
+    # no answer and no event for this long: probe the hosts from outside. A pulled cable otherwise hangs
+    # the job for ~8 min (PRRTE's keepalive); infer's own --rank-timeout deadline should fire first
+    stall_timeout: float = 30.0
+    # a drain (SIGUSR2) finishes the in-flight batches: a few batch times; 10 s then kill and relaunch
+    drain_timeout: float = 10.0
+    # an attempt's host missing this many probes in a row is lost: one slow ssh handshake on a busy Pi
+    # must not end a healthy run, two in a row (1 s apart) mean it is gone (a pulled cable)
+    probe_misses: int = 2
+    # the loop's cadence: fine enough to time answers to 0.1 s, one stat() per tick
+    tick: float = 0.1
+    # a returning host gets this long to get ready (its warm process imports torch: ~2.5 s on a quiet
+    # x86 core, ~15 s on a Pi 3) while the others go on answering; then the drain goes ahead anyway and
+    # its rank starts cold
+    ready_wait: float = 30.0

@@ -59,6 +59,7 @@ class Launch:
                                       *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env=vc.mpirun_env(dict(os.environ), name), start_new_session=True)
         self.samples: list[tuple[float, int]] = []  # (time, answers so far)
+        self._counted = (None, 0, 0)  # (inode, bytes read, complete lines) of the record so far
         self._sampler = threading.Thread(target=self._sample, daemon=True)
         self._sampler.start()
 
@@ -69,11 +70,22 @@ class Launch:
         self.samples.append((time.time(), self.answered_lines()))
 
     def answered_lines(self) -> int:
-        """Complete lines in the predictions record so far."""
+        """Complete lines in the predictions record so far. Read incrementally (sampled every 20 ms
+        during a measured run, a whole re-read would load the machine it measures); counted afresh
+        when the record is replaced (each attempt's file, the final de-duplicated one) or shrinks."""
         try:
-            return self.preds.read_bytes().count(b"\n")
+            with open(self.preds, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                ino, offset, count = self._counted
+                if ino != st.st_ino or st.st_size < offset:
+                    offset, count = 0, 0
+                fh.seek(offset)
+                data = fh.read()
         except FileNotFoundError:
             return 0
+        count += data.count(b"\n")
+        self._counted = (st.st_ino, offset + len(data), count)
+        return count
 
     def wait_answers(self, n: int, timeout: float = 60) -> float:
         """Block until n answers are written (the fault point); returns that time. Raises if the

@@ -157,8 +157,9 @@ def serve(run_id: str) -> None:
     listener.listen(16)
     print("ready", flush=True)
     children: dict[int, socket.socket] = {}  # child pid -> its stub's connection
+    doomed: set[int] = set()  # children killed because their stub went: no longer watched, only reaped
     while True:
-        conns = {c.fileno(): (pid, c) for pid, c in children.items()}
+        conns = {c.fileno(): (pid, c) for pid, c in children.items() if pid not in doomed}
         readable, _, _ = select.select([listener, sys.stdin, *[c for _, c in conns.values()]], [], [],
                                        REAP_EVERY_S)
         for r in readable:
@@ -175,7 +176,9 @@ def serve(run_id: str) -> None:
                 pid, conn = conns[r.fileno()]
                 if not conn.recv(1):
                     _kill(pid)
+                    doomed.add(pid)  # its closed connection stays readable: do not spin on it
         _reap(children)
+        doomed &= children.keys()
 
 
 def _fork_child(listener: socket.socket, conn: socket.socket, children: dict) -> int:

@@ -40,6 +40,23 @@ def test_probe_and_kill_marked_with_fake_runner():
     assert calls == [["agent", "up", "pkill --ns $$ --nslist net -KILL -f '[f]luid_run=abc'"]]
 
 
+def test_sweep_sessions_removes_only_dead_daemons_directories(tmp_path):
+    """The sweep (run here by a local shell, as the agent runs it on a host) removes prted.PID of a
+    process that is gone, and keeps a live daemon's and anything else."""
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    for name in (f"prted.{gone.pid}", f"prted.{os.getpid()}", "prted.x", "other"):
+        (tmp_path / name / "0").mkdir(parents=True)
+
+    def run(argv, timeout):  # what the agent would do on the host: run the line in a shell
+        done = subprocess.run(["sh", "-c", argv[2]], env={**os.environ, "TMPDIR": str(tmp_path)}, timeout=timeout)
+        return done.returncode, ""
+    assert hostlib.sweep_sessions(["agent"], ["h"], run=run) == {"h": 0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"prted.{os.getpid()}", "prted.x", "other"])
+
+
 def test_preflight_problems_one_line_per_problem():
     facts = {"node1": {"fluid_mpi": "0.1.0", "ompi": "5.0.11", "missing": []},
              "node2": "unreachable (no answer within 2 s)",

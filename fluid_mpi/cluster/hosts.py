@@ -99,11 +99,7 @@ def probe(agent: Sequence[str], host: str, timeout: float = PROBE_TIMEOUT_S,
 def probe_many(agent: Sequence[str], hosts: Sequence[str], timeout: float = PROBE_TIMEOUT_S,
                run: Runner | None = None) -> dict[str, bool]:
     """Probe hosts in parallel (one thread each): the whole call takes at most about ``timeout``."""
-    if not hosts:
-        return {}
-    with ThreadPoolExecutor(max_workers=min(len(hosts), 16)) as pool:
-        answers = list(pool.map(lambda h: probe(agent, h, timeout, run), hosts))
-    return dict(zip(hosts, answers))
+    return _on_each(hosts, lambda h: probe(agent, h, timeout, run))
 
 
 def kill_marked(agent: Sequence[str], hosts: Sequence[str], marker: str, timeout: float = PROBE_TIMEOUT_S,
@@ -114,9 +110,30 @@ def kill_marked(agent: Sequence[str], hosts: Sequence[str], marker: str, timeout
     pkill on a real board; on the virtual cluster all hosts share one PID namespace)."""
     pattern = f"[{marker[0]}]{marker[1:]}"
     cmd = f"pkill --ns $$ --nslist net -KILL -f {shlex.quote(pattern)}"
-    with ThreadPoolExecutor(max_workers=max(1, min(len(hosts), 16))) as pool:
-        codes = list(pool.map(lambda h: run_on(agent, h, cmd, timeout, run)[0], hosts))
-    return dict(zip(hosts, codes))
+    return _on_each(hosts, lambda h: run_on(agent, h, cmd, timeout, run)[0])
+
+
+# PRRTE's daemon keeps its session directory in $TMPDIR/prted.PID and removes it when it exits; a
+# SIGKILLed daemon (a power cut, a killed job) leaves it behind. A later daemon that gets the same PID
+# finds it and exits at once with status 213 (PRTE_ERR_SILENT: "A daemon failed to report back"), which
+# ends the whole job: about 1 start in 30 on a host with 300 such leftovers and 32,768 PIDs. Only our
+# own directories whose process is gone are removed.
+SWEEP_SESSIONS = ('for d in "${TMPDIR:-/tmp}"/prted.[0-9]*; do [ -O "$d" ] && ! [ -e "/proc/${d##*.}" ] '
+                  '&& printf "%s\\0" "$d"; done | xargs -0r rm -rf; true')  # 6,000 leftovers: 1.2 s here
+
+
+def sweep_sessions(agent: Sequence[str], hosts: Sequence[str], timeout: float = PROBE_TIMEOUT_S,
+                   run: Runner | None = None) -> dict[str, int | None]:
+    """Remove PRRTE session directories left by killed daemons on every host (in parallel)."""
+    return _on_each(hosts, lambda h: run_on(agent, h, SWEEP_SESSIONS, timeout, run)[0])
+
+
+def _on_each(hosts: Sequence[str], fn: Callable[[str], object]) -> dict:
+    """``{host: fn(host)}``, one thread per host (at most 16): as long as the slowest host takes."""
+    if not hosts:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(len(hosts), 16)) as pool:
+        return dict(zip(hosts, pool.map(fn, hosts)))
 
 
 # Printed by every host in the preflight: its fluid-mpi version, its Open MPI version (from the mpirun

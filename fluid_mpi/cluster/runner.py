@@ -86,7 +86,9 @@ class MpirunLauncher:
                 *self.infer_args, "--resume", *outputs]
 
     def prepare(self, hosts: Sequence[str]) -> None:
-        """Start a warm process on each host that has none (a host back from a power cut)."""
+        """Tidy each host's leftovers of killed daemons (see ``hosts.SWEEP_SESSIONS``), then start a warm
+        process on each host that has none (a host back from a power cut)."""
+        hostlib.sweep_sessions(self.agent, hosts)
         if self.warm is not None:
             self.warm.start(hosts)
 

@@ -32,6 +32,7 @@ host="$1"; shift
 case "$host" in {hosts}) ;; *) echo "ssh: Could not resolve hostname $host" >&2; exit 255;; esac
 [ -e "{state}/unreachable/$host" ] && {{ echo "ssh: connect to host $host port 22: No route to host" >&2; exit 255; }}
 for d in {cgroups}; do [ -d "$d/$host" ] && {{ echo $$ > "$d/$host/cgroup.procs" || exit 255; }}; done
+export TMPDIR="{state}/tmp/$host"; mkdir -p "$TMPDIR"  # the host's own /tmp, emptied by power-on
 exec ip netns exec "{name}-$host" unshare --uts sh -c "hostname $host; $*"
 """
 
@@ -230,9 +231,12 @@ class VCluster:
         self._set(host, cable="up" if up else "down")
 
     def power(self, host: str, on: bool) -> None:
-        """Off: link down, SIGKILL to every process in the host. On: link up (if the cable is), host empty."""
+        """Off: link down, SIGKILL to every process in the host. On: link up (if the cable is), host empty,
+        its temporary files gone (as after a reboot: the killed daemons' session directories too)."""
         self._set(host, powered=on)
         self._kill([host])
+        if on:
+            shutil.rmtree(self.dir / "tmp" / host, ignore_errors=True)
 
     def _knob(self, host: str, ctl: str, knob: str) -> Path:
         # adopts every process of the host into the cgroup first (those started without the agent too)

@@ -13,6 +13,7 @@ from .runtime.scheduler import dynamic_width
 
 IMG = "img"  # plots go to OUT/img/, as docs/results.md expects them in docs/img/
 HAND_EDIT_MARK = "Everything above was written by `fluid-mpi bench`; anything below this line was added by hand."
+RANKS_OWN_LOAD = 2.0  # a 2-rank run keeps about two processes runnable: load above that came from elsewhere
 
 
 def _fmt(v, spec=".1f") -> str:
@@ -94,10 +95,12 @@ def _header(r: dict) -> list[str]:
     lines += ["", f"Data: {r['data']}. Wall time of the whole benchmark: {wall} s "
               f"({int(wall // 60)} min {int(wall % 60)} s)."]
     if r.get("load_avg"):
+        shared = max(r["load_avg"]) > RANKS_OWN_LOAD
         lines += ["", f"1-minute load average of the machine during the throughput runs: {min(r['load_avg'])}–"
-                  f"{max(r['load_avg'])} ({env.get('machine', '?')}; above the ranks' own load, other users' runs "
-                  "were sharing the cores: the ratios pair figures measured side by side, the absolute speeds do not "
-                  "carry over)."]
+                  f"{max(r['load_avg'])} ({env.get('machine', '?')}; " +
+                  ("above the ranks' own load, other users' runs were sharing the cores: the ratios pair figures "
+                   "measured side by side, the absolute speeds do not carry over)." if shared else
+                   "no more than the ranks' own load).")]
     if r.get("training"):
         lines += ["", "## Training (per family; a reused checkpoint shows its original training)", "",
                   "| family | epochs per stage | batch | lr | seed | training images | training s |",

@@ -62,3 +62,33 @@ def shared_mnist() -> Path:
     if not (SHARED_MNIST / "t10k-images-idx3-ubyte.gz").exists():
         pytest.skip(f"full MNIST not found at {SHARED_MNIST}")
     return SHARED_MNIST
+
+
+SHM = Path("/dev/shm")
+
+
+def _mapped_paths() -> set[str]:
+    """Every file some live process has mapped (from /proc/*/maps)."""
+    mapped: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            mapped.update(line.split(maxsplit=5)[5].strip() for line in maps.read_text().splitlines()
+                          if len(line.split(maxsplit=5)) == 6)
+        except OSError:  # the process ended meanwhile, or is not ours to read
+            pass
+    return mapped
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_shm_leftovers():
+    """Open MPI's shared-memory segment (/dev/shm/sm_segment.*, 16 MB of RAM each) is removed by mpirun's
+    daemon when a job ends; a rank started without mpirun (a singleton, as in tests/test_warm.py) and
+    then SIGKILLed leaves its segment behind. At the end of the session, remove the segments that this
+    session created and that no live process maps."""
+    before = set(SHM.glob("sm_segment.*")) if SHM.is_dir() else set()
+    yield
+    new = (set(SHM.glob("sm_segment.*")) if SHM.is_dir() else set()) - before
+    if new:
+        mapped = _mapped_paths()
+        for path in new - {Path(p) for p in mapped}:
+            path.unlink(missing_ok=True)

@@ -11,23 +11,23 @@ C_HA, C_HT = 1000.0, 2000.0  # images/s: HT twice HA, as with 2 devices
 
 
 def simulate(policy: ModePolicy, load, seconds: float, t0: float = 0.0, backlog: float = 0.0,
-             seed: int = 0, caps=None):
+             seed: int = 0, caps=None, dt: float = DT):
     """Run the policy for ``seconds``: Poisson arrivals at ``load(t)`` images/s, served at the chosen
     mode's capacity. Returns (modes per step, switch decisions, final backlog, end time)."""
     rng = np.random.default_rng(seed)
     caps = caps or {HA: C_HA, HT: C_HT}
     modes, switches = [], []
     t = t0
-    for _ in range(int(round(seconds / DT))):
-        t = round(t + DT, 9)
-        n = int(rng.poisson(load(t) * DT))
+    for _ in range(int(round(seconds / dt))):
+        t = round(t + dt, 9)
+        n = int(rng.poisson(load(t) * dt))
         policy.observe_arrivals(t, n)
         backlog += n
-        d = policy.decide(t, int(backlog), oldest_wait_s=0.0 if backlog < 1 else DT)
+        d = policy.decide(t, int(backlog), oldest_wait_s=0.0 if backlog < 1 else dt)
         if d.changed:
             switches.append((t, d))
         modes.append(d.mode)
-        backlog = max(0.0, backlog - caps[d.mode] * DT)
+        backlog = max(0.0, backlog - caps[d.mode] * dt)
     return modes, switches, backlog, t
 
 
@@ -121,9 +121,9 @@ def test_a_burst_returns_to_ha_once_drained_a_rate_rise_dwells():
     back = burst.decide(1.3, 0)  # drained 0.3 s later, the rate (500/s over the window) < 0.7 x HA
     assert back.mode == HA and back.changed
     rate = ModePolicy(20.0, C_HA, C_HT)
-    for i in range(100):  # 1,000/s for 1 s: at HA's capacity
+    for i in range(100):  # 1,000/s for 1 s: at HA's capacity, and 50 waiting (HA falling behind)
         rate.observe_arrivals(i * 0.01, 10)
-    assert rate.decide(1.0, 0).mode == HT
+    assert rate.decide(1.0, 50).mode == HT
     assert rate.decide(1.3, 0).mode == HT  # the rate has not fallen, and HT dwells one window
 
 
@@ -237,7 +237,21 @@ def test_begin_counts_the_rate_from_the_stream_start():
     policy.begin(0.5)  # the probe took 0.5 s
     policy.observe_arrivals(0.75, 250)
     assert policy.arrival_rate(0.75) == pytest.approx(1000.0)  # 250 over the 0.25 s since begin
-    assert policy.decide(0.75, 0).mode == HT  # 1,000/s >= 0.9 x HA's 1,000/s
+    assert policy.decide(0.75, 250).mode == HT  # 1,000/s >= 0.9 x HA's 1,000/s, all 250 waiting
+
+
+def test_a_nearly_empty_queue_keeps_ha_whatever_the_capacity_estimate():
+    """Issue 11's 30 % load on a quiet machine: HA served 14k/s with the queue nearly empty, but its live
+    estimate (small batches extrapolated to full ones) read 14k/s and the rate rule alone switched to HT.
+    The queue is the proof: HT only once it holds more than 20 ms of HA work."""
+    policy = ModePolicy(100.0, 14000.0, 40000.0, start=0.0)
+    policy.begin(0.0)
+    for i in range(100):
+        policy.observe_arrivals(i * 0.01, 141)  # 14,100/s: over 0.9 x 14,000/s
+    assert policy.arrival_rate(1.0) > 0.9 * 14000.0
+    assert policy.decide(1.0, 68).mode == HA  # 68 waiting: 5 ms of HA work
+    d = policy.decide(1.01, 400)  # 400 waiting: 29 ms of HA work, more than 20 ms
+    assert d.mode == HT and "arrivals" in d.reason and "backlog 400" in d.reason
 
 
 def test_an_overload_from_the_start_is_caught_within_60_ms():
@@ -248,3 +262,15 @@ def test_an_overload_from_the_start_is_caught_within_60_ms():
     modes, switches, backlog, _ = simulate(policy, lambda t: 14800.0, 0.2, caps={HA: 8000.0, HT: 16500.0})
     (t_up, up), = switches[:1]
     assert t_up <= 0.06 and up.mode == HT and "arrivals" in up.reason and up.backlog < 450
+
+
+def test_a_start_at_90_percent_of_ht_leaves_a_small_backlog():
+    """Issue 11's 90 % load on a quiet machine: 42,400/s from the start, HA ~20,000/s, HT ~47,000/s. HT must
+    come within ~20 ms, with about 20 ms of HA work waiting: HT has only ~10 % to spare to work it off."""
+    policy = ModePolicy(100.0, 20000.0, 47000.0, start=0.0)
+    policy.begin(0.0)
+    modes, switches, backlog, _ = simulate(policy, lambda t: 42400.0, 0.3, caps={HA: 20000.0, HT: 47000.0},
+                                           dt=0.001)  # 1 ms steps: a batch of 64 takes ~3 ms in HA here
+    (t_up, up), = switches[:1]
+    assert up.mode == HT and t_up <= 0.025 and 400 < up.backlog < 600
+    assert set(modes[int(t_up / 0.001):]) == {HT} and backlog < 100  # worked off within the 0.3 s

@@ -25,12 +25,13 @@ LATENCY_MARGIN = 0.8
 # three full batches at the ~8k images/s HA does on 2 cores). At 0.1, a quick bench's step load (machine
 # load ~7) handed back to HA with 241 inputs (72 ms of HA work) waiting, and went straight up to HT again.
 NEARLY_EMPTY = 0.02
-# Until one full window has passed, divide arrivals by at least a tenth of a window (100 ms), so that a
-# first burst is not divided by a near-zero span (an infinite rate) nor by the whole window (too low a rate).
-# At a quarter window, a run starting at 90 % of HT's capacity (~1.8 x HA's) was caught only after ~0.1 s in
-# HA, by its backlog (~640 inputs, ~80 ms of HA work), which then set the start's p99; at a tenth the rate
-# rule catches it after ~50 ms. 100 ms still holds ~165 arrivals at a 10 % load (+-8 % Poisson noise).
-MIN_SPAN_FRACTION = 0.1
+# Until one full window has passed, divide arrivals by at least 2 % of a window (20 ms), so that a first
+# burst is not divided by a near-zero span (an infinite rate). 20 ms holds ~90 arrivals at a 10 % load on a
+# quiet 2-core machine (+-10 % Poisson noise), and a noisy early rate switches nothing by itself: the rate
+# counts only once the backlog holds 20 ms of HA work (NEARLY_EMPTY). At a tenth of a window (the value
+# before), a run starting at 90 % of HT's capacity stayed ~50 ms in HA and left ~1,000 inputs waiting,
+# which HT, with ~10 % to spare, took the whole 3 s run to work off (p99 133 ms against HT's 71 ms).
+MIN_SPAN_FRACTION = 0.02
 
 
 @dataclass
@@ -158,7 +159,9 @@ class ModePolicy:
     dispatched), ``C_ha`` HA's capacity (images/s at full batches) and ``T`` the latency target
     (``latency_ms``/1000, or none):
 
-    - HA *can keep up* when ``r < up × C_ha`` (``up`` = 0.9) and HA answers the backlog in time:
+    - HA *can keep up* when ``r < up × C_ha`` (``up`` = 0.9) or the backlog is nearly empty
+      (``B <= 0.02 × C_ha × window_s``: the queue itself shows HA keeping up, whatever the estimate of
+      ``C_ha`` says; not right after a membership change), and HA answers the backlog in time:
       ``B / C_ha <= 0.8 × T`` with a target (the newest waiting input would be answered within the target),
       ``B <= C_ha × window_s`` (what HA clears in about one window) without one. The oldest input's wait
       is not counted: a stall that has passed (start-up, a context switch) cannot be undone by HT, and a
@@ -227,12 +230,15 @@ class ModePolicy:
         return sum(c for _, c in self._arrivals) / span
 
     def _ha_shortfall(self, rate: float, backlog: int, load_fraction: float,
-                      backlog_limit: float | None) -> str | None:
+                      backlog_limit: float | None, proof: float | None = None) -> str | None:
         """Why HA would not keep up at ``load_fraction`` of its capacity, or None when it would (a reason
-        that starts with "arrivals" is the rate's)."""
+        that starts with "arrivals" is the rate's). With ``proof``, the rate counts only with a backlog
+        above it: a queue that stays nearly empty shows HA keeping up, whatever the estimate of its
+        capacity says (at light loads HA cuts small batches, and the model's extrapolation to full ones
+        read 14k/s where HA served 24k/s)."""
         c = self.ha_capacity
-        if rate >= load_fraction * c:
-            return f"arrivals {rate:.1f}/s >= {load_fraction:g} x HA capacity {c:.1f}/s"
+        if rate >= load_fraction * c and (proof is None or backlog > proof):
+            return f"arrivals {rate:.1f}/s >= {load_fraction:g} x HA capacity {c:.1f}/s, backlog {backlog}"
         if self.target_s is not None:
             projected = backlog / c
             if projected > LATENCY_MARGIN * self.target_s:
@@ -253,7 +259,9 @@ class ModePolicy:
             mode, reason = HA, f"HT capacity {self.ht_capacity:.1f}/s is not above HA's {c:.1f}/s"
         elif was == HA or fresh:
             limit = None if self.target_s is not None else c * self.window_s  # the target rules if set
-            short = self._ha_shortfall(rate, backlog, self.up, limit)
+            # after a membership change the capacity drop is known: the rate decides at once
+            proof = None if fresh else NEARLY_EMPTY * c * self.window_s
+            short = self._ha_shortfall(rate, backlog, self.up, limit, proof)
             mode = HT if short else HA
             if short:
                 self.dwell_s = self.window_s if short.startswith("arrivals") else 0.0

@@ -87,10 +87,14 @@ def test_fluid_survives_two_failures(ckpts, tmp_path, mode):
 @pytest.mark.parametrize("mode", ["ha", "ht"])
 def test_frozen_rank_while_another_dies_ends_in_bounded_time(ckpts, tmp_path, mode):
     """K = 3: rank 1 freezes, then rank 2 dies. The shrink would wait for the frozen rank forever; the
-    recovery path kills it first, so the run goes on on rank 0 alone with exactly-once answers."""
+    recovery path kills it first, so the run goes on on rank 0 alone with exactly-once answers.
+    Rank 1 freezes after its first batch, rank 2 dies after its second: each worker is handed 2 batches at
+    once (its credit), so both are sure to come, and in that order, while rank 1 still holds a batch (the
+    run cannot end before). With "2:kill:3", rank 2's third batch was at times the run's last: it died
+    after the run had everything (no failure reported, or mpirun never exited)."""
     ckpt = ckpts("fluid", 3)
     res = run_mpi(3, ["-c", str(ckpt), "--mode", mode, "--limit", str(LIMIT), "-b", str(BATCH),
-                      "--kill-rank", "1:hang:2", "--kill-rank", "2:kill:3", "--rank-timeout", str(TIMEOUT)],
+                      "--kill-rank", "1:hang:1", "--kill-rank", "2:kill:2", "--rank-timeout", str(TIMEOUT)],
                   tmp_path, timeout=60)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.summary["status"] == "ok" and res.summary["ranks_end"] == 1

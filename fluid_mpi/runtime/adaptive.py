@@ -168,7 +168,7 @@ class ModePolicy:
       backlog that HA clears in time needs no HT either.
     - From HA, switch to **HT** as soon as HA cannot keep up (the reason names the failed condition).
     - From HT, go back to **HA** only when the load has fallen: ``r < down × C_ha`` (``down`` = 0.7), the
-      backlog is nearly empty (``B <= 0.1 × C_ha × window_s``) and the target (if any) would be met; after
+      backlog is nearly empty (``B <= 0.02 × C_ha × window_s``) and the target (if any) would be met; after
       a switch made for the arrival rate, HT also stays on for at least ``window_s`` (hysteresis: no
       flapping around the rate threshold). A switch made for a backlog (a burst) returns as soon as the
       backlog is drained.

@@ -29,6 +29,10 @@ VC_NAME = "fmfault"
 # long before the power-on, so that the survivors' throughput has a window
 SETTLE_S = 0.5
 STEADY_S = 2.5
+# A rejoin run is this many times longer: the fault (~1 s in), the relaunch (~1 s), the survivors' window
+# (STEADY_S) and the rejoin (~4-6 s) must all fit before the inputs run out. At K = 4 a normal run answers
+# its 20,000 inputs in ~7 s on a quiet machine, and CI saw a rejoin run end before the device was back.
+REJOIN_LENGTH = 2
 # one run: start-up (~3 s), ~10 s of inputs at batch 1 on 2 cores, a relaunch; a run past this is cut
 RUN_TIMEOUT_S = 120.0
 
@@ -97,9 +101,10 @@ def checkpoints(cfg: FaultConfig) -> dict[int, Path]:
 
 def one_run(cfg: FaultConfig, sc: Scenario, ckpt: Path, rep: int, tmp: Path, tag: str = "") -> dict:
     """The fault run, then the survivors' clean run; every figure in seconds (None: not reached)."""
+    repeat = cfg.repeat * (REJOIN_LENGTH if sc.rejoin else 1)
     args = ["-c", str(ckpt), "--mode", sc.mode, "-b", str(sc.batch), "--rank-timeout", str(sc.rank_timeout),
-            "--repeat", str(cfg.repeat)]
-    total = cfg.repeat * (10000 if cfg.data_dir else 1000)
+            "--repeat", str(repeat)]
+    total = repeat * (10000 if cfg.data_dir else 1000)
     point = random.Random(f"{sc.label}/{rep}").randint(total // 10, total // 4)
     run = Launch(VC_NAME, tmp, sc.k, args, run=f"{tag}fault-{rep}", data_dir=cfg.data_dir)
     rec: dict = {"rep": rep, "fault_at_answers": point}

@@ -11,6 +11,7 @@ import sys
 from click.testing import CliRunner
 
 from fluid_mpi.cluster import hosts as hostlib
+from fluid_mpi.mpirun import sweep_sessions_here
 from fluid_mpi.cluster.runner import AttemptFiles, FileOutputs, MpirunLauncher, read_indices
 
 
@@ -47,14 +48,19 @@ def test_sweep_sessions_removes_only_dead_daemons_directories(tmp_path):
 
     gone = subprocess.Popen(["true"])
     gone.wait()
-    for name in (f"prted.{gone.pid}", f"prted.{os.getpid()}", "prted.x", "other"):
+    for name in (f"prted.{gone.pid}", f"ompi.{gone.pid}", f"prted.{os.getpid()}", f"ompi.{os.getpid()}",
+                 "prted.x", "other"):
         (tmp_path / name / "0").mkdir(parents=True)
 
     def run(argv, timeout):  # what the agent would do on the host: run the line in a shell
         done = subprocess.run(["sh", "-c", argv[2]], env={**os.environ, "TMPDIR": str(tmp_path)}, timeout=timeout)
         return done.returncode, ""
     assert hostlib.sweep_sessions(["agent"], ["h"], run=run) == {"h": 0}
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"prted.{os.getpid()}", "prted.x", "other"])
+    kept = [f"prted.{os.getpid()}", f"ompi.{os.getpid()}", "prted.x", "other"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+    (tmp_path / f"ompi.{gone.pid}").mkdir()  # and here, where mpirun starts
+    sweep_sessions_here({**os.environ, "TMPDIR": str(tmp_path)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
 
 
 def test_preflight_problems_one_line_per_problem():

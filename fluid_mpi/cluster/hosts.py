@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+from ..mpirun import SWEEP_SESSIONS
 from ..runtime import liveness
 
 # A probe that takes longer than this counts as "no answer": ssh to a live Pi answers in well under a
@@ -113,18 +114,10 @@ def kill_marked(agent: Sequence[str], hosts: Sequence[str], marker: str, timeout
     return _on_each(hosts, lambda h: run_on(agent, h, cmd, timeout, run)[0])
 
 
-# PRRTE's daemon keeps its session directory in $TMPDIR/prted.PID and removes it when it exits; a
-# SIGKILLed daemon (a power cut, a killed job) leaves it behind. A later daemon that gets the same PID
-# finds it and exits at once with status 213 (PRTE_ERR_SILENT: "A daemon failed to report back"), which
-# ends the whole job: about 1 start in 30 on a host with 300 such leftovers and 32,768 PIDs. Only our
-# own directories whose process is gone are removed.
-SWEEP_SESSIONS = ('for d in "${TMPDIR:-/tmp}"/prted.[0-9]*; do [ -O "$d" ] && ! [ -e "/proc/${d##*.}" ] '
-                  '&& printf "%s\\0" "$d"; done | xargs -0r rm -rf; true')  # 6,000 leftovers: 1.2 s here
-
-
 def sweep_sessions(agent: Sequence[str], hosts: Sequence[str], timeout: float = PROBE_TIMEOUT_S,
                    run: Runner | None = None) -> dict[str, int | None]:
-    """Remove PRRTE session directories left by killed daemons on every host (in parallel)."""
+    """Remove Open MPI session directories left by killed daemons on every host (in parallel; see
+    ``mpirun.SWEEP_SESSIONS``)."""
     return _on_each(hosts, lambda h: run_on(agent, h, SWEEP_SESSIONS, timeout, run)[0])
 
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from ..mpirun import sweep_sessions_here
 from . import hosts as hostlib
 from .warm_pool import WarmPool
 
@@ -86,9 +87,11 @@ class MpirunLauncher:
                 *self.infer_args, "--resume", *outputs]
 
     def prepare(self, hosts: Sequence[str]) -> None:
-        """Tidy each host's leftovers of killed daemons (see ``hosts.SWEEP_SESSIONS``), then start a warm
-        process on each host that has none (a host back from a power cut)."""
+        """Tidy the leftovers of killed daemons and mpiruns (see ``mpirun.SWEEP_SESSIONS``) on each host
+        and here, where mpirun starts; then start a warm process on each host that has none (a host back
+        from a power cut)."""
         hostlib.sweep_sessions(self.agent, hosts)
+        sweep_sessions_here(self.env)
         if self.warm is not None:
             self.warm.start(hosts)
 

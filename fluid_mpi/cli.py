@@ -201,8 +201,8 @@ def infer(**kw) -> None:
 @click.option("--faults", is_flag=True,
               help="Instead: a whole device lost (power-off, cable, freeze, power-on, the coordinator's device) on a "
                    "virtual cluster (root), 5 repetitions each under `fluid-mpi launch`; writes OUT/faults.md and "
-                   "faults.json (--publish DIR: DIR/fault-results.*). 9 minutes on a quiet 2-core machine, 31 on a busy one; --quick: one "
-                   "each, half as long (4-10 minutes).")
+                   "faults.json (--publish DIR: DIR/fault-results.*). 10 minutes on a quiet 2-core machine, 31 on a busy one; "
+                   "--quick: one run each (4-10 minutes).")
 def bench(quick, out, data_dir, parts, cluster, publish, batch_sizes, adaptive, faults) -> None:
     """Reproduce the paper's comparison: throughput, latency, accuracy, failures (launches mpirun itself).
 

@@ -128,6 +128,7 @@ def markdown(r: dict) -> str:
     """OUT/adaptive.md: command, definitions, the sweep table, the verdicts, the step load and the plots."""
     c, cap = r["config"], r["ht_capacity"]["images_per_s"]
     env = r["environment"]
+    loads = [v for v in r.get("load_avg") or [] if v is not None]
     lines = [f"# fluid-mpi bench --adaptive: HA, HT and `--mode auto` under an offered load (K = {c['parts']})", "",
              f"Command: `{env['command']}` — {env['date']}, {env['machine']}, Python {env['python']}, "
              f"torch {env['torch']}, {env['mpi']}. Wall time {r['wall_s']} s"
@@ -140,10 +141,9 @@ def markdown(r: dict) -> str:
              + (f"; measured again after each repetition: {', '.join(_f(v) for v in r['ht_capacity']['after_each_rep'])}"
                 " images/s" if r["ht_capacity"].get("after_each_rep") else "") + ".",
              f"- **Machine**: the 1-min load average at the sweep's launches was "
-             f"{_f(min(r.get('load_avg') or [None], key=lambda v: v or 0), '{:.1f}')}–"
-             f"{_f(max(r.get('load_avg') or [None], key=lambda v: v or 0), '{:.1f}')} on {env['machine']}"
+             f"{_f(min(loads, default=None), '{:.1f}')}–{_f(max(loads, default=None), '{:.1f}')} on {env['machine']}"
              + ("; above the runs' own load (about 2), others' runs shared the cores" if
-                max(r.get("load_avg") or [0]) > RUNS_OWN_LOAD else "") + " (every figure is measured under that load).",
+                max(loads, default=0) > RUNS_OWN_LOAD else "") + " (every figure is measured under that load).",
              f"- **Sweep**: offered load {_pcts(p['load'] for p in r['points'])} of that capacity, "
              f"a Poisson stream (`infer --rate R --seed S`) of about {c['run_s']:g} s each. At every load HA, HT and "
              f"auto run interleaved on the same arrivals, {c['reps']} repetition(s) each (the median is shown); "

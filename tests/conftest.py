@@ -72,10 +72,12 @@ def _mapped_paths() -> set[str]:
     mapped: set[str] = set()
     for maps in Path("/proc").glob("[0-9]*/maps"):
         try:
-            mapped.update(line.split(maxsplit=5)[5].strip() for line in maps.read_text().splitlines()
-                          if len(line.split(maxsplit=5)) == 6)
+            lines = maps.read_text().splitlines()
         except OSError:  # the process ended meanwhile, or is not ours to read
-            pass
+            continue
+        for fields in (line.split(maxsplit=5) for line in lines):
+            if len(fields) == 6:  # address, perms, offset, device, inode, path
+                mapped.add(fields[5].strip())
     return mapped
 
 

@@ -144,14 +144,16 @@ class Runner:
 
 def policy_ha_capacity(events: list[dict], last: bool = False) -> float | None:
     """The auto policy's HA capacity (images/s): at start, from the start-up probe's ``capacity`` event
-    (else the first ``mode_switch`` reason naming it, "... x 3825.7/s"); with ``last``, the one named by the
-    run's last ``mode_switch`` reason (the live estimate then). None when no event names it."""
+    (else the first ``mode_switch`` reason naming it, "... x 3825.7/s"); with ``last``, the live estimate
+    at the end (the run's last ``capacity`` event, else the last ``mode_switch`` reason naming one). None
+    when no event names it."""
     import re
 
     found = [float(m.group(1)) for e in events if e.get("event") == "mode_switch"
              for m in [re.search(r"x (?:HA capacity )?([\d.]+)/s", e.get("reason", ""))] if m]
     if last:
-        return found[-1] if found else None
+        end = [e["ha_per_s"] for e in events if e.get("event") == "capacity" and e.get("at") == "end"]
+        return end[-1] if end else (found[-1] if found else None)
     probed = [e["ha_per_s"] for e in events if e.get("event") == "capacity" and e.get("probed")]
     return probed[0] if probed else (found[0] if found else None)
 

@@ -55,6 +55,17 @@ def test_rising_load_switches_to_ht_then_falling_load_returns_to_ha_once():
     assert backlog < 50  # nothing piled up: HT drained the high phase
 
 
+def test_with_a_target_the_rate_rule_waits_for_has_whole_capacity():
+    """96 % of HA's capacity with a 100 ms target: HA, whose queue stays within the target, keeps its
+    accuracy; without a target the 0.9 rule goes to HT; at 105 % HT with a target too."""
+    for target, load, want in [(100.0, 960.0, HA), (None, 960.0, HT), (100.0, 1050.0, HT)]:
+        policy = ModePolicy(target, C_HA, C_HT, start=0.0)
+        policy.begin(0.0)
+        for i in range(1, 101):
+            policy.observe_arrivals(i * 0.01, load / 100)
+        assert policy.decide(1.0, 30).mode == want, (target, load)  # 30 waiting: 30 ms of HA work
+
+
 def test_no_flapping_around_the_threshold():
     policy = ModePolicy(None, C_HA, C_HT)
 
@@ -121,8 +132,8 @@ def test_a_burst_returns_to_ha_once_drained_a_rate_rise_dwells():
     back = burst.decide(1.3, 0)  # drained 0.3 s later, the rate (500/s over the window) < 0.7 x HA
     assert back.mode == HA and back.changed
     rate = ModePolicy(20.0, C_HA, C_HT)
-    for i in range(100):  # 1,000/s for 1 s: at HA's capacity, and 50 waiting (HA falling behind)
-        rate.observe_arrivals(i * 0.01, 10)
+    for i in range(100):  # 1,100/s for 1 s: over HA's capacity, and 50 waiting (HA falling behind)
+        rate.observe_arrivals(i * 0.01, 11)
     assert rate.decide(1.0, 50).mode == HT
     assert rate.decide(1.3, 0).mode == HT  # the rate has not fallen, and HT dwells one window
 
@@ -181,11 +192,37 @@ def test_capacity_model_and_validation():
     assert isinstance(policy.decide(0.0, 0), Decision)
 
 
-def test_service_clock_back_to_back_and_idle():
+def test_service_clock_counts_busy_time_back_to_back_and_idle():
+    """The coordinator's busy seconds per HA batch: from its send (or the previous answer, back to back) to
+    its answer, less what it waited meanwhile."""
     clock = ServiceClock()
-    assert clock.answered(sent=1.0, now=1.008) == pytest.approx(0.008)  # alone: sent -> answered
-    assert clock.answered(sent=1.004, now=1.016) == pytest.approx(0.008)  # queued behind it: from 1.008
-    assert clock.answered(sent=2.0, now=2.003) == pytest.approx(0.003)  # after idle time: from sent
+    first = clock.stamp(1.0)
+    clock.waited(0.005)  # waited 5 ms for the workers' features
+    assert clock.answered(first, now=1.008) == pytest.approx(0.003)  # alone: 8 ms sent -> answered, 3 busy
+    second = clock.stamp(1.004)  # sent while the first was in flight (during the wait)
+    clock.waited(0.001)
+    assert clock.answered(second, now=1.016) == pytest.approx(0.007)  # queued: from 1.008, 1 ms waited
+    clock.waited(0.9)  # idle between arrivals
+    third = clock.stamp(2.0)
+    assert clock.answered(third, now=2.003) == pytest.approx(0.003)  # after idle time: from its send
+    clock.restart(3.0)  # a recovery: its time is nobody's batch
+    assert clock.answered(clock.stamp(2.999), now=3.002) == pytest.approx(0.002)
+
+
+def test_a_stalled_batch_counts_as_three_times_the_model():
+    """A 98 ms stall of a shared core at a 30 % load halved the live HA estimate (16.7k to 7.6k/s,
+    2026-11-30): a batch over 3x the model's time now counts as 3x, and a real 10x slowdown is still
+    followed, within 60 full batches."""
+    cap = Capacity(64, 0.0005, 0.00004)  # 64 / 3.06 ms = 20.9k/s
+    before = cap.value
+    for _ in range(30):
+        cap.update(8, 0.0008)  # light load: batches of 8 in 0.8 ms, the model's time
+    assert cap.value == pytest.approx(before, rel=0.01)
+    cap.update(8, 0.098)  # one batch caught by a 98 ms stall
+    assert cap.value > 0.85 * before  # folded in whole it would read ~3x lower
+    for _ in range(60):
+        cap.update(64, 0.0306)  # every full batch now takes 10x as long
+    assert cap.value == pytest.approx(before / 10, rel=0.1)
 
 
 def serve(cap: Capacity, rng, n_batches: int, load: float, overhead: float, per_image: float) -> None:
@@ -243,12 +280,13 @@ def test_begin_counts_the_rate_from_the_stream_start():
 def test_a_nearly_empty_queue_keeps_ha_whatever_the_capacity_estimate():
     """Issue 11's 30 % load on a quiet machine: HA served 14k/s with the queue nearly empty, but its live
     estimate (small batches extrapolated to full ones) read 14k/s and the rate rule alone switched to HT.
-    The queue is the proof: HT only once it holds more than 20 ms of HA work."""
+    The queue is the proof: HT only once it holds more than 20 ms of HA work (with a target, the rate rule
+    asks for arrivals at HA's whole capacity)."""
     policy = ModePolicy(100.0, 14000.0, 40000.0, start=0.0)
     policy.begin(0.0)
     for i in range(100):
-        policy.observe_arrivals(i * 0.01, 141)  # 14,100/s: over 0.9 x 14,000/s
-    assert policy.arrival_rate(1.0) > 0.9 * 14000.0
+        policy.observe_arrivals(i * 0.01, 145)  # 14,355/s: over the estimate of 14,000/s
+    assert policy.arrival_rate(1.0) > 14000.0
     assert policy.decide(1.0, 68).mode == HA  # 68 waiting: 5 ms of HA work
     d = policy.decide(1.01, 400)  # 400 waiting: 29 ms of HA work, more than 20 ms
     assert d.mode == HT and "arrivals" in d.reason and "backlog 400" in d.reason

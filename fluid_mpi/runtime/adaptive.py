@@ -15,6 +15,11 @@ HA, HT = "ha", "ht"
 # Switch up to HT once arrivals exceed 90 % of HA's capacity: a queue served at utilisation rho waits
 # ~rho/(1-rho) service times, so above ~0.9 HA's latency explodes under Poisson arrivals.
 UP_FRACTION = 0.9
+# With a latency target the rate rule waits for arrivals at HA's whole capacity (the queue then grows without
+# bound): between 0.9 and 1.0 the latency rule guards the tail instead, and HA, which meets the user's target
+# there, keeps its accuracy. At 0.9, a stream at 96 % of HA's capacity (24k/s; HA served it with a p99 of
+# 63 ms against a 100 ms target) went to HT and lost 0.11 pp of accuracy (2026-11-30, this machine).
+UP_FRACTION_WITH_TARGET = 1.0
 # Come back to HA only below 70 % of HA's capacity: the 20-point gap is the hysteresis band, wider than a
 # one-second window's Poisson noise at a few hundred images/s (1/sqrt(n) ~ 5 %), so the mode does not flap.
 DOWN_FRACTION = 0.7
@@ -63,12 +68,12 @@ class Capacity:
     queue empties as fast as it fills), far below what full batches give.
 
     The first line comes from the start-up probe (two timed sizes, :meth:`from_timings`). Then the line is
-    fitted to the answered batches' ``(n, seconds)`` by least squares, exponentially weighted (``alpha`` per
-    batch). When the recent batches are too alike in size to give a slope (all small at a light load, all
-    full when saturated) or too few, the slope is kept and only the line's level is fitted: through their
-    weighted mean. A fit with a slope <= 0 or an overhead < 0 (noise) is treated the same way. (The probe's
-    points are not mixed into the fit: on a busy machine its overhead can be several ms off, and a line
-    through it and small live batches bends the slope, 40 % off in the tests.)
+    fitted to the answered batches' ``(n, seconds)`` (a stalled batch clipped, :attr:`STALL`) by least squares,
+    exponentially weighted (``alpha`` per batch). When the recent batches are too alike in size to give a slope
+    (all small at a light load, all full when saturated) or too few, the slope is kept and only the line's level
+    is fitted: through their weighted mean. A fit with a slope <= 0 or an overhead < 0 (noise) is treated the
+    same way. (The probe's points are not mixed into the fit: on a busy machine its overhead can be several ms
+    off, and a line through it and small live batches bends the slope, 40 % off in the tests.)
     """
 
     # Weight of each new batch: ~20 batches of memory (~160 ms of saturated HA on 2 cores, a few tens of ms
@@ -80,6 +85,11 @@ class Capacity:
     # Sizes must spread by a standard deviation of at least B/8 for a slope: below that (batches of 3 +- 2
     # at a light load) the timing noise of a shared core (a few ms) swamps the slope (~0.1 ms per image).
     SPREAD = 1 / 8
+    # A batch that took more than 3x the model's time is counted as 3x: a context switch on a shared core
+    # (4-10 ms, up to ~100 ms seen) is longer than a batch (0.1-3 ms), and one such batch folded in whole
+    # halved the HA estimate at a 30 % load (16.7k to 7.6k/s, 2026-11-30). A real slowdown above 3x is
+    # still followed, a clipped step at a time (10x within 8-50 batches in the tests: the α-weighted history).
+    STALL = 3.0
 
     def __init__(self, batch_size: int, overhead_s: float, per_image_s: float, alpha: float = ALPHA):
         if batch_size < 1 or overhead_s < 0 or per_image_s <= 0:
@@ -121,6 +131,7 @@ class Capacity:
         <= 0); returns the new :attr:`value`."""
         if images <= 0 or seconds <= 0:
             return self.value
+        seconds = min(seconds, self.STALL * self.seconds(min(images, self.batch_size)))
         self._sums = [(1 - self.alpha) * v for v in self._sums]
         self._add(min(images, self.batch_size), seconds, 1.0)
         self.samples += 1
@@ -139,17 +150,41 @@ class Capacity:
 
 
 class ServiceClock:
-    """Service time of each answered batch of one server (HA: the whole cluster, every rank on every batch):
-    from when the batch was sent, or when the server answered the batch before it if that was later (with
-    batches in flight back to back, each one's service starts when the previous one is done)."""
+    """Busy seconds of each answered HA batch at HA's busiest stage, the coordinator.
+
+    In HA the coordinator does everything a worker does (its group's features) plus the head and the
+    recording of every batch, so on equal devices it is the stage that bounds HA's throughput. Its time per
+    batch is measured without the waits: from when the batch was sent, or when the batch before it was
+    answered if that was later (back to back, each one's service starts when the previous one is done), to
+    its answer, less the time the coordinator spent waiting meanwhile (the caller adds each wait with
+    :meth:`waited`). A latency (the wait for the workers' features included) read HA at 7.6-16.7k images/s
+    at light loads where a saturated HA served 21.6k (docs/adaptive.md, 2026-11-30): a batch alone waits for
+    the workers' transfer, which back-to-back batches overlap. A worker slower than the coordinator (a
+    slowed device) is not seen here; the policy's backlog and latency rules still send auto to HT when the
+    queue grows, whatever the estimate says.
+    """
 
     def __init__(self) -> None:
-        self.last_done = float("-inf")
+        self.idle_s = 0.0  # seconds waited so far
+        self.last_done = (float("-inf"), 0.0)  # (time, idle_s) at the last answer
 
-    def answered(self, sent: float, now: float) -> float:
-        """Seconds this batch (sent at ``sent``, answered ``now``) took the server."""
-        start, self.last_done = max(sent, self.last_done), now
-        return now - start
+    def waited(self, seconds: float) -> None:
+        """The coordinator waited ``seconds`` (polled and found nothing, slept, waited for arrivals)."""
+        self.idle_s += seconds
+
+    def stamp(self, now: float) -> tuple[float, float]:
+        """A batch sent ``now``: keep this with it and pass it to :meth:`answered`."""
+        return now, self.idle_s
+
+    def restart(self, now: float) -> None:
+        """Forget the previous answer (after a recovery, whose time is nobody's batch)."""
+        self.last_done = (now, self.idle_s)
+
+    def answered(self, sent: tuple[float, float], now: float) -> float:
+        """Busy seconds of the batch stamped ``sent`` and answered ``now``."""
+        start = max(sent, self.last_done)  # the later of the two (tuples compare by time first)
+        self.last_done = (now, self.idle_s)
+        return max(0.0, (now - start[0]) - (self.idle_s - start[1]))
 
 
 class ModePolicy:
@@ -159,7 +194,8 @@ class ModePolicy:
     dispatched), ``C_ha`` HA's capacity (images/s at full batches) and ``T`` the latency target
     (``latency_ms``/1000, or none):
 
-    - HA *can keep up* when ``r < up × C_ha`` (``up`` = 0.9) or the backlog is nearly empty
+    - HA *can keep up* when ``r < up × C_ha`` (``up`` = 0.9; 1.0 with a target, whose rule guards the tail) or
+      the backlog is nearly empty
       (``B <= 0.02 × C_ha × window_s``: the queue itself shows HA keeping up, whatever the estimate of
       ``C_ha`` says; not right after a membership change), and HA answers the backlog in time:
       ``B / C_ha <= 0.8 × T`` with a target (the newest waiting input would be answered within the target),
@@ -178,9 +214,11 @@ class ModePolicy:
     """
 
     def __init__(self, latency_ms: float | None, ha_capacity: float, ht_capacity: float,
-                 window_s: float = 1.0, hysteresis: tuple[float, float] = (UP_FRACTION, DOWN_FRACTION),
+                 window_s: float = 1.0, hysteresis: tuple[float, float] | None = None,
                  start: float = 0.0, mode: str = HA):
-        up, down = hysteresis
+        """``hysteresis``: (up, down) fractions of HA's capacity; by default (0.9, 0.7), or (1.0, 0.7) with
+        a latency target."""
+        up, down = hysteresis or (UP_FRACTION if latency_ms is None else UP_FRACTION_WITH_TARGET, DOWN_FRACTION)
         if not 0 < down < up <= 1:
             raise ValueError(f"hysteresis must be (up, down) with 0 < down < up <= 1, not {hysteresis}")
         if window_s <= 0:
@@ -191,6 +229,10 @@ class ModePolicy:
         self.window_s, self.up, self.down = window_s, up, down
         self.start = start
         self._arrivals: deque[tuple[float, int]] = deque()
+        # The sum of the counts in _arrivals, kept up to date: at tens of thousands of images/s the window
+        # holds thousands of polls, summing 2,000 of them takes ~50 us (timed here), and the coordinator
+        # decides on every pass of its loop.
+        self._in_window = 0
         self.mode, self.since = mode, start
         self.dwell_s = window_s  # how long HT stays on at least (0 after a switch for a backlog)
         self._fresh = False
@@ -201,11 +243,13 @@ class ModePolicy:
         which the warm-up and the start-up probe precede), and nothing seen before counts."""
         self.start, self.since = now, now
         self._arrivals.clear()
+        self._in_window = 0
 
     def observe_arrivals(self, now: float, count: int) -> None:
         """``count`` inputs arrived at ``now`` (call it with what each poll of the source returned)."""
         if count > 0:
             self._arrivals.append((now, count))
+            self._in_window += count
 
     def set_capacity(self, ha_capacity: float | None = None, ht_capacity: float | None = None) -> None:
         """Update the capacity estimates (e.g. after each batch's :class:`Capacity` update)."""
@@ -225,9 +269,9 @@ class ModePolicy:
     def arrival_rate(self, now: float) -> float:
         """Inputs per second over the last ``window_s`` seconds."""
         while self._arrivals and self._arrivals[0][0] <= now - self.window_s:
-            self._arrivals.popleft()
+            self._in_window -= self._arrivals.popleft()[1]
         span = min(self.window_s, max(now - self.start, MIN_SPAN_FRACTION * self.window_s))
-        return sum(c for _, c in self._arrivals) / span
+        return self._in_window / span
 
     def _ha_shortfall(self, rate: float, backlog: int, load_fraction: float,
                       backlog_limit: float | None, proof: float | None = None) -> str | None:

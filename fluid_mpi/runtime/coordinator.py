@@ -61,7 +61,7 @@ class FluidCoordinator:
         self.retry: deque[Batch] = deque()  # in flight at a failure: re-sent first
         self.ht: dict[int, dict[int, float]] = {}  # worker -> {bid: when sent}
         self.ha: OrderedDict[int, dict] = OrderedDict()  # bid -> {world rank: features}
-        self.ha_sent: dict[int, float] = {}
+        self.ha_sent: dict[int, tuple[float, float]] = {}  # bid -> ha_clock.stamp(when sent)
         self.mode = "ht" if job.mode == "ht" else "ha"
         self.by_mode = {"ha": 0, "ht": 0}
         self.subset = fluid_subset(self.t.members)
@@ -97,7 +97,7 @@ class FluidCoordinator:
             return self.part.features(x) if features else self.part.logits(x)
 
     def record(self, b: Batch, logits: np.ndarray, rank: int, mode: str, extra: dict | None = None,
-               sent: float | None = None) -> None:
+               sent: tuple[float, float] | None = None) -> None:
         self.sink.write(b, logits, rank, {"mode": mode, **(extra or {})})
         del self.batches[b.bid]
         self.answered_batches += 1
@@ -106,9 +106,9 @@ class FluidCoordinator:
         if self.policy is not None and sent is not None:
             self.measure(len(b), sent)
 
-    def measure(self, images: int, sent: float) -> None:
-        """auto: HA's capacity, live, from this HA batch's service time (sent, or the previous HA answer if
-        later, to now). Not while HT batches are in flight: the workers' time then went to those too."""
+    def measure(self, images: int, sent: tuple[float, float]) -> None:
+        """auto: HA's capacity, live, from this HA batch's busy time at the coordinator (:class:`ServiceClock`).
+        Not while HT batches are in flight: the time then went to those too."""
         seconds = self.ha_clock.answered(sent, time.monotonic())
         if self.ha_capacity is not None and not any(self.ht.values()):
             self.policy.set_capacity(ha_capacity=self.ha_capacity.update(images, seconds))
@@ -124,6 +124,7 @@ class FluidCoordinator:
         # messages across a shrink are lost: every batch in flight is re-sent, oldest first
         self.retry.extendleft(sorted(self.batches.values(), key=lambda b: b.bid, reverse=True))
         self.batches, self.ht, self.ha, self.handles = {}, {}, OrderedDict(), {}
+        self.ha_sent = {}
         for w in self.workers():
             self.post(w)
         new = fluid_subset(self.t.members)
@@ -134,7 +135,7 @@ class FluidCoordinator:
         if self.policy is not None:  # a membership change: HA's time per batch stays (each rank its own
             # group, side by side); HT's capacity scales with the ranks left
             self.policy.reset(self.policy.ha_capacity, self.policy.ht_capacity * len(self.t.members) / before)
-            self.ha_clock = ServiceClock()
+            self.ha_clock.restart(time.monotonic())
 
     def check_overdue(self, overdue: list[int]) -> None:
         """The liveness policy for workers that held a batch past the deadline: kill them out of band
@@ -155,7 +156,7 @@ class FluidCoordinator:
     def overdue(self, now: float) -> list[int]:
         late = {w for w, sent in self.ht.items() if sent and now - min(sent.values()) > self.job.rank_timeout}
         oldest = next(iter(self.ha), None)
-        if oldest is not None and now - self.ha_sent[oldest] > self.job.rank_timeout:
+        if oldest is not None and now - self.ha_sent[oldest][0] > self.job.rank_timeout:
             late |= {w for w in self.workers() if w not in self.ha[oldest]}
         return sorted(late)
 
@@ -197,6 +198,9 @@ class FluidCoordinator:
             return Outcome(time.perf_counter() - t0, len(self.t.members), "silent" if silent else "failed",
                            str(exc), silent_hosts=silent)
         elapsed = time.perf_counter() - t0
+        if self.policy is not None:  # the live estimates the run ended with, beside the probe's first ones
+            self.events.emit("capacity", ha_per_s=round(self.policy.ha_capacity, 1),
+                             ht_per_s=round(self.policy.ht_capacity, 1), at="end")
         try:
             for w in self.workers():
                 self.t.send(self.t.members.index(w), header(CMD_STOP, 0, 0, 0), np.zeros(0, np.uint8))
@@ -231,6 +235,8 @@ class FluidCoordinator:
                     self.stream.wait(ARRIVAL_WAIT_S)
                 else:
                     self.idle.pause()
+                if not got:  # a pass that found nothing to do: waiting, not HA's work
+                    self.ha_clock.waited(time.monotonic() - now)
                 self.check_overdue(self.overdue(time.monotonic()))
             except PeerFailure:
                 self.on_failure()
@@ -257,7 +263,7 @@ class FluidCoordinator:
             while len(self.ha) < HA_DEPTH and (b := new()) is not None:
                 for w in self.workers():
                     self.send(w, b, CMD_FEATURES)
-                self.ha[b.bid], self.ha_sent[b.bid] = {}, now
+                self.ha[b.bid], self.ha_sent[b.bid] = {}, self.ha_clock.stamp(now)
         mine = next((bid for bid, f in self.ha.items() if self.me not in f), None)
         if mine is not None:  # my features for an HA batch come first: the workers' are on their way
             self.ha[mine][self.me] = self.compute(self.batches[mine], features=True)

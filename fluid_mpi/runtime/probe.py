@@ -4,10 +4,10 @@ sub-network, the head), before the first input arrives, for the policy's first c
 The in-process warm-up timing (``roles.measure_rates``) sees one sub-network on an idle core: it put HA at
 13-21k images/s where the cluster answered at most 8.7k (docs/adaptive-results.md, 2026-11-30). The probe
 times what a batch really costs: HA (every rank computes its group's features, the coordinator applies the
-head) at a full and at a quarter batch, which gives the per-batch overhead and the per-image time of
-:class:`~fluid_mpi.runtime.adaptive.Capacity`; HT (every rank classifies a full batch of its own) at a full
-batch. Its first, untimed round also opens the MPI connections and torch's kernels for the full batch size,
-which would otherwise stall the first inputs.
+head; timed as the coordinator's busy time, HA's busiest stage) at a full and at a quarter batch, which
+gives the per-batch overhead and the per-image time of :class:`~fluid_mpi.runtime.adaptive.Capacity`; HT
+(every rank classifies a full batch of its own) at a full batch. Its first, untimed round also opens the
+MPI connections and torch's kernels for the full batch size, which would otherwise stall the first inputs.
 
 The workers serve the probe's batches as any other (``--kill-after`` counts them);
 the probe's batch ids are negative, so a reply that comes after the probe gave up is ignored as stale.
@@ -40,15 +40,19 @@ def _blank(n: int) -> Batch:
 
 def _round(coord, mode: str, n: int) -> float | None:
     """One exchange of a blank batch of ``n`` in ``mode``; its seconds, or None when a worker did not answer
-    within ``rank_timeout`` (the run's liveness policy deals with it afterwards)."""
+    within ``rank_timeout`` (the run's liveness policy deals with it afterwards). HA's seconds are the
+    coordinator's busy time (the wait for the workers' features left out, as the live
+    :class:`~fluid_mpi.runtime.adaptive.ServiceClock` does); HT's are the exchange's latency."""
     b = _blank(n)
     t0 = time.monotonic()
+    waited = 0.0
     for w in coord.workers():
         coord.send(w, b, CMD_FEATURES if mode == "ha" else CMD_LOGITS)
     mine = coord.compute(b, features=mode == "ha")
     feats, pending = {coord.me: mine}, set(coord.workers())
     while pending:
-        if time.monotonic() - t0 > coord.job.rank_timeout:
+        t_pass = time.monotonic()
+        if t_pass - t0 > coord.job.rank_timeout:
             return None
         for w in sorted(pending):
             h = coord.handles[w]
@@ -59,12 +63,15 @@ def _round(coord, mode: str, n: int) -> float | None:
                 coord.last_contact[w] = time.time()
                 coord.post(w)
                 pending.discard(w)
-        coord.idle.pause()
+        if pending:
+            coord.idle.pause()
+            waited += time.monotonic() - t_pass
     coord.idle.reset()
-    if mode == "ha":
-        with torch.no_grad():
-            coord.part.bank.logits(feats, coord.job.combine)
-    return time.monotonic() - t0
+    if mode == "ht":
+        return time.monotonic() - t0
+    with torch.no_grad():
+        coord.part.bank.logits(feats, coord.job.combine)
+    return time.monotonic() - t0 - waited
 
 
 def probe(coord) -> tuple[Capacity, float] | None:

@@ -68,12 +68,12 @@ class Capacity:
     queue empties as fast as it fills), far below what full batches give.
 
     The first line comes from the start-up probe (two timed sizes, :meth:`from_timings`). Then the line is
-    fitted to the answered batches' ``(n, seconds)`` (a stalled batch clipped, :attr:`STALL`) by least squares,
-    exponentially weighted (``alpha`` per batch). When the recent batches are too alike in size to give a slope
-    (all small at a light load, all full when saturated) or too few, the slope is kept and only the line's level
-    is fitted: through their weighted mean. A fit with a slope <= 0 or an overhead < 0 (noise) is treated the
-    same way. (The probe's points are not mixed into the fit: on a busy machine its overhead can be several ms
-    off, and a line through it and small live batches bends the slope, 40 % off in the tests.)
+    fitted to the answered batches' ``(n, seconds)`` (a lone stalled batch left out, :attr:`STALL`) by least
+    squares, exponentially weighted (``alpha`` per batch). When the recent batches are too alike in size to give
+    a slope (all small at a light load, all full when saturated) or too few, the slope is kept and only the
+    line's level is fitted: through their weighted mean. A fit with a slope <= 0 or an overhead < 0 (noise) is
+    treated the same way. (The probe's points are not mixed into the fit: on a busy machine its overhead can be
+    several ms off, and a line through it and small live batches bends the slope, 40 % off in the tests.)
     """
 
     # Weight of each new batch: ~20 batches of memory (~160 ms of saturated HA on 2 cores, a few tens of ms
@@ -85,11 +85,14 @@ class Capacity:
     # Sizes must spread by a standard deviation of at least B/8 for a slope: below that (batches of 3 +- 2
     # at a light load) the timing noise of a shared core (a few ms) swamps the slope (~0.1 ms per image).
     SPREAD = 1 / 8
-    # A batch that took more than 3x the model's time is counted as 3x: a context switch on a shared core
-    # (4-10 ms, up to ~100 ms seen) is longer than a batch (0.1-3 ms), and one such batch folded in whole
-    # halved the HA estimate at a 30 % load (16.7k to 7.6k/s, 2026-11-30). A real slowdown above 3x is
-    # still followed, a clipped step at a time (10x within 8-50 batches in the tests: the α-weighted history).
+    # A batch that took more than 3x the model's time is a stall: a context switch or a blocked write on a
+    # shared core (4-10 ms, up to ~100 ms seen) is longer than a batch (0.1-3 ms). Folded in whole, one
+    # such batch halved the HA estimate at a 30 % load (16.7k to 7.6k/s, 2026-11-30); clipped to 3x, a
+    # 70 ms one still cut it by 10 % (24.7k to 22.0k/s at 23k/s arriving) and sent auto to HT at a load HA
+    # sustained. So a lone stall is left out, and only the 3rd in a row (a real slowdown) and those after
+    # it are folded in, clipped to 3x: a 10x slowdown is followed within 10-60 batches (in the tests).
     STALL = 3.0
+    STALL_RUN = 3
 
     def __init__(self, batch_size: int, overhead_s: float, per_image_s: float, alpha: float = ALPHA):
         if batch_size < 1 or overhead_s < 0 or per_image_s <= 0:
@@ -98,6 +101,7 @@ class Capacity:
         self.batch_size, self.overhead_s, self.per_image_s, self.alpha = batch_size, overhead_s, per_image_s, alpha
         self._sums = [0.0] * 5  # weighted sums of 1, n, n^2, t, n*t over the answered batches
         self.samples = 0  # answered batches folded in
+        self._stalls = 0  # stalls in a row (batches over STALL x the model's time)
 
     @classmethod
     def from_timings(cls, batch_size: int, full_s: float, part_n: int, part_s: float) -> "Capacity":
@@ -131,7 +135,11 @@ class Capacity:
         <= 0); returns the new :attr:`value`."""
         if images <= 0 or seconds <= 0:
             return self.value
-        seconds = min(seconds, self.STALL * self.seconds(min(images, self.batch_size)))
+        limit = self.STALL * self.seconds(min(images, self.batch_size))
+        self._stalls = self._stalls + 1 if seconds > limit else 0
+        if 0 < self._stalls < self.STALL_RUN:
+            return self.value
+        seconds = min(seconds, limit)
         self._sums = [(1 - self.alpha) * v for v in self._sums]
         self._add(min(images, self.batch_size), seconds, 1.0)
         self.samples += 1

@@ -280,3 +280,24 @@ def test_recovery_kills_a_stopped_worker_along_with_a_dead_one(setup, monkeypatc
     assert {f["rank"]: f["fault"] for f in r.events.of("failure")} == {1: "process exit", 2: "silent"}
     if mode == "ha":
         assert r.events.of("head_switch")[0]["head"] == "0"
+
+
+@pytest.mark.parametrize("batch, depth", [(1, 1), (BATCH, 2)])
+def test_ha_keeps_one_batch_in_flight_at_batch_1(setup, monkeypatch, tmp_path, batch, depth):
+    """Batch 1 is run for the fastest answer: the next batch waits for this one's (a second in flight
+    doubled the p50 latency); larger batches keep two in flight."""
+    _, parts, ds = setup
+    t = fake(setup, monkeypatch, delay=3)
+    job = Job("fluid", "ha", images=ds.images[:24], labels=ds.labels[:24], indices=np.arange(24), batch_size=batch,
+              rank_timeout=60.0, faults=FaultPlan(), stamp_dir=str(tmp_path))
+    sink = CaptureSink()
+    coord = FluidCoordinator(t, parts[0], job, sink, t.liveness(monkeypatch), EventLog(None))
+    in_flight, send = [], coord.send
+
+    def spy(world, b, cmd):
+        in_flight.append(len(coord.ha) + 1)  # the batches in flight once this one is
+        send(world, b, cmd)
+
+    coord.send = spy
+    assert coord.run().status == "ok" and sink.answered == set(range(24))
+    assert max(in_flight) == depth

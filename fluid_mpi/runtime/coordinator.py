@@ -3,7 +3,7 @@ a fake one). One loop serves both modes, batch by batch, so ``--mode auto`` can 
 
 - HT: each worker holds up to ``credit`` batches; a reply is its request for more, so a slow device
   gets fewer batches. Between replies the coordinator classifies batches of its own.
-- HA: every batch goes to every rank (up to ``HA_DEPTH`` in flight); the coordinator adds its own
+- HA: every batch goes to every rank (up to ``ha_depth`` in flight); the coordinator adds its own
   group's features and applies the head of the groups that answered.
 - auto: the :class:`~fluid_mpi.runtime.adaptive.ModePolicy` picks each new batch's mode from the backlog,
   the arrival rate and each mode's capacity (first from a start-up probe through the real path, then HA's
@@ -34,7 +34,7 @@ from .inputs import ARRIVAL_WAIT_S, Batch, InputStream
 from .liveness import Liveness, keepalive_interval
 from .outputs import PredictionSink
 from .protocol import CMD_FEATURES, CMD_LOGITS, CMD_PING, CMD_STOP, STOP_FLUSH_S, Job, Outcome, header
-from .scheduler import HA_DEPTH, expected_share, fluid_subset
+from .scheduler import expected_share, fluid_subset, ha_depth
 from .transport import Backoff, Transport, recover
 
 
@@ -63,6 +63,7 @@ class FluidCoordinator:
         self.ha: OrderedDict[int, dict] = OrderedDict()  # bid -> {world rank: features}
         self.ha_sent: dict[int, tuple[float, float]] = {}  # bid -> ha_clock.stamp(when sent)
         self.mode = "ht" if job.mode == "ht" else "ha"
+        self.ha_depth = ha_depth(job.batch_size)
         self.by_mode = {"ha": 0, "ht": 0}
         self.subset = fluid_subset(self.t.members)
         self.last_ping = time.monotonic()
@@ -260,7 +261,7 @@ class FluidCoordinator:
                     self.send(w, b, CMD_LOGITS)
                     mine[b.bid] = now
         else:
-            while len(self.ha) < HA_DEPTH and (b := new()) is not None:
+            while len(self.ha) < self.ha_depth and (b := new()) is not None:
                 for w in self.workers():
                     self.send(w, b, CMD_FEATURES)
                 self.ha[b.bid], self.ha_sent[b.bid] = {}, self.ha_clock.stamp(now)

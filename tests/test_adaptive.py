@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fluid_mpi.runtime.adaptive import HA, HT, Capacity, Decision, ModePolicy, ServiceClock
+from fluid_mpi.runtime.adaptive import HA, HT, Decision, ModePolicy
+from fluid_mpi.runtime.capacity import Capacity, ServiceClock
 
 DT = 0.01  # simulation step: 10 ms, about one batch at these capacities
 C_HA, C_HT = 1000.0, 2000.0  # images/s: HT twice HA, as with 2 devices

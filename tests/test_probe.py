@@ -6,7 +6,8 @@ from types import SimpleNamespace
 import pytest
 
 from fluid_mpi.runtime import probe
-from fluid_mpi.runtime.adaptive import Capacity, ModePolicy
+from fluid_mpi.runtime.adaptive import ModePolicy
+from fluid_mpi.runtime.capacity import Capacity
 
 
 def coordinator(k: int = 2):

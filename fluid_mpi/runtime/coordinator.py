@@ -29,7 +29,7 @@ from ..errors import DeviceSilent, PeerFailure, RecoveryFailed
 from ..model.data import to_tensor_batch
 from .events import EventLog, FailureTracker
 from .faults import FaultInjector
-from .adaptive import Capacity, ServiceClock
+from .capacity import Capacity, ServiceClock
 from .inputs import ARRIVAL_WAIT_S, Batch, InputStream
 from .liveness import Liveness, keepalive_interval
 from .outputs import PredictionSink

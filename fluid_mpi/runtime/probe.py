@@ -5,7 +5,7 @@ The in-process warm-up timing (``roles.measure_rates``) sees one sub-network on 
 13-21k images/s where the cluster answered at most 8.7k (docs/adaptive-results.md, 2026-11-30). The probe
 times what a batch really costs: HA (every rank computes its group's features, the coordinator applies the
 head; timed as the coordinator's busy time, HA's busiest stage) at a full and at a quarter batch, which
-gives the per-batch overhead and the per-image time of :class:`~fluid_mpi.runtime.adaptive.Capacity`; HT
+gives the per-batch overhead and the per-image time of :class:`~fluid_mpi.runtime.capacity.Capacity`; HT
 (every rank classifies a full batch of its own) at a full batch. Its first, untimed round also opens the
 MPI connections and torch's kernels for the full batch size, which would otherwise stall the first inputs.
 
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import PeerFailure
-from .adaptive import Capacity
+from .capacity import Capacity
 from .inputs import Batch
 from .protocol import CMD_FEATURES, CMD_LOGITS
 
@@ -42,7 +42,7 @@ def _round(coord, mode: str, n: int) -> float | None:
     """One exchange of a blank batch of ``n`` in ``mode``; its seconds, or None when a worker did not answer
     within ``rank_timeout`` (the run's liveness policy deals with it afterwards). HA's seconds are the
     coordinator's busy time (the wait for the workers' features left out, as the live
-    :class:`~fluid_mpi.runtime.adaptive.ServiceClock` does); HT's are the exchange's latency."""
+    :class:`~fluid_mpi.runtime.capacity.ServiceClock` does); HT's are the exchange's latency."""
     b = _blank(n)
     t0 = time.monotonic()
     waited = 0.0

@@ -172,8 +172,8 @@ def markdown(r: dict) -> str:
     if est:
         lines += [f"**The policy's view of HA.** auto's HA capacity at start (the start-up probe through the real "
                   f"path, its `capacity` event) was {est[0]:,.0f}–{est[-1]:,.0f} images/s over the sweep"
-                  + (f", and {last[0]:,.0f}–{last[-1]:,.0f} at each run's last `mode_switch` (measured live)"
-                     if last else "")
+                  + (f", and {last[0]:,.0f}–{last[-1]:,.0f} at the runs' ends (measured live, the run's last "
+                     "`capacity` event)" if last else "")
                   + f"; HA's highest measured throughput in the sweep was {ha_max:,.0f} images/s "
                   f"(median start estimate / that = {est[len(est) // 2] / max(ha_max, 1e-9):.2f}).", ""]
     lines += ["## Goals (computed from the table above)", "", "| goal | rule | loads checked | verdict |",

@@ -128,22 +128,25 @@ def markdown(r: dict) -> str:
         lines.append(f"| {fam} | {var} | {ranks} | " + " | ".join(_spread(by_b.get(b)) for b in bs) + " |")
     for key, label in (("static_single_process", "static, one process (1 thread), reference"),
                        ("limit", f"limit: {k} × one Fluid sub-network in-process"),
+                       ("concurrent_limit", f"machine's ceiling: {k} sub-networks in {k} processes at once, no MPI"),
                        ("ha_limit", "HA limit: one sub-network's features + the combined head in-process")):
         lines.append(f"| — | {label} | 1 | " + " | ".join(_fmt(r["reference"][b].get(key)) for b in bs) + " |")
     lines += ["", "## The paper's claims and the goals' ratios, measured (verdicts under Against the goals)", "",
               "Ratios of the medians above; *min* is the lowest of the same ratio taken within each repetition.", "",
               "| batch | Fluid HT / Static (paper 2.5×) | "
               f"Fluid HT / Dynamic width {k} (paper 2×) | Fluid HT / Dynamic's best width | "
-              "Fluid HT / limit | Fluid HA / HA limit | Fluid HA on K ranks / on one |",
-              "|---:|---:|---:|---:|---:|---:|---:|"]
+              "Fluid HT / limit | Fluid HT / machine's ceiling | Fluid HA / HA limit | Fluid HA on K ranks / on one | "
+              "Fluid HA / whole model in-process (same accuracy) |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for b in bs:
         q = r["ratios"][b]
         cells = [f"{q['fluid_ht_over_static']}× (min {q.get('fluid_ht_over_static_min', '—')})",
                  f"{q['fluid_ht_over_dynamic']}×",
                  f"{q.get('fluid_ht_over_dynamic_best', '—')}× "
                  f"(min {q.get('fluid_ht_over_dynamic_best_min', '—')})",
-                 f"{q['fluid_ht_over_limit']}", f"{q.get('fluid_ha_over_limit', '—')}",
-                 f"{q.get('fluid_ha_k_over_one', '—')}×"]
+                 f"{q['fluid_ht_over_limit']}", f"{q.get('fluid_ht_over_concurrent', '—')}",
+                 f"{q.get('fluid_ha_over_limit', '—')}",
+                 f"{q.get('fluid_ha_k_over_one', '—')}×", f"{q.get('fluid_ha_over_whole_model', '—')}×"]
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
     lines += latency_lines(r)
     lines += ["", f"Fluid HA accuracy − Static accuracy: {r['ratios']['fluid_ha_minus_static_pp']:+.2f} pp "

@@ -77,11 +77,13 @@ def test_bench_quick_outputs(quick):
     assert all(d["returncodes"] == [0] * r["config"]["kill_reps"] for d in r["detection"].values())
     for b in ("1", "64"):
         ref = r["reference"][b]
-        assert all(ref[key] > 0 for key in ("limit", "ha_limit", "static_single_process", "fluid_whole_latency_ms"))
+        assert all(ref[key] > 0 for key in ("limit", "ha_limit", "static_single_process", "fluid_whole_latency_ms",
+                                            "concurrent_limit"))
         assert len(r["reference_runs"][b]) == reps  # one reference per repetition, between the mpiruns
         q = r["ratios"][b]
         for key in ("fluid_ht_over_static", "fluid_ht_over_dynamic", "fluid_ht_over_limit", "fluid_ha_over_limit",
-                    "fluid_ha_k_over_one", "fluid_ha_p50_over_whole_model"):
+                    "fluid_ha_k_over_one", "fluid_ha_p50_over_whole_model", "fluid_ht_over_concurrent",
+                    "fluid_ha_over_whole_model"):
             assert q[key] > 0, key
         for key, values in r["per_rep"][b].items():
             assert len(values) == reps and q[f"{key}_min"] == min(values) > 0

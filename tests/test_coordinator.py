@@ -76,6 +76,7 @@ def run(setup, monkeypatch, tmp_path, t: FakeTransport, mode: str, rank_timeout:
     box = {}
     draining = (lambda: False) if drain_after is None else (lambda: box["c"].answered_batches >= drain_after)
     coord = box["c"] = FluidCoordinator(t, parts[0], job, sink, t.liveness(monkeypatch), events, draining)
+    coord.credit = 2  # the fault schedules below (who dies after which answer) assume 2 batches per HT worker
     return Run(t, coord, sink, events, coord.run())
 
 
@@ -301,3 +302,26 @@ def test_ha_keeps_one_batch_in_flight_at_batch_1(setup, monkeypatch, tmp_path, b
     coord.send = spy
     assert coord.run().status == "ok" and sink.answered == set(range(24))
     assert max(in_flight) == depth
+
+
+@pytest.mark.parametrize("batch, credit", [(BATCH, 4), (64, 2)])
+def test_ht_workers_hold_their_credit(setup, monkeypatch, tmp_path, batch, credit):
+    """An HT worker holds up to 4 batches below batch 64 (2 left it waiting there), 2 from batch 64 on."""
+    _, parts, ds = setup
+    t = fake(setup, monkeypatch, delay=3)
+    n = 6 * 3 * batch  # enough batches for every worker to be handed its full credit
+    images = np.resize(ds.images, (n,) + ds.images.shape[1:])
+    job = Job("fluid", "ht", images=images, labels=np.resize(ds.labels, n), indices=np.arange(n), batch_size=batch,
+              rank_timeout=60.0, faults=FaultPlan(), stamp_dir=str(tmp_path))
+    sink = CaptureSink()
+    coord = FluidCoordinator(t, parts[0], job, sink, t.liveness(monkeypatch), EventLog(None))
+    held, send = [], coord.send
+
+    def spy(world, b, cmd):
+        send(world, b, cmd)
+        held.append(len(coord.ht.get(world, {})) + 1)  # this worker's batches once this one is
+
+    coord.send = spy
+    assert coord.run().status == "ok" and sink.answered == set(range(n))
+    assert max(held) == credit
+

@@ -34,7 +34,7 @@ from .inputs import ARRIVAL_WAIT_S, Batch, InputStream
 from .liveness import Liveness, keepalive_interval
 from .outputs import PredictionSink
 from .protocol import CMD_FEATURES, CMD_LOGITS, CMD_PING, CMD_STOP, STOP_FLUSH_S, Job, Outcome, header
-from .scheduler import expected_share, fluid_subset, ha_depth
+from .scheduler import expected_share, fluid_subset, ha_depth, ht_credit
 from .transport import Backoff, Transport, recover
 
 
@@ -63,7 +63,7 @@ class FluidCoordinator:
         self.ha: OrderedDict[int, dict] = OrderedDict()  # bid -> {world rank: features}
         self.ha_sent: dict[int, tuple[float, float]] = {}  # bid -> ha_clock.stamp(when sent)
         self.mode = "ht" if job.mode == "ht" else "ha"
-        self.ha_depth = ha_depth(job.batch_size)
+        self.ha_depth, self.credit = ha_depth(job.batch_size), ht_credit(job.batch_size)
         self.by_mode = {"ha": 0, "ht": 0}
         self.subset = fluid_subset(self.t.members)
         self.last_ping = time.monotonic()
@@ -257,9 +257,13 @@ class FluidCoordinator:
         now = time.monotonic()
         new = (lambda: None) if drained else self.next_batch
         if mode == "ht":
+            # no worker holds more than its share of what waits (every rank counted): at the end of a run,
+            # or in a short one, the credit would hand the workers everything and leave rank 0 idle
+            waiting = -(-self.stream.backlog // self.job.batch_size) + len(self.retry)
+            held = min(self.credit, max(1, -(-waiting // len(self.t.members))))
             for w in self.workers():
                 mine = self.ht.setdefault(w, {})
-                while len(mine) < self.job.credit and (b := new()) is not None:
+                while len(mine) < held and (b := new()) is not None:
                     self.send(w, b, CMD_LOGITS)
                     mine[b.bid] = now
         else:

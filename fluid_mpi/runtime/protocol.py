@@ -16,9 +16,6 @@ from .faults import FaultPlan
 
 CMD_STOP, CMD_FEATURES, CMD_LOGITS, CMD_RUN, CMD_PING = 0, 1, 2, 3, 4  # PING: a keep-alive, no work
 IMAGE = 28 * 28
-# Batches a Fluid HT worker may hold (one computing, one queued): measured best (a flush before
-# compute and a progress thread both lowered throughput).
-HT_CREDIT = 2
 
 
 def header(*values: int) -> np.ndarray:
@@ -37,7 +34,6 @@ class Job:
     stamp_dir: str
     combine: str = "head"
     width: int | None = None  # dynamic only
-    credit: int = HT_CREDIT
     # in-process inputs (tests): the coordinator replays these when it is given no InputStream
     images: np.ndarray | None = None
     labels: np.ndarray | None = None

@@ -23,8 +23,8 @@ from .mpirun import mpirun_infer
 # plan_layout then runs group 0 alone (a subset of the K groups), with its own head
 HA_ONE = "HA on one rank"
 # The concurrent reference runs at least 1 s: with 0.4 s windows (the other references') two processes
-# gave 1.46-1.95x one alone, with 1-3 s windows 1.75-2.2x (2026-11-30); each try also spends ~2 s
-# starting its processes (torch, checkpoint, data), so 15 tries of a full bench add ~45 s.
+# gave 1.46-2.21x one alone at batch 64, with 1-3 s windows 1.86-2.07x (9 tries, 2026-11-30); each try
+# also spends ~2 s starting its processes (torch, checkpoint, data), so the 15 of a full bench add ~45 s.
 CONCURRENT_WINDOW_S = 1.0
 
 
@@ -104,7 +104,7 @@ class References:
     def concurrent(self, batch: int, window_s: float) -> float:
         """Images/s of K processes (no MPI), each running one sub-network at once for at least
         :data:`CONCURRENT_WINDOW_S`: what the cores give together, shared caches and memory included. On the
-        project's 2-core machine two gave 1.46-2.2x one alone at batch 64 (10 tries, 2026-11-30; the VM's
+        project's 2-core machine two gave 1.46-2.21x one alone at batch 64 (9 tries, 2026-11-30; the VM's
         speed varies from second to second), so the limit (K x one alone) is within reach of the machine."""
         import multiprocessing
 

@@ -238,12 +238,16 @@ def test_bad_input_is_one_line(cluster):
 
 
 def _mpirun_from(host: str, hostfile: Path) -> None:
-    probe = "from mpi4py import MPI; import socket; print(MPI.COMM_WORLD.Get_rank(), socket.gethostname())"
+    """Each rank on its own host, and in that host's cgroups (which `slow` and `freeze` act on)."""
+    probe = ("from mpi4py import MPI; import socket, re; cg = open('/proc/self/cgroup').read(); "
+             "print(MPI.COMM_WORLD.Get_rank(), socket.gethostname(), "
+             "*sorted(re.findall(r':(cpu|freezer):/fluid-mpi-[a-z0-9]+/(\\w+)', cg)))")
     cmd = [MPIRUN, "--hostfile", str(hostfile), "-np", "2", "--map-by", "node", "--mca", "btl", "tcp,self",
            "--mca", "coll", "^han", str(VENV_BIN / "python"), "-c", probe]
     r = fm("exec", host, "--", *cmd, timeout=60, env=vc.mpirun_env(dict(os.environ), NAME))
     assert r.returncode == 0, r.stderr
-    assert sorted(r.stdout.split("\n")[:2]) == ["0 node1", "1 node2"], r.stdout
+    assert sorted(r.stdout.split("\n")[:2]) == [f"{rank} {h} ('cpu', '{h}') ('freezer', '{h}')"
+                                                 for rank, h in ((0, "node1"), (1, "node2"))], r.stdout
 
 
 @pytest.mark.mpi
@@ -269,6 +273,7 @@ def test_down_leaves_nothing(cluster, tmp_path):
     assert f"vcluster {NAME}" not in Path("/etc/hosts").read_text()
     assert not any(Path(f"/sys/fs/cgroup/{c}/fluid-mpi-{NAME}").exists() for c in ("cpu", "freezer"))
     assert not Path(f"/run/fluid-mpi-vcluster/{NAME}").exists()
+    assert f"/run/fluid-mpi-vcluster/{NAME}/" not in Path("/proc/self/mountinfo").read_text()  # the agent's views
     alive = [p for p in SEEN_PIDS if Path(f"/proc/{p}").exists() and proc_state(p) != "Z"]
     assert not alive  # a zombie is dead: its parent was killed and init reaps it in its own time
     assert "not up" in fm("status").stdout

@@ -161,8 +161,18 @@ class VCluster:
             for ctl in (c for c in CONTROLLERS if (CGROUP_ROOT / c / "cgroup.procs").exists()):
                 self.cgroup(ctl, host).mkdir(parents=True, exist_ok=True)
             hosts_state[host] = {"addr": addr, "powered": True, "cable": "up", "cpus": None}
+        # The agent reaches the hosts' cgroups through bind mounts in the state directory: an agent started
+        # inside a host (mpirun in head launching the daemons) runs under `ip netns exec`, which remounts
+        # /sys, so /sys/fs/cgroup is empty there. Through it, the agent left every rank in head's cgroups,
+        # and `slow` never bound them (bench --cluster rows "0.25 CPU per host" ran at full speed, 0 % of
+        # their periods throttled, 2026-11-30).
+        for ctl in (c for c in CONTROLLERS if self.cgroup(c).is_dir()):
+            view = self._cgroup_view(ctl)
+            view.mkdir(parents=True, exist_ok=True)
+            if not os.path.ismount(view):
+                _run(["mount", "--bind", str(self.cgroup(ctl)), str(view)])
         agent = Path(agent_path(self.name))
-        cgroups = " ".join(str(self.cgroup(c)) for c in CONTROLLERS)
+        cgroups = " ".join(str(self._cgroup_view(c)) for c in CONTROLLERS if self.cgroup(c).is_dir())
         agent.write_text(AGENT.format(name=self.name, hosts="|".join(names), state=self.dir, cgroups=cgroups))
         agent.chmod(0o755)
         self._hosts_block([f"{h['addr']} {host}" for host, h in hosts_state.items()])
@@ -201,14 +211,22 @@ class VCluster:
                 os.kill(pid, signal.SIGKILL)
         _settle(lambda: not any(self.pids(host) for host in hosts_))  # a zombie is in neither list
 
+    def _cgroup_view(self, controller: str) -> Path:
+        """Where the agent sees the instance's cgroup under ``controller``: a bind mount (see :meth:`up`)."""
+        return self.dir / "cgroup" / controller
+
     def down(self) -> None:
-        """Remove everything of this instance: processes, namespaces, cgroups, /etc/hosts block, state."""
+        """Remove everything of this instance: processes, namespaces, cgroups (and their bind mounts),
+        /etc/hosts block, state."""
         names = {ns[len(self.name) + 1:] for ns in self.namespaces()} - {"sw"}
         for top in (self.cgroup(c) for c in CONTROLLERS if self.cgroup(c).is_dir()):
             names |= {p.name for p in top.iterdir() if p.is_dir()}
         self._kill(sorted(names))
         for ns in self.namespaces():
             _run(["ip", "netns", "del", ns], check=False)
+        for ctl in CONTROLLERS:  # before the cgroups go, and before the state directory is removed
+            if os.path.ismount(self._cgroup_view(ctl)):
+                _run(["umount", "-l", str(self._cgroup_view(ctl))], check=False)  # lazy: never busy
         for path in [self.cgroup(c, h) for c in CONTROLLERS for h in names] + [self.cgroup(c) for c in CONTROLLERS]:
             with contextlib.suppress(FileNotFoundError):
                 path.rmdir()  # the killed tasks are gone (see _kill), so only a new stray one makes this fail

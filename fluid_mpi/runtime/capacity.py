@@ -113,9 +113,9 @@ class ServiceClock:
     its answer, less the time the coordinator spent waiting meanwhile (the caller adds each wait with
     :meth:`waited`). A latency (the wait for the workers' features included) read HA at 7.6-16.7k images/s
     at light loads where a saturated HA served 21.6k (docs/adaptive.md, 2026-11-30): a batch alone waits for
-    the workers' transfer, which back-to-back batches overlap. A worker slower than the coordinator (a
-    slowed device) is not seen here; the policy's backlog and latency rules still send auto to HT when the
-    queue grows, whatever the estimate says.
+    the workers' transfer, which back-to-back batches overlap. When inputs are waiting (HA saturated), the
+    waits count too (:meth:`answered`): they are then for the workers, and a worker slower than the
+    coordinator shows.
     """
 
     def __init__(self) -> None:
@@ -134,8 +134,13 @@ class ServiceClock:
         """Forget the previous answer (after a recovery, whose time is nobody's batch)."""
         self.last_done = (now, self.idle_s)
 
-    def answered(self, sent: tuple[float, float], now: float) -> float:
-        """Busy seconds of the batch stamped ``sent`` and answered ``now``."""
+    def answered(self, sent: tuple[float, float], now: float, saturated: bool = False) -> float:
+        """Busy seconds of the batch stamped ``sent`` and answered ``now``. ``saturated``: inputs were
+        waiting for HA meanwhile, so every wait was for the pipeline (the workers' features), not for
+        arrivals, and counts: a worker slower than the coordinator then shows. With the waits always left
+        out, the estimate ran up to 18 % above what a saturated HA served (2026-11-30 12:21 and 12:29 sweeps)."""
         start = max(sent, self.last_done)  # the later of the two (tuples compare by time first)
         self.last_done = (now, self.idle_s)
+        if saturated:
+            return now - start[0]
         return max(0.0, (now - start[0]) - (self.idle_s - start[1]))

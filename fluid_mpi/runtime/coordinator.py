@@ -111,7 +111,7 @@ class FluidCoordinator:
         """auto: HA's capacity, live, from this HA batch's busy time at the coordinator (:class:`ServiceClock`;
         not while HT batches are in flight: the time then went to those too), and what HA served."""
         now = time.monotonic()
-        seconds = self.ha_clock.answered(sent, now)
+        seconds = self.ha_clock.answered(sent, now, saturated=self.stream.backlog > 0)
         self.policy.observe_served(now, images)
         if self.ha_capacity is not None and not any(self.ht.values()):
             self.policy.set_capacity(ha_capacity=self.ha_capacity.update(images, seconds))

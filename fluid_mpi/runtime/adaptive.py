@@ -29,7 +29,7 @@ DOWN_FRACTION = 0.7
 # Plan for the backlog to drain within 60 % of the latency target: the rest is left for batching, the
 # transport and the capacity estimate's error, none of which the drain estimate sees. At 80 %, a load just
 # over HA's capacity (22k/s arriving, HA serving 21.6k) left auto's p99 at 105 ms against HT's 67 ms and
-# the 100 ms target (2026-11-30 12:21 sweep): the estimate there ran up to 18 % above what HA served, and
+# the 100 ms target (2026-11-30 12:28 sweep): the estimate there ran up to 18 % above what HA served, and
 # 0.8 / 1.18 = 0.68 of the target is what the drain really took; 0.6 leaves room below that.
 LATENCY_MARGIN = 0.6
 # "Nearly empty" backlog, to hand back to HA: what HA clears in 2 % of a window (20 ms by default: two or
@@ -233,7 +233,7 @@ class ModePolicy:
             # switch for a backlog, as soon as it is drained if the arrivals are within 5 % of HA's capacity
             # (HA carries the load on average: HT only shaved a peak). At 1.25 x instead, auto went back to
             # HA at 25.6k/s arriving where HA served 22.5k, again and again, and its p99 reached 104 ms
-            # against HT's 67 (12:29 sweep).
+            # against HT's 67 (12:35 sweep).
             burst = self.dwell_s == 0
             c_back = max(c, self._served_then)
             short = self._ha_shortfall(c, rate, backlog, PEAK_FRACTION if burst else self.down,

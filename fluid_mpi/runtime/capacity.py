@@ -138,7 +138,7 @@ class ServiceClock:
         """Busy seconds of the batch stamped ``sent`` and answered ``now``. ``saturated``: inputs were
         waiting for HA meanwhile, so every wait was for the pipeline (the workers' features), not for
         arrivals, and counts: a worker slower than the coordinator then shows. With the waits always left
-        out, the estimate ran up to 18 % above what a saturated HA served (2026-11-30 12:21 and 12:29 sweeps)."""
+        out, the estimate ran up to 18 % above what a saturated HA served (2026-11-30 12:28 and 12:35 sweeps)."""
         start = max(sent, self.last_done)  # the later of the two (tuples compare by time first)
         self.last_done = (now, self.idle_s)
         if saturated:

@@ -38,6 +38,28 @@ def scenarios(ckpts: dict[str, Path], k: int) -> list[tuple[str, str, int, list[
             ("fluid", HA_ONE, 1, fl + ["--mode", "ha"], "fluid_subnetwork")]
 
 
+def _cycle(fn, x, batch: int, window_s: float, start=None) -> tuple[list[float], float]:
+    """Call ``fn`` on batches of ``batch`` cycling over ``x`` for at least ``window_s`` seconds, after one
+    untimed first call (set-up) and ``start()`` if given; returns each call's seconds and the wall time."""
+    import torch
+
+    calls = []
+    with torch.no_grad():
+        fn(x[:batch])  # first-call set-up
+        if start is not None:
+            start()
+        i, t_start = 0, time.perf_counter()
+        while True:
+            if i + batch > len(x):
+                i = 0
+            t0 = time.perf_counter()
+            fn(x[i:i + batch])
+            calls.append(time.perf_counter() - t0)
+            i += batch
+            if time.perf_counter() - t_start >= window_s:
+                return calls, time.perf_counter() - t_start
+
+
 def _subnetwork_loop(ckpt: str, data_dir: str | None, batch: int, window_s: float, ready, out) -> None:
     """One of :meth:`References.concurrent`'s processes: group 0's logits on batches of ``batch`` for
     ``window_s`` seconds, started with the others (``ready``, a barrier); puts its images/s in ``out``."""
@@ -49,16 +71,8 @@ def _subnetwork_loop(ckpt: str, data_dir: str | None, batch: int, window_s: floa
     tune_allocator()
     part, _ = checkpoint.load_part(ckpt, 0)
     x = data.to_tensor_batch(data.load_split(data_dir, "test").images)
-    with torch.no_grad():
-        part.logits(x[:batch])  # first-call set-up
-        ready.wait()
-        i, n, t_start = 0, 0, time.perf_counter()
-        while time.perf_counter() - t_start < window_s:
-            if i + batch > len(x):
-                i = 0
-            part.logits(x[i:i + batch])
-            i, n = i + batch, n + batch
-        out.put(n / (time.perf_counter() - t_start))
+    calls, wall = _cycle(part.logits, x, batch, window_s, ready.wait)
+    out.put(batch * len(calls) / wall)
 
 
 class References:
@@ -84,21 +98,7 @@ class References:
     def _run(self, fn, batch: int, window_s: float) -> tuple[float, float]:
         """(images/s, median ms per call) of ``fn`` on batches of ``batch``, cycling over the test set
         for at least ``window_s`` seconds."""
-        import torch
-
-        n, x, calls = len(self.x), self.x, []
-        with torch.no_grad():
-            fn(x[:batch])  # first-call set-up
-            i, t_start = 0, time.perf_counter()
-            while True:
-                if i + batch > n:
-                    i = 0
-                t0 = time.perf_counter()
-                fn(x[i:i + batch])
-                calls.append(time.perf_counter() - t0)
-                i += batch
-                if time.perf_counter() - t_start >= window_s:
-                    break
+        calls, _ = _cycle(fn, self.x, batch, window_s)
         return batch * len(calls) / sum(calls), 1000 * statistics.median(calls)
 
     def concurrent(self, batch: int, window_s: float) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 from .report import RANKS_OWN_LOAD as RUNS_OWN_LOAD  # a 2-rank run's own load: above it, others shared
@@ -13,7 +14,13 @@ LABELS = {"ha": "HA", "ht": "HT", "auto": "auto"}
 # answers' latency after the last arrival, ~1 % of a 1.5-3 s run; a backlog that grows loses far more).
 SUSTAIN = 0.98
 ACCURACY_PP = 0.05  # goal 1: auto's accuracy within 0.05 pp of HA's where HA sustains the load
-THROUGHPUT = 0.95  # goal 2: auto's throughput >= 0.95 x HT's where HA does not
+# goal 2: auto's throughput >= 0.95 x HT's where HA does not sustain the load, judged on the median of the
+# per-repetition ratios (paired runs, same arrivals). At overload auto runs HT (99-100 % of its batches), so
+# the goal measures the policy's cost; but two HT runs of the same load varied by up to 10 % on the shared
+# 2-core machine (HT alone at 120 %: 41.9-47.3k/s over four sweeps), and the ratio of two medians taken
+# across the whole sweep (an HT median from one repetition, auto's from another) carried that noise: it missed
+# 0.95 in two sweeps (0.947, 0.936) where the paired ratios' medians were 0.953 and 0.983 (docs/adaptive.md).
+THROUGHPUT = 0.95
 IMG = "img"
 PLOTS = {"accuracy": "adaptive-accuracy.png", "p99": "adaptive-p99.png", "throughput": "adaptive-throughput.png",
          "step": "adaptive-step.png"}
@@ -23,6 +30,17 @@ def sustained(point: dict) -> bool:
     """HA keeps up with this load: its throughput is at least SUSTAIN x the realized offered rate."""
     ha = point["modes"]["ha"]
     return bool(ha["images_per_s"] and ha["offered_per_s"] and ha["images_per_s"] >= SUSTAIN * ha["offered_per_s"])
+
+
+def paired_ratios(ht: dict, auto: dict) -> list[float]:
+    """auto's throughput / HT's, one ratio per repetition: the two runs of a repetition replay the same
+    arrivals (same seed) a few seconds apart, so the pair shares the machine's state of that moment. (Without
+    per-repetition rows, as in a hand-made point: the ratio of the two medians.)"""
+    by_seed = {r.get("seed"): r.get("images_per_s") for r in ht.get("reps", [])}
+    pairs = [(a.get("images_per_s"), by_seed.get(a.get("seed"))) for a in auto.get("reps", [])]
+    if not pairs:
+        pairs = [(auto.get("images_per_s"), ht.get("images_per_s"))]
+    return [round(a / h, 3) for a, h in pairs if a and h]
 
 
 def _verdict(name: str, rule: str, checked: list[dict], failing: list[dict]) -> dict:
@@ -41,11 +59,13 @@ def goals(points: list[dict], latency_ms: float) -> list[dict]:
             acc.append({"load": p["load"], "ha": ha["accuracy"], "auto": auto["accuracy"], "gap_pp": gap,
                         "ok": gap is not None and abs(gap) <= ACCURACY_PP + 1e-9})
         else:
-            ok = bool(auto["images_per_s"] and ht["images_per_s"]
-                      and auto["images_per_s"] >= THROUGHPUT * ht["images_per_s"])
-            thr.append({"load": p["load"], "ht": ht["images_per_s"], "auto": auto["images_per_s"],
-                        "ratio": round(auto["images_per_s"] / ht["images_per_s"], 3) if ok or (
-                            auto["images_per_s"] and ht["images_per_s"]) else None, "ok": ok})
+            ratios = paired_ratios(ht, auto)
+            mid = round(statistics.median(ratios), 3) if ratios else None
+            thr.append({"load": p["load"], "ht": ht["images_per_s"], "auto": auto["images_per_s"], "ratio": mid,
+                        "pairs": ratios, "min": min(ratios, default=None), "max": max(ratios, default=None),
+                        "ratio_of_medians": round(auto["images_per_s"] / ht["images_per_s"], 3)
+                        if auto["images_per_s"] and ht["images_per_s"] else None,
+                        "ok": mid is not None and mid >= THROUGHPUT})
         if ht["p99_ms"] is not None and ht["p99_ms"] <= latency_ms:
             lat.append({"load": p["load"], "ht": ht["p99_ms"], "auto": auto["p99_ms"],
                         "ok": auto["p99_ms"] is not None and auto["p99_ms"] <= latency_ms})
@@ -54,7 +74,8 @@ def goals(points: list[dict], latency_ms: float) -> list[dict]:
                  f"at every load HA sustains (HA's throughput >= {SUSTAIN:g} x offered), auto's accuracy within "
                  f"± {ACCURACY_PP:g} pp of HA's", acc, [c for c in acc if not c["ok"]]),
         _verdict("throughput at overload",
-                 f"at every load HA does not sustain (overload for HA), auto's throughput >= {THROUGHPUT:g} x HT's",
+                 f"at every load HA does not sustain (overload for HA), auto's throughput >= {THROUGHPUT:g} x HT's "
+                 "(median over the repetitions of auto / HT on the same arrivals)",
                  thr, [c for c in thr if not c["ok"]]),
         _verdict("latency where HT meets the target",
                  f"at every load where HT's p99 <= {latency_ms:g} ms, auto's p99 <= {latency_ms:g} ms",
@@ -182,6 +203,15 @@ def markdown(r: dict) -> str:
         fails = "; failing: " + _pcts(f["load"] for f in g["failing"]) if g["failing"] else ""
         lines.append(f"| {g['goal']} | {g['rule']} | {_pcts(x['load'] for x in g['checked']) or 'none'}"
                      f"{fails} | {g['verdict']} |")
+    thr = next((g for g in r["goals"] if g["goal"] == "throughput at overload"), None)
+    if thr and thr["checked"]:
+        lines += ["", "Throughput at overload, pair by pair (auto / HT for each repetition, both runs on the same "
+                  "arrivals):", "", "| offered | HT thr. | auto thr. | auto / HT per repetition | median [min–max] "
+                  "| ratio of the medians |", "|---:|---:|---:|---|---:|---:|"]
+        lines += [f"| {100 * c['load']:.0f} % | {_f(c['ht'])} | {_f(c['auto'])} | "
+                  f"{', '.join(f'{x:.3f}' for x in c['pairs'])} | {_f(c['ratio'], '{:.3f}')} "
+                  f"[{_f(c['min'], '{:.3f}')}–{_f(c['max'], '{:.3f}')}] | {_f(c['ratio_of_medians'], '{:.3f}')} |"
+                  for c in thr["checked"]]
     s, w = r["step"], r["step"]["windows"]
     lines += ["", "## Step load (auto)", "",
               f"`--rate {s['spec']}` ({_pcts(s['fractions'])} of HT's capacity, "

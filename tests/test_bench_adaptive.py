@@ -30,6 +30,26 @@ def test_goal_verdicts_follow_the_figures():
     assert none["met"] is None and not none["verdict"].startswith("✔")
 
 
+def test_throughput_goal_pairs_the_runs_of_a_repetition():
+    """The overload verdict is the median of auto / HT per repetition (same seed, same arrivals), not the
+    ratio of two medians that may come from different moments of the sweep."""
+    def mode(*per_seed):  # images/s of repetitions with seeds 1, 2, 3
+        reps = [{"seed": s, "images_per_s": v} for s, v in enumerate(per_seed, 1)]
+        return {"images_per_s": sorted(per_seed)[1], "offered_per_s": 1000.0, "p99_ms": 500.0, "accuracy": 95.0,
+                "reps": reps}
+    # a fast HT repetition and a slow auto one: medians 1000 vs 940 (0.94), pairs 0.98, 1.0, 0.82 -> 0.98
+    noisy = {"load": 1.2, "rate": 1000.0, "modes": {"ha": mode(400, 400, 400), "ht": mode(960, 1000, 1100),
+                                                    "auto": mode(940, 1000, 900)}}
+    thr = goals([noisy], 50.0)[1]
+    assert thr["met"] is True and thr["checked"][0]["pairs"] == [0.979, 1.0, 0.818]
+    assert thr["checked"][0]["ratio"] == 0.979 and thr["checked"][0]["ratio_of_medians"] == 0.94
+    # a policy that costs 10 % in every pair fails whatever the medians
+    slow = {"load": 1.2, "rate": 1000.0, "modes": {"ha": mode(400, 400, 400), "ht": mode(1000, 1000, 1000),
+                                                   "auto": mode(900, 900, 900)}}
+    thr = goals([slow], 50.0)[1]
+    assert thr["met"] is False and thr["failing"][0]["ratio"] == 0.9 and thr["failing"][0]["min"] == 0.9
+
+
 def test_bench_adaptive_quick(tmp_path):
     if find_mpirun() is None:
         pytest.skip("no mpirun found (install Open MPI: scripts/setup.sh does)")

@@ -345,11 +345,26 @@ def test_an_overload_from_the_start_is_caught_within_60_ms():
 
 def test_a_start_at_90_percent_of_ht_leaves_a_small_backlog():
     """Issue 11's 90 % load on a quiet machine: 42,400/s from the start, HA ~20,000/s, HT ~47,000/s. HT must
-    come within ~20 ms, with about 20 ms of HA work waiting: HT has only ~10 % to spare to work it off."""
+    come within ~15 ms, with 10-20 ms of HA work waiting: HT has only ~10 % to spare to work it off."""
     policy = ModePolicy(100.0, 20000.0, 47000.0, start=0.0)
     policy.begin(0.0)
     modes, switches, backlog, _ = simulate(policy, lambda t: 42400.0, 0.3, caps={HA: 20000.0, HT: 47000.0},
                                            dt=0.001)  # 1 ms steps: a batch of 64 takes ~3 ms in HA here
     (t_up, up), = switches[:1]
-    assert up.mode == HT and t_up <= 0.025 and 400 < up.backlog < 600
+    assert up.mode == HT and t_up <= 0.015 and 200 < up.backlog < 400
     assert set(modes[int(t_up / 0.001):]) == {HT} and backlog < 100  # worked off within the 0.3 s
+
+
+def test_with_a_target_a_clear_overload_needs_less_queue_as_proof():
+    """Issue 11's 70 % load (14:11 sweep): 37,900/s from the start, HA ~22,600/s. With the 100 ms target the
+    rate rule (1.25 x) asks for 10 ms of HA work waiting, not 20: HT within 20 ms with under 300 waiting
+    (the sweep's runs waited 30 ms, 485 inputs). Without a target (the 0.9 rule, within an early rate's
+    noise) the proof stays 20 ms."""
+    for target, proof in ((100.0, 0.01), (None, 0.02)):
+        policy = ModePolicy(target, 22600.0, 47000.0, start=0.0)
+        policy.begin(0.0)
+        _, switches, _, _ = simulate(policy, lambda t: 37900.0, 0.1, caps={HA: 22600.0, HT: 47000.0}, dt=0.001)
+        (t_up, up), = switches[:1]
+        assert up.mode == HT and "arrivals" in up.reason and proof * 22600 < up.backlog < (proof + 0.005) * 22600
+        if target:
+            assert t_up <= 0.02 and up.backlog < 300

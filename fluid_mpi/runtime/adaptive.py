@@ -36,10 +36,20 @@ LATENCY_MARGIN = 0.6
 # three full batches at the ~8k images/s HA does on 2 cores). At 0.1, a quick bench's step load (machine
 # load ~7) handed back to HA with 241 inputs (72 ms of HA work) waiting, and went straight up to HT again.
 NEARLY_EMPTY = 0.02
+# The rate rule counts (in HA) only once the backlog holds some HA work: a queue that stays below shows HA
+# keeping up whatever the estimate of its capacity says (a noisy early rate, or an estimate read low at a
+# light load). Without a target that is NEARLY_EMPTY (20 ms), as the rate rule fires at 0.9 x, within the
+# Poisson noise of an early rate. With a target the rate rule fires only at 1.25 x, a clear overload, and 1 %
+# of a window (10 ms, ~210 inputs at the ~21k/s HA does on 2 cores: three full batches) is enough. At 20 ms
+# a stream starting at 70 % of HT's capacity stayed 30 ms in HA (9 batches, 485 waiting) and HT, with 43 %
+# to spare, took another ~40 ms to work that off: 2-3 % of a 3 s run's inputs waited 30-60 ms longer, which
+# is a p99 (auto 101 ms against HT's 87, 14:11 sweep). What HA served over the window (a floor of its
+# capacity) keeps the rule from firing on a load HA carries.
+RATE_PROOF = 0.01
 # Until one full window has passed, divide arrivals by at least 2 % of a window (20 ms), so that a first
 # burst is not divided by a near-zero span (an infinite rate). 20 ms holds ~90 arrivals at a 10 % load on a
 # quiet 2-core machine (+-10 % Poisson noise), and a noisy early rate switches nothing by itself: the rate
-# counts only once the backlog holds 20 ms of HA work (NEARLY_EMPTY). At a tenth of a window (the value
+# counts only once the backlog holds 20 ms of HA work (10 ms with a target: RATE_PROOF). At a tenth of a window (the value
 # before), a run starting at 90 % of HT's capacity stayed ~50 ms in HA and left ~1,000 inputs waiting,
 # which HT, with ~10 % to spare, took the whole 3 s run to work off (p99 133 ms against HT's 71 ms).
 MIN_SPAN_FRACTION = 0.02
@@ -103,8 +113,8 @@ class ModePolicy:
     (``latency_ms``/1000, or none):
 
     - HA *can keep up* when ``r < up × C`` (``C``: the larger of ``C_ha`` and what HA answered over the window;
-      ``up`` = 0.9, or 1.25 with a target, whose rule guards the rest) or the backlog is nearly empty
-      (``B <= 0.02 × C_ha × window_s``: the queue itself shows HA keeping up, whatever the estimate of
+      ``up`` = 0.9, or 1.25 with a target, whose rule guards the rest) or the backlog is short
+      (``B <= 0.02 × C_ha × window_s``, 0.01 with a target: the queue itself shows HA keeping up, whatever the estimate of
       ``C_ha`` says; not right after a membership change), and HA answers the backlog in time:
       ``B / C_ha <= 0.6 × T`` with a target (the newest waiting input would be answered within the target),
       ``B <= C_ha × window_s`` (what HA clears in about one window) without one. The oldest input's wait
@@ -222,7 +232,8 @@ class ModePolicy:
             c = max(c, self._served_then)
             limit = None if self.target_s is not None else c * self.window_s  # the target rules if set
             # after a membership change the capacity drop is known: the rate decides at once
-            proof = None if fresh else NEARLY_EMPTY * c * self.window_s
+            proof = None if fresh else \
+                (NEARLY_EMPTY if self.target_s is None else RATE_PROOF) * c * self.window_s
             short = self._ha_shortfall(c, rate, backlog, self.up, limit, proof)
             mode = HT if short else HA
             if short:

@@ -49,8 +49,8 @@ RATE_PROOF = 0.01
 # Until one full window has passed, divide arrivals by at least 2 % of a window (20 ms), so that a first
 # burst is not divided by a near-zero span (an infinite rate). 20 ms holds ~90 arrivals at a 10 % load on a
 # quiet 2-core machine (+-10 % Poisson noise), and a noisy early rate switches nothing by itself: the rate
-# counts only once the backlog holds 20 ms of HA work (10 ms with a target: RATE_PROOF). At a tenth of a window (the value
-# before), a run starting at 90 % of HT's capacity stayed ~50 ms in HA and left ~1,000 inputs waiting,
+# counts only once the backlog holds 20 ms of HA work (10 ms with a target: RATE_PROOF). At a tenth of a
+# window (the value before), a run starting at 90 % of HT's capacity stayed ~50 ms in HA and left ~1,000 inputs waiting,
 # which HT, with ~10 % to spare, took the whole 3 s run to work off (p99 133 ms against HT's 71 ms).
 MIN_SPAN_FRACTION = 0.02
 # After a switch for a backlog, back to HA once it is drained if the arrivals are at most 5 % over HA's
@@ -114,8 +114,8 @@ class ModePolicy:
 
     - HA *can keep up* when ``r < up × C`` (``C``: the larger of ``C_ha`` and what HA answered over the window;
       ``up`` = 0.9, or 1.25 with a target, whose rule guards the rest) or the backlog is short
-      (``B <= 0.02 × C_ha × window_s``, 0.01 with a target: the queue itself shows HA keeping up, whatever the estimate of
-      ``C_ha`` says; not right after a membership change), and HA answers the backlog in time:
+      (``B <= 0.02 × C_ha × window_s``, 0.01 with a target: the queue itself shows HA keeping up, whatever
+      the estimate of ``C_ha`` says; not right after a membership change), and HA answers the backlog in time:
       ``B / C_ha <= 0.6 × T`` with a target (the newest waiting input would be answered within the target),
       ``B <= C_ha × window_s`` (what HA clears in about one window) without one. The oldest input's wait
       is not counted: a stall that has passed (start-up, a context switch) cannot be undone by HT, and a

@@ -146,6 +146,8 @@ class ModePolicy:
             raise ValueError(f"mode must be 'ha' or 'ht', not {mode!r}")
         self.target_s = None if latency_ms is None else latency_ms / 1000.0
         self.window_s, self.up, self.down = window_s, up, down
+        # the queue the rate rule needs as proof, in windows of HA work: less for the target's clear overload
+        self.proof = NEARLY_EMPTY if self.target_s is None else RATE_PROOF
         self.start = start
         self._arrivals, self._served = WindowCount(window_s), WindowCount(window_s)
         self.mode, self.since = mode, start
@@ -232,8 +234,7 @@ class ModePolicy:
             c = max(c, self._served_then)
             limit = None if self.target_s is not None else c * self.window_s  # the target rules if set
             # after a membership change the capacity drop is known: the rate decides at once
-            proof = None if fresh else \
-                (NEARLY_EMPTY if self.target_s is None else RATE_PROOF) * c * self.window_s
+            proof = None if fresh else self.proof * c * self.window_s
             short = self._ha_shortfall(c, rate, backlog, self.up, limit, proof)
             mode = HT if short else HA
             if short:

@@ -44,7 +44,7 @@ def _cycle(fn, x, batch: int, window_s: float, start=None) -> tuple[list[float],
     import torch
 
     calls = []
-    with torch.no_grad():
+    with torch.inference_mode():
         fn(x[:batch])  # first-call set-up
         if start is not None:
             start()

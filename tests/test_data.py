@@ -98,3 +98,16 @@ def test_full_mnist_verifies(shared_mnist):
     test = data.load_split(shared_mnist, "test")
     assert len(test) == 10000 and test.images.shape == (10000, 28, 28)
     assert np.bincount(test.labels).sum() == 10000
+
+
+def test_to_tensor_batch_matches_the_torch_normalisation_for_every_pixel_value():
+    """The runtime converts in numpy (faster); every uint8 value must give torch's float32 bits exactly."""
+    import torch
+
+    from fluid_mpi.model.data import to_tensor_batch
+
+    pixels = np.arange(256, dtype=np.uint8).reshape(1, 16, 16)
+    expected = torch.from_numpy(pixels).float().div_(255.0).sub_(0.1307).div_(0.3081).unsqueeze(1)
+    got = to_tensor_batch(pixels)
+    assert got.dtype == torch.float32 and got.shape == (1, 1, 16, 16)
+    assert torch.equal(got, expected)

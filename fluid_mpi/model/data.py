@@ -57,11 +57,18 @@ class Dataset:
 
 
 def to_tensor_batch(images: np.ndarray):
-    """uint8 (N, 28, 28) -> float32 torch tensor (N, 1, 28, 28), normalised as for training."""
+    """uint8 (N, 28, 28) -> float32 torch tensor (N, 1, 28, 28), normalised as for training.
+
+    In numpy, in place on one float32 copy: the same values as torch's ``x.float().div_(255).sub_(MEAN)
+    .div_(STD)`` (checked for all 256 pixel values, in the tests), at 5 µs instead of 12 for one image and
+    22 instead of 28 for 64 (2026-11-30, one thread): at batch 1 the conversion is ~5 % of a forward."""
     import torch
 
-    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
-    return x.sub_(0.1307).div_(0.3081).unsqueeze(1)
+    x = np.asarray(images).astype(np.float32)
+    np.divide(x, np.float32(255.0), out=x)
+    np.subtract(x, np.float32(0.1307), out=x)
+    np.divide(x, np.float32(0.3081), out=x)
+    return torch.from_numpy(x).unsqueeze(1)
 
 
 def _find(data_dir: Path, base: str) -> Path:

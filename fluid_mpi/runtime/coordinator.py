@@ -94,7 +94,7 @@ class FluidCoordinator:
 
     def compute(self, b: Batch, features: bool) -> torch.Tensor:
         x = to_tensor_batch(b.images)
-        with torch.no_grad():
+        with torch.inference_mode():
             return self.part.features(x) if features else self.part.logits(x)
 
     def record(self, b: Batch, logits: np.ndarray, rank: int, mode: str, extra: dict | None = None,
@@ -287,7 +287,7 @@ class FluidCoordinator:
         while (oldest := next(iter(self.ha), None)) is not None and len(self.ha[oldest]) == len(self.t.members):
             feats = self.ha.pop(oldest)
             sent = self.ha_sent.pop(oldest)
-            with torch.no_grad():
+            with torch.inference_mode():
                 logits = self.part.bank.logits(feats, self.job.combine).numpy()
             self.record(self.batches[oldest], logits, self.me, "ha", {"groups": "+".join(map(str, sorted(feats)))},
                         sent)
@@ -297,7 +297,7 @@ class FluidCoordinator:
         h = self.handles[w]
         kind, bid, n = int(h.header[0]), int(h.header[1]), int(h.header[2])
         dim = self.part.widths.hidden if kind == CMD_FEATURES else 10
-        out = h.payload[:n * dim].reshape(n, dim).copy()
+        out = h.payload[:n * dim].reshape(n, dim)  # no copy: post() gives the next reply its own buffer
         self.last_contact[w] = time.time()
         self.post(w)
         if kind == CMD_LOGITS and self.ht.get(w, {}).pop(bid, None) is not None and bid in self.batches:

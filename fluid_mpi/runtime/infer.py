@@ -144,7 +144,7 @@ def _warm_up(part) -> None:
     """One forward on a blank batch, so torch's first-call set-up is not charged to the first input."""
     import torch
 
-    with torch.no_grad():
+    with torch.inference_mode():
         x = torch.zeros(1, 1, 28, 28)
         if hasattr(part, "trunk"):
             part.head(part.trunk(x))

@@ -69,7 +69,7 @@ def _round(coord, mode: str, n: int) -> float | None:
     coord.idle.reset()
     if mode == "ht":
         return time.monotonic() - t0
-    with torch.no_grad():
+    with torch.inference_mode():
         coord.part.bank.logits(feats, coord.job.combine)
     return time.monotonic() - t0 - waited
 

@@ -46,7 +46,7 @@ def measure_rates(part, batch_size: int) -> tuple[float, float]:
 
     x = torch.zeros(batch_size, 1, 28, 28)
     times: dict = {part.features: [], part.logits: []}
-    with torch.no_grad():
+    with torch.inference_mode():
         for fn in times:
             fn(x)
         for _ in range(7):

@@ -58,7 +58,7 @@ class SlicedRun:
         shared = x
         for i in range(N_STAGES):
             if active:
-                with torch.no_grad():
+                with torch.inference_mode():
                     mine = part.stage(i, shared).numpy()
             else:
                 mine = np.zeros(self._shape(i, len(x)), np.float32)

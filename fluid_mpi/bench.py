@@ -246,8 +246,7 @@ def run_cluster_bench(cfg: BenchConfig) -> dict:
     cluster.update(quick=cfg.quick, command=env["command"].replace("fluid-mpi bench", "fluid-mpi bench --cluster"),
                    date=env["date"])
     cfg.out.mkdir(parents=True, exist_ok=True)
-    (cfg.out / "cluster.md").write_text("\n".join([f"# fluid-mpi bench --cluster: K = {cfg.parts}", "",
-                                                   f"Command: `{cluster['command']}`, {cluster['date']}."]
+    (cfg.out / "cluster.md").write_text("\n".join([f"# fluid-mpi bench --cluster: K = {cfg.parts}"]
                                                   + cluster_lines(cluster)) + "\n")
     cluster["merged"] = merge_into_report(cluster, cfg.out)
     return cluster

@@ -18,6 +18,8 @@ def cluster_lines(c: dict | None) -> list[str]:
              "Links are shaped with `tbf` on both ends of every cable; delay and loss cannot be emulated (this kernel "
              "has no `netem`). Slower compute is a CFS quota on each rank's host (`vcluster slow HOST --cpus F`; "
              "`head` only runs mpirun and is not slowed).", "",
+             # its own provenance: `bench` merges an earlier `bench --cluster`'s OUT/cluster.json into its page
+             *([f"Command: `{c['command']}`, {c['date']}.", ""] if c.get("command") and c.get("date") else []),
              f"Batch {c['batch']}; median of {c['reps']} interleaved repetitions per row (min in brackets for the "
              f"ratios: the lowest ratio within one repetition). The first repetition presents "
              f"{c['probe_images']:,} × CPU share inputs; the later ones about {c['window_s']} s of inputs at the "

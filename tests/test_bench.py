@@ -45,6 +45,9 @@ def test_cluster_section_says_where_the_figures_come_from():
     md = "\n".join(cluster_lines(c))
     assert "network namespaces on one machine" in md and "netem" in md
     assert "| 100 Mbit/s | 0.25 CPU per host | 3.0× (min 2.9) | 2.0× (min 1.9) |" in md and "1,040" in md
+    assert "Command:" not in md  # no provenance recorded, none invented
+    dated = "\n".join(cluster_lines(dict(c, command="fluid-mpi bench --cluster --out x", date="2026-11-30 12:21 UTC")))
+    assert "Command: `fluid-mpi bench --cluster --out x`, 2026-11-30 12:21 UTC." in dated
     assert cluster_lines(None) == []
 
 

@@ -62,7 +62,7 @@ class _Syncer:
 
 
 def _tail(extra: dict | None) -> str:
-    """The per-batch fields of a prediction line (mode, groups or width), formatted once per batch."""
+    """The per-batch fields of a prediction line (mode, groups or width) as JSON text."""
     return "".join(f", {json.dumps(k)}: {json.dumps(v)}" for k, v in (extra or {}).items())
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fluid_mpi.mpirun import Launched, find_mpirun, mpirun_infer
+from fluid_mpi.cluster.mpirun import Launched, find_mpirun, mpirun_infer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"

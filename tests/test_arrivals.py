@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from fluid_mpi.errors import DataError
-from fluid_mpi.runtime.arrivals import (Item, LatencyStats, ReplaySource, StdinSource,
+from fluid_mpi.runtime.latency import LatencyStats
+from fluid_mpi.runtime.arrivals import (Item, ReplaySource, StdinSource,
                                         poisson_offsets)
 
 

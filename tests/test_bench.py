@@ -10,13 +10,13 @@ import pytest
 from click.testing import CliRunner
 from conftest import namespaces_refused
 
-from fluid_mpi.bench import QUICK_BOUND_S
-from fluid_mpi.bench_cluster import CLUSTER_QUICK_BUDGET_S
-from fluid_mpi.bench_throughput import size_args
+from fluid_mpi.bench.throughput import QUICK_BOUND_S
+from fluid_mpi.bench.cluster import CLUSTER_QUICK_BUDGET_S
+from fluid_mpi.bench.references import size_args
 from fluid_mpi.cli import cli
-from fluid_mpi.mpirun import find_mpirun
-from fluid_mpi.report import verdict
-from fluid_mpi.report_cluster import cluster_lines
+from fluid_mpi.cluster.mpirun import find_mpirun
+from fluid_mpi.bench.report import verdict
+from fluid_mpi.bench.report_cluster import cluster_lines
 
 pytestmark = pytest.mark.mpi
 
@@ -46,8 +46,8 @@ def test_cluster_section_says_where_the_figures_come_from():
     assert "network namespaces on one machine" in md and "netem" in md
     assert "| 100 Mbit/s | 0.25 CPU per host | 3.0× (min 2.9) | 2.0× (min 1.9) |" in md and "1,040" in md
     assert "Command:" not in md  # no provenance recorded, none invented
-    dated = "\n".join(cluster_lines(dict(c, command="fluid-mpi bench --cluster --out x", date="2026-11-30 12:21 UTC")))
-    assert "Command: `fluid-mpi bench --cluster --out x`, 2026-11-30 12:21 UTC." in dated
+    dated = "\n".join(cluster_lines(dict(c, command="fluid-mpi bench cluster --out x", date="2026-11-30 12:21 UTC")))
+    assert "Command: `fluid-mpi bench cluster --out x`, 2026-11-30 12:21 UTC." in dated
     assert cluster_lines(None) == []
 
 
@@ -112,12 +112,12 @@ def test_bench_quick_outputs(quick):
 
 
 def test_bench_cluster_quick(quick, monkeypatch):
-    reason = namespaces_refused("bench --cluster runs", f"b{os.getpid() % 10_000_000}p")
+    reason = namespaces_refused("bench cluster runs", f"b{os.getpid() % 10_000_000}p")
     if reason:
         pytest.skip(reason)
     name = f"b{os.getpid() % 10_000_000}"  # its own vcluster: never a bench running beside the tests
     monkeypatch.setenv("FLUID_MPI_BENCH_VCLUSTER", name)
-    res = CliRunner().invoke(cli, ["bench", "--cluster", "--quick", "--out", str(quick)])
+    res = CliRunner().invoke(cli, ["bench", "cluster", "--quick", "--out", str(quick)])
     assert res.exit_code == 0, res.output
     assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.count(f"{name}-") == 0
     c = json.loads((quick / "cluster.json").read_text())
@@ -130,6 +130,6 @@ def test_bench_cluster_quick(quick, monkeypatch):
         ha = next(row for row in st["rows"] if row["variant"] == "HA")
         assert ha["bytes_per_image"] > 784  # at least every image's 28×28 bytes went to the other rank
     md = (quick / "results.md").read_text()
-    assert "network namespaces on one machine" in md and "`bench --cluster --quick` takes" in md
-    # measured 48.6 s here (see fluid_mpi/bench_cluster.py); the bound is that × 1.5
+    assert "network namespaces on one machine" in md and "`bench cluster --quick` takes" in md
+    # measured 48.6 s here (see fluid_mpi/bench/cluster.py); the bound is that × 1.5
     assert c["wall_s"] < CLUSTER_QUICK_BUDGET_S

@@ -1,4 +1,4 @@
-"""`fluid-mpi bench --adaptive --quick`: every load point has every mode, every run answered every input
+"""`fluid-mpi bench adaptive --quick`: every load point has every mode, every run answered every input
 once, the verdicts follow from the figures, the plots exist, and the whole command keeps its wall-time
 bound. (Speeds and the goals themselves are not asserted: the machine is shared.)"""
 import json
@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from fluid_mpi.bench_adaptive import MODES, QUICK_BUDGET_S, AdaptiveConfig
-from fluid_mpi.mpirun import find_mpirun
-from fluid_mpi.report_adaptive import PLOTS, goals, sustained
+from fluid_mpi.bench.adaptive import MODES, QUICK_BUDGET_S, AdaptiveConfig
+from fluid_mpi.cluster.mpirun import find_mpirun
+from fluid_mpi.bench.report_adaptive import PLOTS, goals, sustained
 
 pytestmark = pytest.mark.mpi
 
@@ -55,8 +55,8 @@ def test_bench_adaptive_quick(tmp_path):
         pytest.skip("no mpirun found (install Open MPI: scripts/setup.sh does)")
     out = tmp_path / "adaptive"
     t0 = time.monotonic()
-    # QUICK_BUDGET_S (measured wall time x 1.5, see bench_adaptive) plus 60 s: a run over the bound still ends (and fails the wall-time assert below) with its report
-    res = subprocess.run([sys.executable, "-m", "fluid_mpi.cli", "bench", "--adaptive", "--quick", "--out", str(out)],
+    # QUICK_BUDGET_S (measured wall time x 1.5, see fluid_mpi/bench/adaptive.py) plus 60 s: a run over the bound still ends (and fails the wall-time assert below) with its report
+    res = subprocess.run([sys.executable, "-m", "fluid_mpi.cli", "bench", "adaptive", "--quick", "--out", str(out)],
                          capture_output=True, text=True, timeout=QUICK_BUDGET_S + 60)
     wall = time.monotonic() - t0
     assert res.returncode == 0, res.stderr[-3000:]
@@ -83,5 +83,5 @@ def test_bench_adaptive_quick(tmp_path):
     for name in PLOTS.values():
         assert (out / "img" / name).stat().st_size > 1000
     md = (out / "adaptive.md").read_text()
-    assert all(g["verdict"] in md for g in r["goals"]) and "fluid-mpi bench --adaptive --quick" in md
-    assert wall <= QUICK_BUDGET_S, f"bench --adaptive --quick took {wall:.0f} s (bound {QUICK_BUDGET_S:.0f} s)"
+    assert all(g["verdict"] in md for g in r["goals"]) and "fluid-mpi bench adaptive --quick" in md
+    assert wall <= QUICK_BUDGET_S, f"bench adaptive --quick took {wall:.0f} s (bound {QUICK_BUDGET_S:.0f} s)"

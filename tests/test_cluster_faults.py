@@ -39,7 +39,7 @@ _REASON = _reason()
 if _REASON:
     pytest.skip(_REASON, allow_module_level=True)
 
-from fluid_mpi.cluster import fault_runs  # noqa: E402
+from fluid_mpi.vcluster import fault_runs  # noqa: E402
 
 
 def vcl(*args: str) -> subprocess.CompletedProcess:
@@ -173,11 +173,11 @@ def test_preflight_names_unreachable_host(cluster, ckpts):
 
 
 def test_bench_faults_quick(tmp_path):
-    """`fluid-mpi bench --faults --quick`: every fault kind once, measured, in the report."""
-    from fluid_mpi.bench_faults import SCENARIOS
+    """`fluid-mpi bench faults --quick`: every fault kind once, measured, in the report."""
+    from fluid_mpi.bench.faults import SCENARIOS
 
     # 5 kinds × (a fault run + a clean run on the survivors), ~10 s each on 2 cores; 900 s = 6 × that
-    res = subprocess.run([FLUID_MPI, "bench", "--faults", "--quick", "--out", str(tmp_path)], capture_output=True,
+    res = subprocess.run([FLUID_MPI, "bench", "faults", "--quick", "--out", str(tmp_path)], capture_output=True,
                          text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-2000:]
     r = json.loads((tmp_path / "faults.json").read_text())

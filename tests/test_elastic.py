@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fluid_mpi.cluster.elastic import Clock, Driver, Settings
-from fluid_mpi.cluster.launch_cli import launch_summary as summary
+from fluid_mpi.cli.launch import launch_summary as summary
 
 IMAGES = 1000
 

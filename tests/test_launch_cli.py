@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from fluid_mpi.cluster import hosts as hostlib
 from fluid_mpi.cluster.runner import AttemptFiles, FileOutputs, MpirunLauncher, read_indices
-from fluid_mpi.mpirun import sweep_sessions_here
+from fluid_mpi.cluster.mpirun import sweep_sessions_here
 
 
 # --- hosts.py ---------------------------------------------------------------------------------------

@@ -128,7 +128,7 @@ def test_warns_when_fault_tolerance_is_off(ckpts, tmp_path):
 def test_plain_mpirun_is_fault_tolerant_with_the_venv_config(ckpts, tmp_path):
     """The README's plain `mpirun -np 2 ... fluid-mpi infer` (no --with-ft): scripts/setup.sh switched
     ULFM on in the venv's MCA files, so there is no warning and a killed rank is survived."""
-    from fluid_mpi.mpirun import find_mpirun
+    from fluid_mpi.cluster.mpirun import find_mpirun
 
     if not (find_mpirun() or "").startswith(str(REPO / ".venv")):
         pytest.skip("not the venv's Open MPI: its MCA files are not ours")

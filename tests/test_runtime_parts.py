@@ -15,7 +15,7 @@ import pytest
 
 from fluid_mpi.errors import LaunchError
 from fluid_mpi.runtime import events as events_mod
-from fluid_mpi.runtime import faults, liveness, outputs
+from fluid_mpi.runtime import faults, liveness, outputs, remote
 from fluid_mpi.runtime.events import EventLog, FailureTracker
 from fluid_mpi.runtime.faults import Fault, FaultInjector, FaultPlan, read_death
 from fluid_mpi.runtime.liveness import KILL_GRACE_S, Liveness, coordinator_silence_limit, process_state
@@ -121,10 +121,10 @@ def test_coordinator_silence_limit_covers_noticing_killing_and_shrinking():
 
 def test_remote_command_uses_the_launch_agent(monkeypatch):
     monkeypatch.delenv("PRTE_MCA_plm_ssh_agent", raising=False)
-    argv = liveness.remote_command("node2", ["kill", "-9", "12"])
+    argv = remote.remote_command("node2", ["kill", "-9", "12"])
     assert argv[0] == "ssh" and "BatchMode=yes" in argv and argv[-2:] == ["node2", "kill -9 12"]
     monkeypatch.setenv("PRTE_MCA_plm_ssh_agent", "vcluster-exec --quiet")
-    assert liveness.remote_command("node2", ["true"]) == ["vcluster-exec", "--quiet", "node2", "true"]
+    assert remote.remote_command("node2", ["true"]) == ["vcluster-exec", "--quiet", "node2", "true"]
 
 
 # --- fault plans and the injector -------------------------------------------------------------------

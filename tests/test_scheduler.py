@@ -1,5 +1,6 @@
 """The coordinators' small rules, without MPI."""
-from fluid_mpi.runtime.scheduler import dynamic_width, expected_share, fluid_subset
+from fluid_mpi.model.partition import dynamic_width
+from fluid_mpi.runtime.scheduler import expected_share, fluid_subset
 
 
 def test_dynamic_width_is_the_alive_prefix():

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import namespaces_refused
 
-from fluid_mpi.cluster import vcluster as vc
+from fluid_mpi.vcluster import emulator as vc
 
 NAME = f"t{os.getpid() % 10**7}"
 VENV_BIN = Path(sys.executable).parent

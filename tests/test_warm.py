@@ -25,7 +25,7 @@ RUN_TIMEOUT_S = 30
 def warm_proc():
     """A warm process for a fresh run id, stopped (SIGKILL to its group) after the test."""
     run_id = uuid.uuid4().hex[:12]
-    proc = subprocess.Popen([PY, "-m", "fluid_mpi.cluster.warm", "serve", run_id], stdin=subprocess.PIPE,
+    proc = subprocess.Popen([PY, "-m", "fluid_mpi.cli.warm", "serve", run_id], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, start_new_session=True)
     try:
         line = _readline(proc, READY_TIMEOUT_S)
@@ -48,7 +48,7 @@ def _readline(proc: subprocess.Popen, timeout: float) -> bytes:
 
 
 def stub(run_id: str, *args: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([PY, "-m", "fluid_mpi.cluster.warm", "stub", run_id, "--", *args],
+    return subprocess.Popen([PY, "-m", "fluid_mpi.cli.warm", "stub", run_id, "--", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
@@ -102,7 +102,7 @@ def _wait_for(cond, timeout: float) -> bool:
 
 def waiting_rank(run_id: str, server: subprocess.Popen, ckpts) -> subprocess.Popen:
     """A stub whose rank waits for input lines on its stdin (`infer --input -`), once forked."""
-    p = subprocess.Popen([PY, "-m", "fluid_mpi.cluster.warm", "stub", run_id, "--", "infer", "-q", "-c",
+    p = subprocess.Popen([PY, "-m", "fluid_mpi.cli.warm", "stub", run_id, "--", "infer", "-q", "-c",
                           str(ckpts("fluid", 2)), "--input", "-"], stdin=subprocess.PIPE,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     if not _wait_for(lambda: len(_children(server.pid)) == 1, RUN_TIMEOUT_S):

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from ..mpirun import SWEEP_SESSIONS
-from ..runtime import liveness
+from .mpirun import SWEEP_SESSIONS
+from ..runtime import remote
 
 # A probe that takes longer than this counts as "no answer": ssh to a live Pi answers in well under a
 # second on a LAN; 2 s leaves room for a loaded 2-core host without stalling recovery much.
@@ -76,11 +76,11 @@ def write_hostfile(hosts: Sequence[str], path: str | os.PathLike) -> Path:
 
 def agent_command(env: Mapping[str, str] | None = None) -> list[str]:
     """How mpirun reaches a host (the runtime's one definition), with the probe's connect timeout."""
-    return liveness.agent_command(env, PROBE_TIMEOUT_S)
+    return remote.agent_command(env, PROBE_TIMEOUT_S)
 
 
-remote_argv = liveness.remote_command  # (host, cmd, agent) -> AGENT HOST 'CMD…'
-_spawn_run = liveness.run_command
+remote_argv = remote.remote_command  # (host, cmd, agent) -> AGENT HOST 'CMD…'
+_spawn_run = remote.run_command
 
 
 def run_on(agent: Sequence[str], host: str, cmd: Sequence[str] | str, timeout: float = PROBE_TIMEOUT_S,

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ..mpirun import sweep_sessions_here
+from .mpirun import sweep_sessions_here
 from . import hosts as hostlib
 from .warm_pool import WarmPool
 
@@ -80,7 +80,7 @@ class MpirunLauncher:
         outputs = ["--predictions", str(preds), "--events", str(events),
                    "--summary", str(self.run_dir / f"infer-{attempt}.json")]
         # warm starts: each rank is a stub that the host's warm process forks the rank for (warm.py)
-        entry = (["fluid_mpi.cluster.warm", "stub", self.run_id, "--"] if self.warm is not None
+        entry = (["fluid_mpi.cli.warm", "stub", self.run_id, "--"] if self.warm is not None
                  else ["fluid_mpi.cli"])
         return [self.mpirun, "--hostfile", str(hostfile), "-np", str(len(hosts)), *MPIRUN_FLAGS,
                 *self.mpirun_args, self.python, "-X", self.marker, "-m", *entry, "infer",

@@ -27,6 +27,7 @@ import signal
 import socket
 import struct
 import sys
+from typing import Callable
 
 # Signals the stub passes on to its child: mpirun's teardown (TERM, then KILL, which cannot be caught
 # and is handled by the warm process), Ctrl-C, the drain request (USR2), and stop/continue.
@@ -38,6 +39,9 @@ REAP_EVERY_S = 0.05
 # longer wait means a stopped (frozen) warm process, and the stub then starts cold instead of hanging.
 REPLY_TIMEOUT_S = 3.0
 _HEADER = struct.Struct("!I")
+# Runs ``fluid-mpi ARGV`` in this process and returns its exit code: the CLI layer passes it in, so this
+# module (below the CLI) never imports it.
+Command = Callable[[list[str]], int]
 
 
 def socket_name(run_id: str) -> str:
@@ -80,15 +84,15 @@ def _recv_msg(sock: socket.socket, max_fds: int = 0) -> tuple[dict, list[int]]:
 # ---------------------------------------------------------------------------------------------- stub
 
 
-def run_stub(run_id: str, argv: list[str]) -> int:
+def run_stub(run_id: str, argv: list[str], run: Command) -> int:
     """mpirun's process for one rank: let the host's warm process fork the rank (returns its exit code,
-    or dies of its signal); without a warm process, run the rank here (cold)."""
+    or dies of its signal); without a warm process, run the rank here with ``run`` (cold)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(socket_name(run_id))
     except OSError:
         sock.close()
-        return _run_cold(argv)
+        return run(argv)
     sock.settimeout(REPLY_TIMEOUT_S)
     try:
         # a ping first: our streams must not be left in flight to a stopped warm process (they would
@@ -99,7 +103,7 @@ def run_stub(run_id: str, argv: list[str]) -> int:
         reply, _ = _recv_msg(sock)
     except (EOFError, OSError):  # gone or frozen before forking: start cold (a late fork is killed,
         sock.close()             # since the warm process cannot hand it over to a closed stub)
-        return _run_cold(argv)
+        return run(argv)
     sock.settimeout(None)
     child = int(reply["pid"])
     for sig in FORWARDED:
@@ -122,36 +126,13 @@ def _forward(child: int, signum: int) -> None:
         pass
 
 
-def _run_cold(argv: list[str]) -> int:
-    from ..cli import cli
-
-    return _run_cli(cli, argv)
-
-
-def _run_cli(cli, argv: list[str]) -> int:
-    try:
-        cli.main(args=argv, prog_name="fluid-mpi", standalone_mode=True)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return 0
-
-
 # ------------------------------------------------------------------------------------- warm process
 
 
-def preload() -> None:
-    """Import what a rank needs (torch, numpy, fluid-mpi's runtime); run no torch operation."""
-    import numpy  # noqa: F401
-    import torch  # noqa: F401
-
-    from ..cli import cli  # noqa: F401
-    from ..runtime import infer  # noqa: F401
-
-
-def serve(run_id: str) -> None:
-    """The warm process of one host: preload, print ``ready``, then fork one child per stub until
-    killed (``pkill`` of the run's warm marker through the agent, or the agent's connection closing)."""
-    preload()
+def serve(run_id: str, run: Command) -> None:
+    """The warm process of one host, its imports done by the caller: print ``ready``, then fork one child
+    per stub, which runs the stub's ``fluid-mpi`` arguments with ``run``, until killed (``pkill`` of the
+    run's warm marker through the agent, or the agent's connection closing)."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(socket_name(run_id))
     listener.listen(16)
@@ -165,7 +146,7 @@ def serve(run_id: str) -> None:
         for r in readable:
             if r is listener:
                 conn, _ = listener.accept()
-                pid = _fork_child(listener, conn, children)
+                pid = _fork_child(listener, conn, children, run)
                 if pid:
                     children[pid] = conn
             elif r is sys.stdin:
@@ -181,7 +162,7 @@ def serve(run_id: str) -> None:
         doomed &= children.keys()
 
 
-def _fork_child(listener: socket.socket, conn: socket.socket, children: dict) -> int:
+def _fork_child(listener: socket.socket, conn: socket.socket, children: dict, run: Command) -> int:
     # every client pings first (a bare ping then closes); bounded reads, so that a client that stops
     # half-way cannot wedge this single-threaded loop
     conn.settimeout(REPLY_TIMEOUT_S)
@@ -200,7 +181,7 @@ def _fork_child(listener: socket.socket, conn: socket.socket, children: dict) ->
             for c in children.values():
                 c.close()
             conn.close()
-            _become_rank(request, fds)
+            _become_rank(request, fds, run)
         finally:
             os._exit(1)  # only if _become_rank raised before infer took over
     for fd in fds:
@@ -214,7 +195,7 @@ def _fork_child(listener: socket.socket, conn: socket.socket, children: dict) ->
     return pid
 
 
-def _become_rank(request: dict, fds: list[int]) -> None:
+def _become_rank(request: dict, fds: list[int], run: Command) -> None:
     """In the forked child: take the stub's streams, environment and directory, then run its command."""
     for target, fd in enumerate(fds[:3]):
         os.dup2(fd, target)
@@ -226,9 +207,7 @@ def _become_rank(request: dict, fds: list[int]) -> None:
     os.environ.update(request["env"])
     os.chdir(request["cwd"])
     sys.argv = ["fluid-mpi", *request["argv"]]
-    from ..cli import cli
-
-    os._exit(_run_cli(cli, request["argv"]))
+    os._exit(run(request["argv"]))
 
 
 def _reap(children: dict) -> None:
@@ -275,22 +254,3 @@ def ping(run_id: str, timeout: float = REPLY_TIMEOUT_S) -> bool:
             return "pong" in _recv_msg(sock)[0]
     except (EOFError, OSError, ValueError):
         return False
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m fluid_mpi.cluster.warm serve RUN_ID`` | ``ping RUN_ID`` (exit 0: answered) |
-    ``stub RUN_ID -- INFER-ARGS…``."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) >= 2 and args[0] == "serve":
-        serve(args[1])
-        return 0
-    if len(args) >= 2 and args[0] == "ping":
-        return 0 if ping(args[1]) else 1
-    if len(args) >= 3 and args[0] == "stub" and args[2] == "--":
-        return run_stub(args[1], args[3:])
-    print("usage: python -m fluid_mpi.cluster.warm serve|ping RUN_ID | stub RUN_ID -- ARGS...", file=sys.stderr)
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -32,8 +32,8 @@ class WarmPool:
         return f"fluid_warm={self.run_id}"
 
     def command(self, host: str) -> list[str]:
-        """``AGENT HOST python -X fluid_warm=ID -m fluid_mpi.cluster.warm serve ID``."""
-        return hostlib.remote_argv(host, [self.python, "-X", self.marker, "-m", "fluid_mpi.cluster.warm",
+        """``AGENT HOST python -X fluid_warm=ID -m fluid_mpi.cli.warm serve ID``."""
+        return hostlib.remote_argv(host, [self.python, "-X", self.marker, "-m", "fluid_mpi.cli.warm",
                                           "serve", self.run_id], self.agent)
 
     def start(self, hosts: Sequence[str]) -> None:
@@ -65,7 +65,7 @@ class WarmPool:
     def responsive(self, host: str) -> bool:
         """The host's warm process answers a ping (run on the host through the agent): False on a host
         whose processes are all stopped, even where the agent itself still gets in."""
-        argv = [self.python, "-m", "fluid_mpi.cluster.warm", "ping", self.run_id]
+        argv = [self.python, "-m", "fluid_mpi.cli.warm", "ping", self.run_id]
         return hostlib.run_on(self.agent, host, argv, hostlib.PROBE_TIMEOUT_S)[0] == 0
 
     def wait_ready(self, hosts: Sequence[str], timeout: float, stop: Callable[[], bool] = lambda: False,

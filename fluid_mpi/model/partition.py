@@ -132,3 +132,13 @@ def narrow(part: SlicePart, width: int) -> SlicePart:
     state["fc.weight"] = state["fc.weight"][:, :w.c2 * width * POOLED]
     out.load_state_dict(state)
     return out
+
+
+def dynamic_width(alive_world_ranks: list[int], width: int) -> int:
+    """Width a Dynamic DNN can still run: the longest prefix of slices 0..width-1 still alive
+    (slice j lives on world rank j). 0 means slice 0 is gone and nothing can run."""
+    alive = set(alive_world_ranks)
+    w = 0
+    while w < width and w in alive:
+        w += 1
+    return w

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .arrivals import LatencyStats
+from .latency import LatencyStats
 
 # Predictions are flushed to the OS after every batch (a dead process loses nothing) and fsynced at most
 # every 50 ms (a power cut of the coordinator's device loses at most that much, which --resume answers

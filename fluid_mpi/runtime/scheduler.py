@@ -1,5 +1,5 @@
 """Small rules of the coordinators, in plain Python: each rank's expected share of the batches, which
-head (Fluid) or width (Dynamic) survives a failure. No MPI, no torch."""
+head (Fluid) survives a failure. No MPI, no torch."""
 from __future__ import annotations
 
 
@@ -7,16 +7,6 @@ def expected_share(n_batches: int, ranks: int, mode: str) -> int:
     """Batches one rank is expected to compute: all of them in HA and sliced runs, its share in HT (and
     auto, whose share depends on the load)."""
     return -(-n_batches // ranks) if mode in ("ht", "auto") else n_batches
-
-
-def dynamic_width(alive_world_ranks: list[int], width: int) -> int:
-    """Width a Dynamic DNN can still run: the longest prefix of slices 0..width-1 still alive
-    (slice j lives on world rank j). 0 means slice 0 is gone and nothing can run."""
-    alive = set(alive_world_ranks)
-    w = 0
-    while w < width and w in alive:
-        w += 1
-    return w
 
 
 def fluid_subset(alive_world_ranks: list[int]) -> tuple[int, ...]:

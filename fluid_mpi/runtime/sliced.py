@@ -26,7 +26,7 @@ from .outputs import PredictionSink
 from .inputs import ARRIVAL_WAIT_S, InputStream
 from .liveness import keepalive_interval
 from .protocol import CMD_PING, CMD_RUN, CMD_STOP, EXIT_FAILED, STOP_FLUSH_S, Job, Outcome, header
-from .scheduler import dynamic_width
+from ..model.partition import dynamic_width
 from .transport import Transport, recover
 from .worker import WorkerEnd, stop_worker
 

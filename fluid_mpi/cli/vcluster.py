@@ -1,4 +1,4 @@
-"""``fluid-mpi vcluster``: command-line front of :mod:`fluid_mpi.cluster.vcluster` (click + stdlib only)."""
+"""``fluid-mpi vcluster``: command-line front of :mod:`fluid_mpi.vcluster.emulator` (click + stdlib only)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ from typing import Callable
 import click
 
 from ..errors import FluidError
-from . import vcluster as vc
+from ..vcluster import emulator as vc
 
 
 class VClusterGroup(click.Group):

@@ -65,11 +65,11 @@ def launch(ctx: click.Context, np_: int, hostfile: str, checkpoint: str, max_res
     (restarts used up, too few devices, or infer could not go on) -- the last line gives the command that
     resumes; 130 interrupted (every rank on every host is killed).
     """
-    from . import hosts as hostlib
-    from .elastic import Clock, Driver, Settings
-    from .runner import AttemptFiles, EventLog, FileOutputs, MpirunLauncher, read_indices
-    from .warm_pool import WarmPool
-    from ..mpirun import find_mpirun, mpi_env
+    from ..cluster import hosts as hostlib
+    from ..cluster.elastic import Clock, Driver, Settings
+    from ..cluster.runner import AttemptFiles, EventLog, FileOutputs, MpirunLauncher, read_indices
+    from ..cluster.warm_pool import WarmPool
+    from ..cluster.mpirun import find_mpirun, mpi_env
 
     run_path = Path(run_dir).resolve()
     # absolute, symlinks kept: during a run the record is a symlink to the attempt's file (runner.py)

@@ -16,8 +16,8 @@ import statistics
 import time
 from pathlib import Path
 
-from .model import checkpoint, data
-from .mpirun import mpirun_infer
+from ..model import checkpoint, data
+from ..cluster.mpirun import mpirun_infer
 
 # (family, variant, ranks, extra infer args, reference that sizes its runs); "HA on one rank" is -np 1:
 # plan_layout then runs group 0 alone (a subset of the K groups), with its own head
@@ -65,7 +65,7 @@ def _subnetwork_loop(ckpt: str, data_dir: str | None, batch: int, window_s: floa
     ``window_s`` seconds, started with the others (``ready``, a barrier); puts its images/s in ``out``."""
     import torch
 
-    from .runtime.memory import tune_allocator
+    from ..runtime.memory import tune_allocator
 
     torch.set_num_threads(1)
     tune_allocator()
@@ -84,7 +84,7 @@ class References:
     def __init__(self, ckpts: dict[str, Path], k: int, data_dir: str | None):
         import torch
 
-        from .runtime.memory import tune_allocator
+        from ..runtime.memory import tune_allocator
 
         torch.set_num_threads(1)
         tune_allocator()  # as every rank does (runtime/infer.py), so both allocate alike

@@ -1,4 +1,4 @@
-"""The Markdown page of ``fluid-mpi bench --faults`` (docs/fault-results.md when published)."""
+"""The Markdown page of ``fluid-mpi bench faults`` (docs/fault-results.md when published)."""
 from __future__ import annotations
 
 

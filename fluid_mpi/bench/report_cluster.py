@@ -1,4 +1,4 @@
-"""The ``bench --cluster`` section of the benchmark's report: the comparison over TCP between the hosts
+"""The ``bench cluster`` section of the benchmark's report: the comparison over TCP between the hosts
 of the virtual cluster, per link and compute setting."""
 from __future__ import annotations
 
@@ -8,17 +8,17 @@ def _cpus(c) -> str:
 
 
 def cluster_lines(c: dict | None) -> list[str]:
-    """Markdown tables of the cluster figures (nothing when ``bench --cluster`` has not been run)."""
+    """Markdown tables of the cluster figures (nothing when ``bench cluster`` has not been run)."""
     if not c:
         return []
-    lines = ["", "## Over TCP between hosts (`fluid-mpi bench --cluster`)", "",
+    lines = ["", "## Over TCP between hosts (`fluid-mpi bench cluster`)", "",
              "**These figures come from network namespaces on one machine** (the virtual cluster of "
              "docs/vcluster.md: one rank per host, a veth cable per host to a bridge, mpirun in `head`, "
              "`--mca btl tcp,self`), not from separate boards: the hosts share this machine's cores and memory. "
              "Links are shaped with `tbf` on both ends of every cable; delay and loss cannot be emulated (this kernel "
              "has no `netem`). Slower compute is a CFS quota on each rank's host (`vcluster slow HOST --cpus F`; "
              "`head` only runs mpirun and is not slowed).", "",
-             # its own provenance: `bench` merges an earlier `bench --cluster`'s OUT/cluster.json into its page
+             # its own provenance: `bench` merges an earlier `bench cluster`'s OUT/cluster.json into its page
              *([f"Command: `{c['command']}`, {c['date']}.", ""] if c.get("command") and c.get("date") else []),
              f"Batch {c['batch']}; median of {c['reps']} interleaved repetitions per row (min in brackets for the "
              f"ratios: the lowest ratio within one repetition). The first repetition presents "

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .errors import CheckpointError
-from .model import checkpoint, data
-from . import bench_throughput as throughput
-from .mpirun import find_mpirun, mpirun_infer
+from ..errors import CheckpointError
+from ..model import checkpoint, data
+from . import references as throughput
+from ..cluster.mpirun import find_mpirun, mpirun_infer
 
 # Wall-time goals of the whole benchmark (report.py gives the verdict): issue 10's, full under 20 minutes and
 # --quick under 2 minutes on the project's 2-core machines.
@@ -62,8 +62,8 @@ class BenchConfig:
     window_s: float = 2.0  # each mpirun's inputs last about this long at its in-process reference's speed
     ref_window_s: float = 0.4  # each in-process reference runs this long per repetition and batch size
     max_images: int = 150_000  # at most this many inputs per mpirun (--limit/--repeat)
-    cluster_reps: int = 3  # bench --cluster: repetitions per row (each setting is a whole mpirun grid)
-    cluster_probe_images: int = 4000  # bench --cluster: inputs of the first repetition at full speed (x CPU share)
+    cluster_reps: int = 3  # bench cluster: repetitions per row (each setting is a whole mpirun grid)
+    cluster_probe_images: int = 4000  # bench cluster: inputs of the first repetition at full speed (x CPU share)
 
     @classmethod
     def make(cls, out, data_dir, parts, quick, batch_sizes: tuple[int, ...] | None = None) -> "BenchConfig":
@@ -81,9 +81,9 @@ def ensure_checkpoints(cfg: BenchConfig, bar, families: tuple[str, ...] = ("stat
                        ) -> dict[str, Path]:
     """Train each of ``families`` once per (data, K, epochs); reuse the checkpoint when it matches. A missing
     or unreadable checkpoint is trained anew; any other error surfaces."""
-    from .model.models import Widths
-    from .model.recipe import train_and_save
-    from .model.train import TrainConfig
+    from ..model.models import Widths
+    from ..model.recipe import train_and_save
+    from ..model.train import TrainConfig
 
     out = {}
     test = data.load_split(cfg.data_dir, "test")
@@ -221,7 +221,7 @@ def run_bench(cfg: BenchConfig) -> dict:
                                          "min_ms": min(times, default=None), "max_ms": max(times, default=None),
                                          "runs": len(times), "returncodes": codes}
     results["ratios"] = throughput.ratios(results)
-    if (cfg.out / "cluster.json").exists():  # written by an earlier `bench --cluster` into the same OUT
+    if (cfg.out / "cluster.json").exists():  # written by an earlier `bench cluster` into the same OUT
         results["cluster"] = json.loads((cfg.out / "cluster.json").read_text())
     results["wall_s"] = round(time.perf_counter() - t_start, 1)
     from .report import write_report
@@ -231,22 +231,22 @@ def run_bench(cfg: BenchConfig) -> dict:
 
 
 def run_cluster_bench(cfg: BenchConfig) -> dict:
-    """``bench --cluster``: the comparison over TCP on the virtual cluster (bench_cluster.py); writes
+    """``bench cluster``: the comparison over TCP on the virtual cluster (bench/cluster.py); writes
     OUT/cluster.json and OUT/cluster.md, and adds the figures to OUT/results.json and results.md when the
     main bench has written them into the same OUT."""
-    from .bench_cluster import QUICK_SETTINGS, SETTINGS, merge_into_report, run_cluster
+    from .cluster import QUICK_SETTINGS, SETTINGS, merge_into_report, run_cluster
     from .report_cluster import cluster_lines
 
     n = len(QUICK_SETTINGS) if cfg.quick else len(SETTINGS) * cfg.cluster_reps
-    with tqdm(total=3 + 5 * n, desc="bench --cluster", unit="step") as bar:
+    with tqdm(total=3 + 5 * n, desc="bench cluster", unit="step") as bar:
         ckpts = ensure_checkpoints(cfg, bar)
         bar.update(3)
         cluster = run_cluster(cfg, ckpts, bar)
     env = environment(cfg)
-    cluster.update(quick=cfg.quick, command=env["command"].replace("fluid-mpi bench", "fluid-mpi bench --cluster"),
+    cluster.update(quick=cfg.quick, command=env["command"].replace("fluid-mpi bench", "fluid-mpi bench cluster"),
                    date=env["date"])
     cfg.out.mkdir(parents=True, exist_ok=True)
-    (cfg.out / "cluster.md").write_text("\n".join([f"# fluid-mpi bench --cluster: K = {cfg.parts}"]
+    (cfg.out / "cluster.md").write_text("\n".join([f"# fluid-mpi bench cluster: K = {cfg.parts}"]
                                                   + cluster_lines(cluster)) + "\n")
     cluster["merged"] = merge_into_report(cluster, cfg.out)
     return cluster

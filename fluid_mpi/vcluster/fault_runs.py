@@ -1,7 +1,7 @@
 """Device faults on the virtual cluster, for real: ``fluid-mpi launch`` started inside a host, a fault
 injected at a chosen number of answers, and what it did measured from outside (the predictions file's
-growth, sampled every 20 ms, and the launcher's events). Used by ``fluid-mpi bench --faults``
-(bench_faults.py) and by tests/test_cluster_faults.py, so that the figures and the tests measure the
+growth, sampled every 20 ms, and the launcher's events). Used by ``fluid-mpi bench faults``
+(bench/faults.py) and by tests/test_cluster_faults.py, so that the figures and the tests measure the
 same way. Needs root (network namespaces)."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from . import vcluster as vc
+from . import emulator as vc
 
 PY = sys.executable
 FLUID_MPI = str(Path(PY).parent / "fluid-mpi")

@@ -1,4 +1,4 @@
-"""The report of ``fluid-mpi bench --adaptive``: the goals' verdicts (computed from the figures), the plots
+"""The report of ``fluid-mpi bench adaptive``: the goals' verdicts (computed from the figures), the plots
 (OUT/img/adaptive-*.png) and OUT/adaptive.md + OUT/adaptive.json. Nothing here is edited by hand."""
 from __future__ import annotations
 
@@ -150,11 +150,11 @@ def markdown(r: dict) -> str:
     c, cap = r["config"], r["ht_capacity"]["images_per_s"]
     env = r["environment"]
     loads = [v for v in r.get("load_avg") or [] if v is not None]
-    lines = [f"# fluid-mpi bench --adaptive: HA, HT and `--mode auto` under an offered load (K = {c['parts']})", "",
+    lines = [f"# fluid-mpi bench adaptive: HA, HT and `--mode auto` under an offered load (K = {c['parts']})", "",
              f"Command: `{env['command']}` — {env['date']}, {env['machine']}, Python {env['python']}, "
              f"torch {env['torch']}, {env['mpi']}. Wall time {r['wall_s']} s"
              + (f" (budget {r['budget_s']:g} s)." if r.get("budget_s") else "."), "",
-             f"Data: {r['data']}. Written by `fluid_mpi/report_adaptive.py`; not edited by hand.", "",
+             f"Data: {r['data']}. Written by `fluid_mpi/bench/report_adaptive.py`; not edited by hand.", "",
              "## Method", "",
              f"- **HT's capacity**: a closed-loop HT run (every input available at once, `--repeat` so it lasts "
              f"≥ 2 s): **{cap:,.0f} images/s** ({r['ht_capacity']['run']['elapsed_s']} s, "

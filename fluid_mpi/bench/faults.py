@@ -1,4 +1,4 @@
-"""``fluid-mpi bench --faults``: a whole device lost, for each fault kind, on the virtual cluster (network
+"""``fluid-mpi bench faults``: a whole device lost, for each fault kind, on the virtual cluster (network
 namespaces on this machine, see docs/vcluster.md), under ``fluid-mpi launch`` and a real mpirun.
 
 Per fault kind and repetition (the repetitions go round-robin over the kinds): a run with the fault
@@ -18,9 +18,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .cluster import vcluster
-from .cluster.fault_runs import Launch, inject, vcl
-from .cluster.runner import read_indices
+from ..vcluster import emulator as vcluster
+from ..vcluster.fault_runs import Launch, inject, vcl
+from ..cluster.runner import read_indices
 
 # its own vcluster instance, never the user's nor the tests'
 VC_NAME = "fmfault"
@@ -85,9 +85,9 @@ class FaultConfig:
 def checkpoints(cfg: FaultConfig) -> dict[int, Path]:
     """A small Fluid checkpoint per K, trained on the embedded sample: these runs measure time, not
     accuracy (reused when present)."""
-    from .model import data
-    from .model.recipe import train_and_save
-    from .model.train import TrainConfig
+    from ..model import data
+    from ..model.recipe import train_and_save
+    from ..model.train import TrainConfig
 
     out = {}
     for k in sorted({s.k for s in cfg.scenarios}):
@@ -216,7 +216,7 @@ def run_faults(cfg: FaultConfig) -> dict:
             rj = (row["rejoin_s"] or {}).get("median")
             row["rejoin_met"] = rj is not None and rj <= REJOIN_GOAL_S
         rows.append(row)
-    result = {"command": "fluid-mpi bench --faults" + (" --quick" if cfg.quick else "")
+    result = {"command": "fluid-mpi bench faults" + (" --quick" if cfg.quick else "")
               + (f" --data-dir {cfg.data_dir}" if cfg.data_dir else "") + f" --out {cfg.out}",
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
               "load_before": [round(v, 2) for v in load_before],

@@ -1,4 +1,4 @@
-"""``fluid-mpi bench --cluster``: the paper's comparison over TCP between the hosts of the virtual
+"""``fluid-mpi bench cluster``: the paper's comparison over TCP between the hosts of the virtual
 cluster (network namespaces on this one machine, see docs/vcluster.md), for several links (tbf rate
 shaping; netem delay/loss is not in this kernel) and compute speeds (CFS quota per host).
 
@@ -22,9 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-from .cluster import vcluster
-from .model import data
-from .mpirun import find_mpirun, mpi_env
+from ..vcluster import emulator as vcluster
+from ..model import data
+from ..cluster.mpirun import find_mpirun, mpi_env
 
 # its own vcluster instance, never the user's (fmpi) nor test_vcluster's (t<pid>); $FLUID_MPI_BENCH_VCLUSTER
 # overrides it (test_bench does, so that a test never touches a bench running beside it)
@@ -33,7 +33,7 @@ VC_NAME = "fmbench"
 SETTINGS = [("unshaped", None, None), ("1 Gbit/s", "1gbit", None), ("100 Mbit/s", "100mbit", None),
             ("unshaped", None, 0.5), ("unshaped", None, 0.25), ("100 Mbit/s", "100mbit", 0.25)]
 QUICK_SETTINGS = [("unshaped", None, None), ("100 Mbit/s", "100mbit", 0.5)]
-# Wall-time budgets of `bench --cluster` (its own line in the goals table), measured × 1.5: the full one (6
+# Wall-time budgets of `bench cluster` (its own line in the goals table), measured × 1.5: the full one (6
 # settings × 3 repetitions × 5 rows = 90 mpiruns) took 666 s (wall_s; 13 min 47 s with the training of the three
 # checkpoints) on 2026-11-30 with the machine's load at 6-7; --quick (2 settings × 5 rows, 1,000 inputs at full
 # speed) took 48.6 s and 43.3 s with the load at 3-5. test_bench asserts the quick bound.

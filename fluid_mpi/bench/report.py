@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .report_cluster import cluster_lines
 from .report_latency import latency_lines, latency_plot, scenario_table
-from .runtime.scheduler import dynamic_width
+from ..model.partition import dynamic_width
 
 IMG = "img"  # plots go to OUT/img/, as docs/results.md expects them in docs/img/
 HAND_EDIT_MARK = "Everything above was written by `fluid-mpi bench`; anything below this line was added by hand."
@@ -77,7 +77,7 @@ def goals(r: dict) -> list[dict]:
         add(f"{kind} takes ≤ {budget:.0f} s", f"{r['wall_s']} s", r["wall_s"], budget, at_most=True)
     c = r.get("cluster")
     if c and c.get("budget_s"):
-        kind = "`bench --cluster --quick`" if c.get("quick") else "`bench --cluster`"
+        kind = "`bench cluster --quick`" if c.get("quick") else "`bench cluster`"
         add(f"{kind} takes ≤ {c['budget_s']:.0f} s (its own budget)", f"{c['wall_s']} s", c["wall_s"], c["budget_s"],
             at_most=True)
     return rows
@@ -87,7 +87,7 @@ def _header(r: dict) -> list[str]:
     """Title, provenance (command, date, machine, versions), data, wall time, and the training table."""
     env, wall = r.get("environment") or {}, r["wall_s"]
     lines = [f"# fluid-mpi benchmark: K = {r['config']['parts']} ranks", "",
-             f"Written by `fluid-mpi bench` (fluid_mpi/report.py); every figure is in `results.json` beside it."]
+             f"Written by `fluid-mpi bench` (fluid_mpi/bench/report.py); every figure is in `results.json` beside it."]
     if env:
         lines += ["", f"Command: `{env.get('command')}`, {env.get('date')}.",
                   f"Machine: {env.get('machine')}, {env.get('os')}; Python {env.get('python')}, "
@@ -199,7 +199,7 @@ def _failure_lines(r: dict) -> list[str]:
 
 
 def _survivor_keys(k: int) -> list[str]:
-    from .model.models import all_subsets, subset_key
+    from ..model.models import all_subsets, subset_key
 
     return [subset_key(s) for s in all_subsets(k) if len(s) < k]
 

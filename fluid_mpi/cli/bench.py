@@ -1,0 +1,119 @@
+"""``fluid-mpi bench``: a command group; ``fluid-mpi bench`` alone (or ``bench throughput``) runs the
+paper's comparison, ``bench cluster | faults | adaptive`` the other measurements. Each launches mpirun
+itself (not under mpirun); the bench package is imported only when a command runs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .common import DATA_DIR
+
+OUT = click.option("--out", type=click.Path(file_okay=False), default="runs/bench", show_default=True,
+                   help="Where the report, its JSON and the trained checkpoints go.")
+PARTS = click.option("--parts", "-k", type=click.IntRange(2, 8), default=2, show_default=True, help="K ranks.")
+PUBLISH = click.option("--publish", type=click.Path(file_okay=False), default=None, metavar="DIR",
+                       help="Then copy the report, its JSON and its plots into DIR (e.g. docs).")
+
+
+def _quick(what: str) -> click.Option:
+    return click.option("--quick", is_flag=True, help=f"Embedded data, short training, {what}.")
+
+
+def _options(*opts):
+    def apply(fn):
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+    return apply
+
+
+_throughput_options = _options(
+    _quick("2 interleaved repetitions per row at batch 64 and 1"), OUT, DATA_DIR, PARTS, PUBLISH,
+    click.option("--batch-sizes", default=None, metavar="B,B,...",
+                 help="Batch sizes of the throughput and latency rows (default 64,16,1; --quick: 64,1); "
+                      "the goals are at 64 and 1."))
+
+
+@click.group(invoke_without_command=True)
+@_throughput_options
+@click.pass_context
+def bench(ctx: click.Context, **kw) -> None:
+    """Measure the paper's comparison on this machine. Alone: the same as ``bench throughput``."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(throughput, **kw)
+
+
+@bench.command()
+@_throughput_options
+def throughput(quick, out, data_dir, parts, publish, batch_sizes) -> None:
+    """Static, Dynamic and Fluid (HA, HT) over MPI on this machine: images/s, latency, accuracy, a rank
+    killed halfway, failure detection. Writes OUT/results.json, OUT/results.md and PNG plots."""
+    from ..bench import throughput as bm
+
+    try:
+        sizes = tuple(int(v) for v in batch_sizes.split(",")) if batch_sizes else None
+    except ValueError:
+        raise click.BadParameter(f"{batch_sizes!r}: comma-separated integers, e.g. 64,1", param_hint="--batch-sizes")
+    results = bm.run_bench(bm.BenchConfig.make(out, data_dir, parts, quick, sizes))
+    if publish:
+        bm.publish(Path(out), Path(publish))
+    q = results["ratios"]
+    for b in (key for key in q if key.isdigit()):
+        click.echo(f"batch {b}: Fluid HT / Static {q[b]['fluid_ht_over_static']}x, Fluid HT / Dynamic "
+                   f"{q[b]['fluid_ht_over_dynamic']}x, Fluid HT / limit {q[b]['fluid_ht_over_limit']}, "
+                   f"Fluid HA / HA limit {q[b]['fluid_ha_over_limit']}")
+    click.echo(f"Fluid HA - Static accuracy: {q['fluid_ha_minus_static_pp']:+.2f} pp; "
+               f"report: {Path(out) / 'results.md'}")
+
+
+@bench.command()
+@_options(_quick("3 settings, 1 repetition each"), OUT, DATA_DIR, PARTS, PUBLISH)
+def cluster(quick, out, data_dir, parts, publish) -> None:
+    """The comparison over TCP between the hosts of a virtual cluster (root; network namespaces on this
+    machine) for 3 links and 3 compute speeds; adds its tables to OUT's report (else OUT/cluster.md)."""
+    from ..bench import throughput as bm
+
+    c = bm.run_cluster_bench(bm.BenchConfig.make(out, data_dir, parts, quick))
+    for st in c["settings"]:
+        q = st["ratios"]
+        click.echo(f"{st['link']}, {st['cpus'] or 'full'} CPU: Fluid HT / Static {q['fluid_ht_over_static']}x, "
+                   f"Fluid HT / Dynamic's best {q['fluid_ht_over_dynamic_best']}x")
+    report = Path(out) / ("results.md" if c["merged"] else "cluster.md")
+    click.echo(f"cluster bench {c['wall_s']} s; report: {report}")
+    if publish and c["merged"]:
+        bm.publish(Path(out), Path(publish))
+
+
+@bench.command()
+@_options(_quick("one run of each fault kind"), OUT, DATA_DIR, PUBLISH)
+def faults(quick, out, data_dir, publish) -> None:
+    """A whole device lost (power-off, cable, freeze, power-on, the coordinator's device) on a virtual
+    cluster (root), 5 repetitions each under ``fluid-mpi launch``; writes OUT/faults.md and faults.json
+    (--publish DIR: DIR/fault-results.*)."""
+    from ..bench.faults import FaultConfig, publish_faults, run_faults
+
+    r = run_faults(FaultConfig.make(out, data_dir, quick))
+    for row in r["rows"]:
+        med = (row["next_answer_s"] or {}).get("median")
+        rejoin = (f", rejoin median {(row['rejoin_s'] or {}).get('median')} s" if "rejoin_met" in row else "")
+        click.echo(f"{row['label']}: {row['ok']}/{row['runs']} runs ok, fault -> next answer median {med} s "
+                   f"(goal {row['goal_next_s']:g} s){rejoin}")
+    click.echo(f"fault bench {r['wall_s']} s; report: {Path(out) / 'faults.md'}")
+    if publish:
+        publish_faults(Path(out), Path(publish))
+
+
+@bench.command()
+@_options(_quick("fewer loads and repetitions"), OUT, DATA_DIR, PARTS, PUBLISH)
+def adaptive(quick, out, data_dir, parts, publish) -> None:
+    """HA, HT and --mode auto under an offered load (10-120 % of HT's capacity) and a step load; writes
+    OUT/adaptive.md, adaptive.json, img/adaptive-*.png (--publish DIR: DIR/adaptive-results.*)."""
+    from ..bench.adaptive import AdaptiveConfig, publish_adaptive, run_adaptive
+
+    r = run_adaptive(AdaptiveConfig.make(out, data_dir, parts, quick))
+    for g in r["goals"]:
+        click.echo(f"{g['goal']}: {g['verdict']}")
+    click.echo(f"adaptive bench {r['wall_s']} s; report: {Path(out) / 'adaptive.md'}")
+    if publish:
+        publish_adaptive(Path(out), Path(publish))

@@ -1,0 +1,80 @@
+"""``fluid-mpi train``, ``eval`` and ``export``: the model layer's commands (torch imported inside each)."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from .common import DATA_DIR
+
+
+@click.command()
+@click.option("--family", type=click.Choice(["static", "dynamic", "fluid"]), required=True)
+@click.option("--parts", "-k", type=click.IntRange(1, 16), default=2, show_default=True,
+              help="K: number of slices/groups = number of devices.")
+@DATA_DIR
+@click.option("--epochs", type=click.IntRange(1), default=4, show_default=True, help="Epochs per stage.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--lr", type=float, default=2e-3, show_default=True)
+@click.option("--limit", type=click.IntRange(1), default=None, help="Train on the first N images only.")
+@click.option("--widths", default="16,32,64", show_default=True, help="Per-part widths C1,C2,H.")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Checkpoint file to write.")
+@click.option("--json", "as_json", is_flag=True, help="Print the accuracy report as JSON.")
+def train(family, parts, data_dir, epochs, seed, batch_size, lr, limit, widths, out, as_json) -> None:
+    """Train a model and write a checkpoint (nested incremental training for fluid)."""
+    from ..model import data
+    from ..model.models import Widths
+    from ..model.recipe import train_and_save
+    from ..model.train import TrainConfig
+
+    try:
+        values = [int(v) for v in widths.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 3 or min(values) < 1:
+        raise click.BadParameter(f"expected three positive integers C1,C2,H, not {widths!r}",
+                                 param_hint="--widths")
+    w = Widths(*values)
+    cfg = TrainConfig(family, parts, w, epochs, batch_size, lr, seed, limit)
+    train_ds, test_ds = data.load_split(data_dir, "train"), data.load_split(data_dir, "test")
+    _, meta = train_and_save(cfg, train_ds, test_ds, out, progress=not as_json)
+    _report(meta, meta["accuracy"], as_json)
+    if not as_json:
+        click.echo(f"trained in {meta['log']['train_seconds']:.1f} s on {meta['log']['data']}; wrote {out}")
+
+
+def _report(meta: dict, acc: dict, as_json: bool) -> None:
+    from ..model.evaluate import format_report
+
+    if as_json:
+        click.echo(json.dumps({"family": meta["family"], "parts": meta["parts"], "accuracy": acc,
+                               "test_data": meta.get("test_data")}))
+    else:
+        click.echo(format_report(meta, acc))
+
+
+@click.command("eval")
+@click.argument("ckpt", type=click.Path(dir_okay=False))
+@DATA_DIR
+@click.option("--limit", type=click.IntRange(1), default=None, help="Evaluate the first N test images.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def eval_cmd(ckpt, data_dir, limit, as_json) -> None:
+    """Accuracy of CKPT: whole model, every width/subset, every sub-network alone."""
+    from ..model import checkpoint, data, evaluate
+
+    model, meta = checkpoint.load_checkpoint(ckpt)
+    test_ds = data.load_split(data_dir, "test").take(limit)
+    meta = dict(meta, test_data=test_ds.source)
+    _report(meta, evaluate.accuracy_report(model, meta["family"], test_ds), as_json)
+
+
+@click.command()
+@click.argument("ckpt", type=click.Path(dir_okay=False))
+@click.option("--out-dir", type=click.Path(file_okay=False), required=True)
+def export(ckpt, out_dir) -> None:
+    """Write one small file per rank (part-J.pt) so a device loads only its sub-network."""
+    from ..model import checkpoint
+
+    for path in checkpoint.export_parts(ckpt, out_dir):
+        click.echo(f"{path}\t{path.stat().st_size} bytes")

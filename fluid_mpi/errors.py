@@ -7,17 +7,25 @@ Who raises what:
 """
 from __future__ import annotations
 
-# Exit codes of `fluid-mpi infer` and `fluid-mpi launch` (infer's also travel as the summary's
-# `exit_code` and the `stop` event's): 0 every input answered; 2 bad input, before any work; 3 stopped
-# after a failure that cannot be survived (answers kept); 4 a device went silent and could not be excluded
-# in-job (relaunch without it); 5 stopped at a safe point on request (SIGUSR2); 130 interrupted (Ctrl-C).
-EXIT_OK, EXIT_BAD_INPUT, EXIT_FAILED, EXIT_SILENT, EXIT_DRAINED, EXIT_INTERRUPTED = 0, 2, 3, 4, 5, 130
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Exit codes of ``fluid-mpi infer`` and ``fluid-mpi launch``; infer's also travel as the summary's
+    ``exit_code`` and the ``stop`` event's. The one definition, used everywhere."""
+
+    OK = 0  # every input answered (failures that were survived are in the summary)
+    BAD_INPUT = 2  # bad input or options, before any work
+    STOPPED = 3  # stopped after a failure that cannot be survived (every answer so far kept)
+    SILENT = 4  # a device went silent and could not be excluded in-job: relaunch without it
+    DRAINED = 5  # stopped at a safe point on request (SIGUSR2)
+    INTERRUPTED = 130  # interrupted (Ctrl-C / SIGTERM to the launcher)
 
 
 class FluidError(Exception):
     """Base class: an error the user can fix; the CLI prints it as one line and exits 2."""
 
-    exit_code = EXIT_BAD_INPUT
+    exit_code = ExitCode.BAD_INPUT
 
 
 class DataError(FluidError):

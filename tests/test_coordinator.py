@@ -18,7 +18,7 @@ from fluid_mpi.runtime.events import EventLog
 from fluid_mpi.runtime.faults import FaultPlan, stamp_death
 from fluid_mpi.runtime.liveness import KILL_GRACE_S
 from fluid_mpi.runtime.outputs import PredictionSink
-from fluid_mpi.runtime.protocol import CMD_FEATURES, CMD_LOGITS, CMD_STOP, Job
+from fluid_mpi.runtime.protocol import CMD_FEATURES, CMD_LOGITS, CMD_STOP, RunSpec
 
 from fake_transport import FakeTransport
 
@@ -70,7 +70,7 @@ def fake(setup, monkeypatch, **kw) -> FakeTransport:
 def run(setup, monkeypatch, tmp_path, t: FakeTransport, mode: str, rank_timeout: float = 60.0,
         drain_after: int | None = None) -> Run:
     _, parts, ds = setup
-    job = Job("fluid", mode, images=ds.images, labels=ds.labels, indices=np.arange(N), batch_size=BATCH, rank_timeout=rank_timeout,
+    job = RunSpec("fluid", mode, images=ds.images, labels=ds.labels, indices=np.arange(N), batch_size=BATCH, rank_timeout=rank_timeout,
               faults=FaultPlan(), stamp_dir=str(tmp_path))
     sink, events = CaptureSink(), EventLog(None)
     box = {}
@@ -289,7 +289,7 @@ def test_ha_keeps_one_batch_in_flight_at_batch_1(setup, monkeypatch, tmp_path, b
     doubled the p50 latency); larger batches keep two in flight."""
     _, parts, ds = setup
     t = fake(setup, monkeypatch, delay=3)
-    job = Job("fluid", "ha", images=ds.images[:24], labels=ds.labels[:24], indices=np.arange(24), batch_size=batch,
+    job = RunSpec("fluid", "ha", images=ds.images[:24], labels=ds.labels[:24], indices=np.arange(24), batch_size=batch,
               rank_timeout=60.0, faults=FaultPlan(), stamp_dir=str(tmp_path))
     sink = CaptureSink()
     coord = FluidCoordinator(t, parts[0], job, sink, t.liveness(monkeypatch), EventLog(None))
@@ -311,7 +311,7 @@ def test_ht_workers_hold_their_credit(setup, monkeypatch, tmp_path, batch, credi
     t = fake(setup, monkeypatch, delay=3)
     n = 6 * 3 * batch  # enough batches for every worker to be handed its full credit
     images = np.resize(ds.images, (n,) + ds.images.shape[1:])
-    job = Job("fluid", "ht", images=images, labels=np.resize(ds.labels, n), indices=np.arange(n), batch_size=batch,
+    job = RunSpec("fluid", "ht", images=images, labels=np.resize(ds.labels, n), indices=np.arange(n), batch_size=batch,
               rank_timeout=60.0, faults=FaultPlan(), stamp_dir=str(tmp_path))
     sink = CaptureSink()
     coord = FluidCoordinator(t, parts[0], job, sink, t.liveness(monkeypatch), EventLog(None))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fluid_mpi.cluster.elastic import Clock, Driver, Settings
-from fluid_mpi.cli.launch import launch_summary as summary
+
 
 IMAGES = 1000
 
@@ -160,7 +160,7 @@ def test_power_off_relaunches_on_survivors_with_figures():
                      "excluded": True}]
     relaunch = [f for e, f in w.emitted if e == "relaunch"]
     assert relaunch == [{"hosts": ["node1", "node3"], "attempt": 2, "todo": pytest.approx(700, abs=10)}]
-    rec = summary(d, code, "")["failures"][0]
+    rec = d.summary(code, "")["failures"][0]
     assert rec["host"] == "node2" and rec["next_answer_ms"] == pytest.approx(200, abs=110)
     assert w.cleaned[0] == ["node1", "node2", "node3"]
 
@@ -190,7 +190,7 @@ def test_silent_host_from_infer_exit_4(answers):
     assert [(f["fault"], f["excluded"]) for e, f in w.emitted if e == "host_lost"] == [("silent", not answers)]
     assert w.jobs[1].hosts == (["node1", "node2"] if answers else ["node1"])
     assert w.cleaned[0] == ["node1", "node2"]
-    (rec,) = summary(d, 0, "")["failures"]  # infer's figures, one entry
+    (rec,) = d.summary(0, "")["failures"]  # infer's figures, one entry
     assert rec["seen_by"] == "infer+launcher" and rec["detected_ms"] == 2000.0
     assert 2000 < rec["next_answer_ms"] < 2500  # from the fault infer dated, to the relaunch's first answer
 
@@ -280,7 +280,7 @@ def test_rejoin_drains_and_relaunches_on_bigger_set():
     assert ["node2"] in w.cleaned  # orphans on the returning host killed as soon as it answered
     rejoin = [f for e, f in w.emitted if e == "rejoin"]
     assert rejoin and rejoin[0]["host"] == "node2" and 0 < rejoin[0]["ms"] < 1000
-    assert summary(d, code, "")["rejoins"][0]["host"] == "node2"
+    assert d.summary(code, "")["rejoins"][0]["host"] == "node2"
 
 
 @pytest.mark.parametrize("warm_delay, ready_wait", [(2.5, 30.0), (99.0, 3.0)])
@@ -344,5 +344,5 @@ def test_in_job_failure_reported_from_infer_events():
     d = w.driver(["node1", "node2"], 2)
     code, _ = d.run()
     assert code == 0 and len(w.jobs) == 1
-    rec = summary(d, code, "")["failures"]
+    rec = d.summary(code, "")["failures"]
     assert rec[0]["fault"] == "process exit" and rec[0]["next_answer_ms"] == 40.0 and rec[0]["seen_by"] == "infer"

@@ -243,3 +243,28 @@ def test_launch_gives_up_with_resume_line_then_resumes(tmp_path):
                          text=True, timeout=60)  # a few seconds
     assert res.returncode == 0, res.stderr
     assert read_indices(tmp_path / "run" / "predictions.jsonl") == (set(range(1000)), 0)
+
+
+def test_resume_command_keeps_every_option_the_user_gave(tmp_path):
+    """The printed resume command, parsed by launch itself, gives back every option of the run (each at
+    a value other than its default) and the options meant for infer, with --resume added."""
+    from fluid_mpi.cli.launch import launch, resume_command
+
+    argv = ["-np", "3", "--hostfile", str(tmp_path / "h"), "--checkpoint", str(tmp_path / "c.pt"),
+            "--max-restarts", "7", "--run-dir", str(tmp_path / "rd"), "--predictions", str(tmp_path / "p.jsonl"),
+            "--events", str(tmp_path / "e.jsonl"), "--summary", str(tmp_path / "s.json"),
+            "--rank-timeout", "2.5", "--stall-timeout", "44", "--stop-grace", "1.5", "--probe-interval", "0.3",
+            "--mpirun-arg", "--mca", "--mpirun-arg", "btl_tcp_if_include=eth1", "--no-warm",
+            "--mode", "ha", "--batch-size", "16"]
+    ctx = launch.make_context("launch", list(argv))
+    defaults = launch.make_context("launch", ["-np", "1", "--hostfile", "h", "--checkpoint", "c"]).params
+    differs = {k for k in ctx.params if ctx.params[k] != defaults[k]}
+    assert differs == set(ctx.params) - {"resume"}, "every option must be set to a non-default value"
+    again = resume_command(launch, ctx.params, ctx.args)
+    assert again[:2] == ["fluid-mpi", "launch"] and again[-1] == "--resume"
+    back = launch.make_context("launch", again[2:])
+    assert back.params == dict(ctx.params, resume=True)
+    assert back.args == ["--mode", "ha", "--batch-size", "16"]
+    # --warm is the default: it is written out too, so the command means the same whatever the default
+    ctx = launch.make_context("launch", ["-np", "1", "--hostfile", "h", "--checkpoint", "c"])
+    assert "--warm" in resume_command(launch, ctx.params, [])

@@ -14,7 +14,7 @@ from fluid_mpi.runtime.events import EventLog
 from fluid_mpi.runtime.faults import FaultPlan
 from fluid_mpi.runtime.liveness import coordinator_silence_limit
 from fluid_mpi.runtime.outputs import PredictionSink
-from fluid_mpi.runtime.protocol import CMD_FEATURES, CMD_LOGITS, CMD_RUN, CMD_STOP, Job, header
+from fluid_mpi.runtime.protocol import CMD_FEATURES, CMD_LOGITS, CMD_RUN, CMD_STOP, RunSpec, header
 from fluid_mpi.runtime.sliced import SlicedRun
 from fluid_mpi.runtime.worker import WorkerEnd, serve_fluid
 
@@ -29,10 +29,10 @@ def data():
     return load_split(None, "test").take(40)
 
 
-def job(family: str, mode: str, tmp_path, data=None, width=None) -> Job:
+def job(family: str, mode: str, tmp_path, data=None, width=None) -> RunSpec:
     imgs = data.images if data is not None else np.zeros((0, 28, 28), np.uint8)
     labels = data.labels if data is not None else np.zeros(0, np.int64)
-    return Job(family, mode, images=imgs, labels=labels, indices=np.arange(len(imgs)), batch_size=BATCH, rank_timeout=RT,
+    return RunSpec(family, mode, images=imgs, labels=labels, indices=np.arange(len(imgs)), batch_size=BATCH, rank_timeout=RT,
                faults=FaultPlan(), stamp_dir=str(tmp_path), width=width)
 
 

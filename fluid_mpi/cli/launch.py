@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import EXIT_INTERRUPTED
+from ..errors import ExitCode
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -67,7 +67,7 @@ def launch(ctx: click.Context, np_: int, hostfile: str, checkpoint: str, max_res
     """
     from ..cluster import hosts as hostlib
     from ..cluster.elastic import Clock, Driver, Settings
-    from ..cluster.runner import AttemptFiles, EventLog, FileOutputs, MpirunLauncher, read_indices
+    from ..cluster.runner import AttemptFiles, FileOutputs, MpirunLauncher, launcher_events, read_indices
     from ..cluster.warm_pool import WarmPool
     from ..cluster.mpirun import find_mpirun, mpi_env
 
@@ -90,7 +90,7 @@ def launch(ctx: click.Context, np_: int, hostfile: str, checkpoint: str, max_res
     try:
         problems = _preflight(hostlib, agent, names, checkpoint, np_)
     except KeyboardInterrupt:  # nothing started yet; the preflight's probes end by their own timeout
-        _fail("interrupted during the preflight", EXIT_INTERRUPTED)
+        _fail("interrupted during the preflight", ExitCode.INTERRUPTED)
     if problems:
         for line in problems:
             click.echo(f"fluid-mpi launch: error: {line}", err=True)
@@ -106,7 +106,7 @@ def launch(ctx: click.Context, np_: int, hostfile: str, checkpoint: str, max_res
     env["FLUID_MPI_RUN_ID"] = run_id
     pool = WarmPool(agent, run_id, sys.executable, run_path) if warm else None
     launcher = MpirunLauncher(mpirun, infer_args, files, run_id, agent, env, mpirun_arg, warm=pool)
-    emit = EventLog(evs)
+    emit = launcher_events(evs)
     stop_flag: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _frame: stop_flag.append(signum))
@@ -121,17 +121,17 @@ def launch(ctx: click.Context, np_: int, hostfile: str, checkpoint: str, max_res
             if late:
                 click.echo(f"fluid-mpi launch: note: no warm process ready on {', '.join(late)} after "
                            f"{settings.ready_wait:g} s; its ranks start cold", err=True)
-        code, message = (EXIT_INTERRUPTED, "interrupted") if stop_flag else driver.run()
+        code, message = (ExitCode.INTERRUPTED, "interrupted") if stop_flag else driver.run()
     finally:
         if pool is not None:
             pool.close(names)
     if driver.lost:  # leave nothing behind on a lost host that can be reached again by now
         launcher.cleanup(sorted(driver.lost))
     files.finish()
-    report = launch_summary(driver, code, message)
+    report = driver.summary(code, message)
     report["duplicates"] = read_indices(preds)[1]
     report.update(run_id=run_id, predictions=str(preds), events=str(evs))
-    status = "ok" if code == 0 else "interrupted" if code == EXIT_INTERRUPTED else "stopped"
+    status = "ok" if code == 0 else "interrupted" if code == ExitCode.INTERRUPTED else "stopped"
     emit("launcher_stop", status=status, answered=report["answered"], images=report["images"])
     summ.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     of = f" of {report['images']}" if report["images"] is not None else ""
@@ -139,10 +139,9 @@ def launch(ctx: click.Context, np_: int, hostfile: str, checkpoint: str, max_res
         click.echo(f"fluid-mpi launch: done: {report['answered']}{of} inputs answered, "
                    f"{len(report['failures'])} failure(s), {len(report['attempts'])} attempt(s); summary {summ}")
         return
-    again = ["fluid-mpi", "launch", "-np", str(np_), "--hostfile", str(Path(hostfile).resolve()),
-             "--checkpoint", str(Path(checkpoint).resolve()), "--max-restarts", str(max_restarts),
-             "--run-dir", str(run_path), "--predictions", str(preds), "--events", str(evs),
-             "--summary", str(summ), "--rank-timeout", str(rank_timeout), *ctx.args, "--resume"]
+    given = dict(ctx.params, hostfile=str(Path(hostfile).resolve()), checkpoint=str(Path(checkpoint).resolve()),
+                 run_dir=str(run_path), predictions=str(preds), events=str(evs), summary=str(summ))
+    again = resume_command(ctx.command, given, ctx.args)
     click.echo(f"fluid-mpi launch: {status}: {message}: {report['answered']}{of} inputs answered; "
                f"resume with: {shlex.join(again)}", err=True)
     sys.exit(128 + stop_flag[0] if stop_flag else code)
@@ -161,11 +160,22 @@ def _preflight(hostlib, agent: list[str], names: list[str], checkpoint: str, np_
         return hostlib.preflight_problems(dict(zip(names, facts)), here["fluid_mpi"], here["ompi"])
 
 
-def launch_summary(driver, code: int, message: str) -> dict:
-    """The launcher's summary: outcome, attempts, every failure (host, fault as seen from outside,
-    detection time, fault to next answer), every rejoin."""
-    return {"exit_code": code, "message": message, "answered": driver.outputs.answered(),
-            "images": driver.start_info.get("images"), "family": driver.start_info.get("family"),
-            "mode": driver.start_info.get("mode"), "hosts": driver.all_hosts, "lost": sorted(driver.lost),
-            "attempts": driver.attempts, "failures": [f.record() for f in driver.failures],
-            "rejoins": [{k: v for k, v in r.items() if k != "returned_at"} for r in driver.rejoins]}
+def resume_command(command: click.Command, params: dict, extra: list[str]) -> list[str]:
+    """``fluid-mpi launch`` again with every option of ``params`` (the values this run used: paths made
+    absolute by the caller), the options meant for infer (``extra``) and ``--resume``: it goes on from
+    where this run stopped. Built from the command's own option list, so no option can be left out."""
+    argv = ["fluid-mpi", command.name or "launch"]
+    for p in command.params:
+        value = params.get(p.name)
+        if not isinstance(p, click.Option) or p.name == "resume" or value is None:
+            continue
+        name = max(p.opts, key=len)
+        if p.is_flag:
+            if p.secondary_opts:  # --warm/--no-warm: say which
+                argv.append(name if value else max(p.secondary_opts, key=len))
+            elif value:
+                argv.append(name)
+            continue
+        for v in (value if p.multiple else [value]):
+            argv.append(f"{name}={v}")  # NAME=VALUE: a value that starts with '-' stays a value
+    return argv + list(extra) + ["--resume"]

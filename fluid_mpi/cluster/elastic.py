@@ -5,6 +5,9 @@ Plain Python: processes and files come in through the ``Launcher``/``Outputs`` p
 a callable, time from a clock; tests/test_elastic.py drives it with fakes, ``runner.py`` has the real ones.
 Why a driver (shared/MPI_NOTES.md): when a host's Open MPI daemon is lost PRRTE ends the whole job within
 a second, and a pulled cable hangs it for minutes; a process death on a live host is ULFM's, in-job.
+
+Each tick of an attempt is two steps: :meth:`Driver._observe` takes in what happened (events, answers,
+probes) and :meth:`Driver._decide` says whether the attempt is over, and why (an :class:`EndReason`).
 """
 from __future__ import annotations
 
@@ -12,43 +15,27 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-# exit codes of `fluid-mpi infer` (its `stop` event) and of `fluid-mpi launch`, under the driver's names
-from ..errors import EXIT_BAD_INPUT as BAD_INPUT, EXIT_DRAINED as DRAINED, EXIT_FAILED as STOPPED
-from ..errors import EXIT_INTERRUPTED as INTERRUPTED, EXIT_OK as OK, EXIT_SILENT as SILENT
-from .elastic_parts import Clock, Job, Launcher, Outputs, Settings  # noqa: F401 (re-exported)
+from ..errors import ExitCode
+from ..runtime.events import FaultKind
+from .elastic_parts import (AttemptEnd, Clock, EndReason, Failure, Job, Launcher, Outputs,  # noqa: F401
+                            Settings, ms)
+from .host_table import HostTable
 
 
 @dataclass
-class Failure:
-    """One lost device (seen from outside) or one in-job failure (from infer's events)."""
+class _Watch:
+    """What the driver follows during one attempt."""
 
-    host: str
-    fault: str  # lost daemon | silent | process exit | damaged message
-    detected_ms: float | None  # from the last answer before it (outside) or infer's own figure
-    source: str = "launcher"  # launcher | infer
-    wall_detected: float = field(default_factory=time.time)
-    next_answer_ms: float | None = None  # the fault -> the first answer after it
-    fault_at: float | None = None  # monotonic estimate of the fault: infer's figure, else the last answer
-
-    def record(self) -> dict:
-        """The summary entry."""
-        return {"host": self.host, "fault": self.fault, "detected_ms": _ms(self.detected_ms),
-                "next_answer_ms": _ms(self.next_answer_ms), "seen_by": self.source,
-                "detected_at": round(self.wall_detected, 3)}
-
-
-def _ms(value: float | None) -> float | None:
-    return None if value is None else round(value, 1)
-
-
-@dataclass
-class AttemptEnd:
-    """How one attempt ended: infer's code (from its `stop` event) or mpirun's, and why."""
-
-    code: int | None  # None: killed by the driver without a stop event
-    stop: dict | None  # infer's stop event, if any
-    reason: str  # exited | stalled | drained | interrupted | killed after stop
-    returned: list[str] = field(default_factory=list)  # lost hosts that answer again (rejoin)
+    hosts: list[str]
+    seen: float  # last sign of life: an answer or an event
+    next_probe: float
+    stop: dict | None = None  # infer's stop event
+    stop_at: float | None = None
+    drain_at: float | None = None
+    running: bool = False  # infer has started (its SIGUSR2 handler is in place): a drain is safe
+    back: list[str] = field(default_factory=list)  # lost hosts answering again, for which it drains
+    exit_code: int | None = None  # mpirun's, once it ended
+    unreachable: bool = False  # one of its hosts missed Settings.probe_misses probes in a row
 
 
 class Driver:
@@ -60,18 +47,22 @@ class Driver:
         self.all_hosts, self.s = list(hosts), settings
         self.launcher, self.outputs, self.probe, self.emit = launcher, outputs, probe, emit
         self.clock, self.interrupted = clock or Clock(), interrupted
-        self.lost: dict[str, Failure] = {}  # host -> why it is left out
+        self.hosts = HostTable(hosts)
         self.failures: list[Failure] = []  # every failure, for the summary
         self.rejoins, self.attempts, self.start_info = [], [], {}
         self.last_answer: float | None = None  # when the last answer was seen (monotonic)
         self._progress = 0  # the predictions file's size last seen
         self._waiting: list = []  # failures and rejoins waiting for the next answer
         self._attempt_failures = 0  # failures[this:] were reported during the current attempt
-        self._returned_at: dict[str, float] = {}  # lost host -> when a probe first answered again
+
+    @property
+    def lost(self) -> dict[str, Failure]:
+        """Hosts left out of attempts, and why."""
+        return self.hosts.lost()
 
     def active_hosts(self) -> list[str]:
         """The hosts of the next attempt: hostfile order, lost ones left out, at most -np of them."""
-        return [h for h in self.all_hosts if h not in self.lost][: self.s.np]
+        return self.hosts.active(self.s.np)
 
     def min_hosts(self) -> int:
         """Static needs every slice (the width it started with); Fluid and Dynamic go on with one."""
@@ -83,7 +74,7 @@ class Driver:
         while True:
             hosts = self.active_hosts()
             if len(hosts) < self.min_hosts() or not hosts:
-                return STOPPED, f"{len(hosts)} host(s) left, {self.min_hosts()} needed"
+                return ExitCode.STOPPED, f"{len(hosts)} host(s) left, {self.min_hosts()} needed"
             attempt += 1
             if attempt > 1:
                 self.emit("relaunch", hosts=hosts, attempt=attempt, todo=self._todo())
@@ -92,15 +83,9 @@ class Driver:
             end = self.watch(self.launcher.start(hosts, attempt), hosts)
             self._answered_now()  # answers written just before the end belong to this attempt
             self.attempts.append({"attempt": attempt, "hosts": hosts, "code": end.code, "reason": end.reason})
-            if end.reason == "interrupted":
-                self.launcher.cleanup(self.all_hosts)
-                return INTERRUPTED, "interrupted"
-            if end.code == OK and self._complete():
-                return OK, "every input answered"
-            if end.code == BAD_INPUT:
-                return BAD_INPUT, (end.stop or {}).get("message") or "infer rejected its input"
-            if end.code == STOPPED:
-                return STOPPED, (end.stop or {}).get("message") or "infer stopped after a failure"
+            verdict = self._verdict(end)
+            if verdict is not None:
+                return verdict
             if end.returned:  # rejoin: a drained (or drain-timed-out) attempt is not a failure
                 self.launcher.cleanup(list(hosts) + end.returned)  # orphans of old attempts too
                 self._rejoin(end.returned)
@@ -110,65 +95,113 @@ class Driver:
             self._rejoin(back)
             restarts += 1
             if restarts > self.s.max_restarts:
-                return STOPPED, f"gave up after {self.s.max_restarts} restart(s)"
+                return ExitCode.STOPPED, f"gave up after {self.s.max_restarts} restart(s)"
+
+    def _verdict(self, end: AttemptEnd) -> tuple[int, str] | None:
+        """The run's end after this attempt, or None to go on (relaunch or rejoin)."""
+        message = (end.stop or {}).get("message")
+        if end.reason == EndReason.INTERRUPTED:
+            self.launcher.cleanup(self.all_hosts)
+            return ExitCode.INTERRUPTED, "interrupted"
+        if end.code == ExitCode.OK and self._complete():
+            return ExitCode.OK, "every input answered"
+        if end.code == ExitCode.BAD_INPUT:
+            return ExitCode.BAD_INPUT, message or "infer rejected its input"
+        if end.code == ExitCode.STOPPED:
+            return ExitCode.STOPPED, message or "infer stopped after a failure"
+        return None
 
     def watch(self, job: Job, hosts: Sequence[str]) -> AttemptEnd:
         """Follow one attempt until mpirun ends, is drained, or must be killed."""
-        now = self.clock.now
-        seen = now()  # last sign of life: an answer or an event
-        stop: dict | None = None
-        stop_at = drain_at = None
-        next_probe = seen + self.s.probe_every
-        back: list[str] = []  # lost hosts that answered again, for which the attempt is being drained
-        misses: dict[str, int] = {}  # consecutive probes an attempt's host did not answer
+        now = self.clock.now()
+        w = _Watch(list(hosts), seen=now, next_probe=now + self.s.probe_every)
         self._attempt_failures = len(self.failures)
-        running = False  # infer has started (its SIGUSR2 handler is in place): a drain is safe
-        answering: list[str] = []  # lost hosts that answered the last probe
+        self.hosts.new_attempt()
         while True:
             if self.interrupted():
                 job.kill()
-                return AttemptEnd(None, stop, "interrupted")
-            for ev in self.outputs.new_events():
-                seen = now()
-                running = running or ev.get("event") == "start"
-                stop, stop_at = (ev, now()) if ev.get("event") == "stop" else (stop, stop_at)
-                self._infer_event(ev)
-            seen = now() if self._answered_now() else seen
-            if (code := job.poll()) is not None:
-                reason = "drained" if drain_at is not None else "exited"
-                return AttemptEnd(_code(stop, code), stop, reason, back)
-            # a silent host's daemon cannot take part in PRRTE's teardown: no grace after exit code 4
-            grace = 0.0 if (stop or {}).get("exit_code") == SILENT else self.s.stop_grace
-            why = ("killed after stop" if stop_at is not None and now() - stop_at > grace else
-                   "drained" if drain_at is not None and now() - drain_at > self.s.drain_timeout else
-                   "stalled" if stop is None and drain_at is None and now() - seen > self.s.stall_timeout
-                   else None)
-            if why:
-                job.kill()
-                return AttemptEnd(_code(stop, None), stop, why, back)
-            lost = [h for h in self.all_hosts if h in self.lost]  # probed with the attempt's hosts
-            if stop is None and drain_at is None and now() >= next_probe:
-                next_probe = now() + self.s.probe_every
-                answers = self.probe(list(hosts) + lost)
-                for host in hosts:  # a device that stops answering (cable pulled) ends the attempt
-                    misses[host] = 0 if answers.get(host, False) else misses.get(host, 0) + 1
-                if max(misses.values(), default=0) >= self.s.probe_misses:
+                return AttemptEnd(None, w.stop, EndReason.INTERRUPTED)
+            w.exit_code = job.poll()
+            if w.exit_code is None:
+                self._observe(w)
+            else:
+                self._take_events(w)
+            end = self._decide(w)
+            if end is not None:
+                if w.exit_code is None:
                     job.kill()
-                    return AttemptEnd(None, None, "unreachable")
-                answering = [h for h in lost if answers.get(h, False) and self._usable(h, silent=
-                                                                                    self.lost[h].fault == "silent")]
-                new = [h for h in answering if h not in self._returned_at]
-                if new:
-                    self.launcher.cleanup(new)  # at once: an orphan there must not write
-                    self.launcher.prepare(new)
-                self._returned_at.update({h: now() for h in new})
-            # rejoin once a returning host is ready (checked every tick, not only at probes)
-            returned = [h for h in answering if self.launcher.ready(h)
-                        or now() - self._returned_at[h] > self.s.ready_wait]
-            if returned and running and stop is None and drain_at is None and len(hosts) < self.s.np:
+                return end
+            if self._should_drain(w):
                 job.drain()
-                drain_at, back = now(), returned
+                w.drain_at = self.clock.now()
             self.clock.sleep(self.s.tick)
+
+    # --------------------------------------------------------------------------- monitor: take in
+
+    def _take_events(self, w: _Watch) -> None:
+        for ev in self.outputs.new_events():
+            w.seen = self.clock.now()
+            w.running = w.running or ev.get("event") == "start"
+            if ev.get("event") == "stop":
+                w.stop, w.stop_at = ev, self.clock.now()
+            self._infer_event(ev)
+        if self._answered_now():
+            w.seen = self.clock.now()
+
+    def _observe(self, w: _Watch) -> None:
+        """Events and answers; at each probe time, the attempt's hosts (a device that stops answering
+        ends the attempt) and the lost ones (a returning device is cleaned up and prepared at once)."""
+        self._take_events(w)
+        now = self.clock.now()
+        if w.stop is not None or w.drain_at is not None or now < w.next_probe:
+            return
+        w.next_probe = now + self.s.probe_every
+        lost = list(self.lost)  # probed with the attempt's hosts
+        answers = self.probe(w.hosts + lost)
+        if self.hosts.note_probe(w.hosts, answers) >= self.s.probe_misses:
+            w.unreachable = True
+            return
+        for h in lost:
+            self.hosts.state[h].answering = answers.get(h, False) and self._usable(
+                h, silent=self.lost[h].fault == FaultKind.SILENT)
+        new = self.hosts.mark_returned(self.hosts.answering(), now)
+        if new:
+            self.launcher.cleanup(new)  # at once: an orphan there must not write
+            self.launcher.prepare(new)
+
+    # --------------------------------------------------------------------------- decide
+
+    def _decide(self, w: _Watch) -> AttemptEnd | None:
+        """Whether the attempt is over, and why; None to keep watching."""
+        now = self.clock.now()
+        if w.exit_code is not None:
+            reason = EndReason.DRAINED if w.drain_at is not None else EndReason.EXITED
+            return AttemptEnd(_code(w.stop, w.exit_code), w.stop, reason, w.back)
+        if w.unreachable:
+            return AttemptEnd(None, None, EndReason.UNREACHABLE)
+        # a silent host's daemon cannot take part in PRRTE's teardown: no grace after exit code 4
+        grace = 0.0 if (w.stop or {}).get("exit_code") == ExitCode.SILENT else self.s.stop_grace
+        if w.stop_at is not None and now - w.stop_at > grace:
+            why = EndReason.KILLED_AFTER_STOP
+        elif w.drain_at is not None and now - w.drain_at > self.s.drain_timeout:
+            why = EndReason.DRAINED
+        elif w.stop is None and w.drain_at is None and now - w.seen > self.s.stall_timeout:
+            why = EndReason.STALLED
+        else:
+            return None
+        return AttemptEnd(_code(w.stop, None), w.stop, why, w.back)
+
+    def _should_drain(self, w: _Watch) -> bool:
+        """Rejoin: drain the attempt once a returning host is ready (checked every tick, not only at
+        probes), or has had Settings.ready_wait to get ready; only with room for it and infer running."""
+        if not w.running or w.stop is not None or w.drain_at is not None or len(w.hosts) >= self.s.np:
+            return False
+        now = self.clock.now()
+        w.back = [h for h in self.hosts.answering() if self.launcher.ready(h)
+                  or now - self.hosts.state[h].returned_at > self.s.ready_wait]
+        return bool(w.back)
+
+    # --------------------------------------------------------------------------- records
 
     def _answered_now(self) -> bool:
         """Note a new answer; close the figures of failures and rejoins that were waiting for one."""
@@ -196,9 +229,9 @@ class Driver:
         elif kind == "failure":
             lag = max(0.0, time.time() - ev["t"]) if "t" in ev else 0.0  # event written -> read here
             at = self.clock.now() - lag - (ev.get("detected_ms") or 0) / 1000
-            f = Failure(str(ev.get("host")), str(ev.get("fault")), ev.get("detected_ms"), "infer",
-                        ev.get("t", time.time()), fault_at=at)
-            self.failures.append(f)
+            fault = FaultKind(ev["fault"]) if ev.get("fault") in FaultKind._value2member_map_ else FaultKind.PROCESS_EXIT
+            self.failures.append(Failure(str(ev.get("host")), fault, ev.get("detected_ms"), "infer",
+                                         ev.get("t", time.time()), fault_at=at))
         elif kind == "answering_again":
             for f in [f for f in self.failures if f.source == "infer" and f.next_answer_ms is None][-1:]:
                 f.next_answer_ms = ev.get("after_failure_ms")
@@ -208,26 +241,34 @@ class Driver:
         failures too but, if they answer (one frozen rank on a live board), cleaned up and used again.
         Returns the hosts lost before that answer again (they rejoin)."""
         silent = list((end.stop or {}).get("silent_hosts") or [])
-        earlier = [h for h in self.all_hosts if h in self.lost]
+        earlier = list(self.lost)
         answers = self.probe(list(hosts) + earlier)
         for host in hosts:
             if host not in silent and answers.get(host, False):
                 continue
-            fault = "silent" if host in silent or end.reason in ("stalled", "unreachable") else "lost daemon"
-            seen = [f for f in self.failures[self._attempt_failures:] if f.host == host and f.source == "infer"]
-            if seen:  # infer timed it (its deadline): one entry, its figures
-                (f := seen[-1]).fault, f.source = fault, "infer+launcher"
-            else:  # from outside: the fault happened after the last answer
-                since = None if self.last_answer is None else (self.clock.now() - self.last_answer) * 1000
-                f = Failure(host, fault, since, fault_at=self.last_answer)
-                self.failures.append(f)
+            f = self._failure_of(host, FaultKind.SILENT if host in silent or end.reason in (
+                EndReason.STALLED, EndReason.UNREACHABLE) else FaultKind.LOST_DAEMON)
             self._waiting.append(f)
             if not (answers.get(host, False) and self._usable(host, silent=host in silent)):
-                self.lost[host] = f
-            self.emit("host_lost", host=host, fault=fault, detected_ms=_ms(f.detected_ms),
+                self.hosts.state[host].lost = f
+            self.emit("host_lost", host=host, fault=f.fault, detected_ms=ms(f.detected_ms),
                       excluded=host in self.lost)
-        back = [h for h in earlier if answers.get(h, False) and self._usable(h, self.lost[h].fault == "silent")]
-        return [h for h in back if self._returned_at.setdefault(h, self.clock.now()) is not None]
+        back = [h for h in earlier if answers.get(h, False) and self._usable(h, self.lost[h].fault == FaultKind.SILENT)]
+        self.hosts.mark_returned(back, self.clock.now())
+        return back
+
+    def _failure_of(self, host: str, fault: FaultKind) -> Failure:
+        """The failure record of a host found lost: infer's, when it timed it (its deadline), else one
+        seen from outside (the fault happened after the last answer)."""
+        seen = [f for f in self.failures[self._attempt_failures:] if f.host == host and f.source == "infer"]
+        if seen:
+            f = seen[-1]
+            f.fault, f.source = fault, "infer+launcher"
+            return f
+        since = None if self.last_answer is None else (self.clock.now() - self.last_answer) * 1000
+        f = Failure(host, fault, since, fault_at=self.last_answer)
+        self.failures.append(f)
+        return f
 
     def _usable(self, host: str, silent: bool) -> bool:
         """A host that answers a probe can run ranks, unless it went silent and its processes still do
@@ -237,11 +278,19 @@ class Driver:
     def _rejoin(self, hosts: Sequence[str]) -> None:
         """Lost hosts that answer again are back for the next attempt; time them to its first answer."""
         for host in hosts:
-            lost = self.lost.pop(host)
-            item = {"host": host, "lost_at": round(lost.wall_detected, 3),
-                    "returned_at": self._returned_at.pop(host, self.clock.now())}
+            lost, returned_at = self.hosts.take_back(host, self.clock.now())
+            item = {"host": host, "lost_at": round(lost.wall_detected, 3), "returned_at": returned_at}
             self.rejoins.append(item)
             self._waiting.append(item)
+
+    def summary(self, code: int, message: str) -> dict:
+        """The launcher's summary: outcome, attempts, every failure (host, fault as seen from outside,
+        detection time, fault to next answer), every rejoin."""
+        return {"exit_code": code, "message": message, "answered": self.outputs.answered(),
+                "images": self.start_info.get("images"), "family": self.start_info.get("family"),
+                "mode": self.start_info.get("mode"), "hosts": self.all_hosts, "lost": sorted(self.lost),
+                "attempts": self.attempts, "failures": [f.record() for f in self.failures],
+                "rejoins": [{k: v for k, v in r.items() if k != "returned_at"} for r in self.rejoins]}
 
     def _complete(self) -> bool:
         return self._todo() in (None, 0)

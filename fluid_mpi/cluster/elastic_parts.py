@@ -1,10 +1,65 @@
 """What the elastic driver (elastic.py) works with: the protocols of its real or fake launcher, job and
-outputs, its clock, and its settings with the reason for every default."""
+outputs, its clock, its settings with the reason for every default, and the words of its records (how
+an attempt ended, what a failure was)."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import Enum
 from typing import Callable, Protocol, Sequence
+
+from ..runtime.events import FaultKind
+
+
+class EndReason(str, Enum):
+    """How one attempt ended (the summary's ``attempts[].reason``), as torchrun's agent names a run's
+    result. A ``str`` enum: written to JSON as its value."""
+
+    EXITED = "exited"  # mpirun ended by itself
+    DRAINED = "drained"  # stopped at a safe point (SIGUSR2) so that a returning host can rejoin
+    STALLED = "stalled"  # no answer and no event for --stall-timeout: killed
+    UNREACHABLE = "unreachable"  # one of its hosts missed Settings.probe_misses probes in a row: killed
+    KILLED_AFTER_STOP = "killed after stop"  # infer wrote its stop event, mpirun lingered past the grace
+    INTERRUPTED = "interrupted"  # the launcher was asked to stop (SIGINT/SIGTERM)
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
+
+
+@dataclass
+class Failure:
+    """One lost device (seen from outside) or one in-job failure (from infer's events)."""
+
+    host: str
+    fault: FaultKind
+    detected_ms: float | None  # from the last answer before it (outside) or infer's own figure
+    source: str = "launcher"  # launcher | infer | infer+launcher
+    wall_detected: float = field(default_factory=time.time)
+    next_answer_ms: float | None = None  # the fault -> the first answer after it
+    fault_at: float | None = None  # monotonic estimate of the fault: infer's figure, else the last answer
+
+    def record(self) -> dict:
+        """The summary entry."""
+        return {"host": self.host, "fault": self.fault, "detected_ms": ms(self.detected_ms),
+                "next_answer_ms": ms(self.next_answer_ms), "seen_by": self.source,
+                "detected_at": round(self.wall_detected, 3)}
+
+
+def ms(value: float | None) -> float | None:
+    """A duration in ms as the summary writes it (0.1 ms)."""
+    return None if value is None else round(value, 1)
+
+
+@dataclass
+class AttemptEnd:
+    """How one attempt ended: infer's code (from its ``stop`` event) or mpirun's, and why."""
+
+    code: int | None  # None: killed by the driver without a stop event
+    stop: dict | None  # infer's stop event, if any
+    reason: EndReason
+    returned: list[str] = field(default_factory=list)  # lost hosts that answer again (rejoin)
 
 
 class Job(Protocol):

@@ -4,17 +4,20 @@ lines. Everything that decides lives in elastic.py."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
+from ..runtime.events import EventLog
 from .mpirun import sweep_sessions_here
 from . import hosts as hostlib
 from .warm_pool import WarmPool
+
+logger = logging.getLogger("fluid_mpi.cluster")
 
 # Open MPI flags for a run across hosts (shared/MPI_NOTES.md): ULFM on; TCP between hosts; HAN off
 # (open ULFM bugs); one rank per host in hostfile order; no binding (hosts of a virtual cluster share
@@ -245,16 +248,12 @@ def read_indices(path: Path) -> tuple[set[int], int]:
     return seen, repeats
 
 
-class EventLog:
-    """The launcher's own lines in the shared events file: ``{"t", "event", "by": "launch", ...}``."""
+def launcher_events(path: Path) -> Callable[..., None]:
+    """The launcher's own lines in the shared events file: the runtime's :class:`EventLog`, each record
+    marked ``"by": "launch"`` (the ranks append to the same file), and each one logged."""
+    log = EventLog(path, tag={"by": "launch"})
 
-    def __init__(self, path: Path, echo: bool = True):
-        self.path, self.echo = path, echo
-
-    def __call__(self, event: str, **fields) -> None:
-        line = json.dumps({"t": round(time.time(), 3), "event": event, "by": "launch", **fields})
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
-        if self.echo:
-            detail = ", ".join(f"{k} {v}" for k, v in fields.items())
-            print(f"fluid-mpi launch: {event}: {detail}", file=sys.stderr, flush=True)
+    def emit(event: str, **fields) -> None:
+        log.emit(event, **fields)
+        logger.info("fluid-mpi launch: %s: %s", event, ", ".join(f"{k} {v}" for k, v in fields.items()))
+    return emit

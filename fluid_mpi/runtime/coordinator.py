@@ -27,13 +27,13 @@ import torch
 
 from ..errors import DeviceSilent, PeerFailure, RecoveryFailed
 from ..model.data import to_tensor_batch
-from .events import EventLog, FailureTracker
+from .events import EventLog, FailureTracker, FaultKind
 from .faults import FaultInjector
 from .capacity import Capacity, ServiceClock
 from .inputs import ARRIVAL_WAIT_S, Batch, InputStream
 from .liveness import Liveness, keepalive_interval
 from .outputs import PredictionSink
-from .protocol import CMD_FEATURES, CMD_LOGITS, CMD_PING, CMD_STOP, STOP_FLUSH_S, Job, Outcome, header
+from .protocol import CMD_FEATURES, CMD_LOGITS, CMD_PING, CMD_STOP, STOP_FLUSH_S, RunSpec, Outcome, header
 from .scheduler import expected_share, fluid_subset, ha_depth, ht_credit
 from .transport import Backoff, Transport, recover
 
@@ -41,7 +41,7 @@ from .transport import Backoff, Transport, recover
 class FluidCoordinator:
     """State of one coordinator run; :meth:`run` returns the run's :class:`Outcome`."""
 
-    def __init__(self, transport: Transport, part, job: Job, sink: PredictionSink, liveness: Liveness,
+    def __init__(self, transport: Transport, part, job: RunSpec, sink: PredictionSink, liveness: Liveness,
                  events: EventLog, draining: Callable[[], bool] = lambda: False,
                  stream: InputStream | None = None, policy=None, rates: tuple[float, float] = (1.0, 1.0)):
         """``policy``: a ModePolicy for ``--mode auto``; ``rates``: images/s of one sub-network's features
@@ -152,7 +152,7 @@ class FluidCoordinator:
         silent = self.liveness.silent(self.workers())
         if silent:
             hosts = sorted({self.liveness.host(w) for w in silent})
-            self.tracker.lost(silent, time.time(), self.last_contact, None, fault="silent")
+            self.tracker.lost(silent, time.time(), self.last_contact, None, fault=FaultKind.SILENT)
             raise DeviceSilent(f"rank(s) {silent} on {', '.join(hosts)} silent and could not be excluded "
                                "in-job; relaunch without them (fluid-mpi launch does)", silent, hosts)
 

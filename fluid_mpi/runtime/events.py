@@ -16,10 +16,25 @@ from __future__ import annotations
 import json
 import os
 import time
+from enum import Enum
 from pathlib import Path
 from typing import Callable
 
 from .faults import read_death
+
+
+class FaultKind(str, Enum):
+    """What a ``failure`` record says happened to a device (infer's events, the launcher's summary).
+    A ``str`` enum: it is written to JSON, and compared with what was read back, as its value."""
+
+    PROCESS_EXIT = "process exit"  # the rank's process died; ULFM reported it (in-job)
+    SILENT = "silent"  # held work past --rank-timeout or went unheard: killed out of band, or not killable
+    LOST_DAEMON = "lost daemon"  # the launcher saw mpirun end and the host no longer answers (power-off)
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
 
 # Events that go into the summary's "events" list (failures have their own list; start/stop frame it).
 SUMMARY_EVENTS = ("kill", "recovered", "head_switch", "width_switch", "takeover", "answering_again", "drain",
@@ -29,8 +44,10 @@ SUMMARY_EVENTS = ("kill", "recovered", "head_switch", "width_switch", "takeover"
 class EventLog:
     """Records events in memory and, when a path is given, appends them to the file at once."""
 
-    def __init__(self, path: str | os.PathLike | None, clock: Callable[[], float] = time.time):
-        self.path, self.clock = path, clock
+    def __init__(self, path: str | os.PathLike | None, clock: Callable[[], float] = time.time,
+                 tag: dict | None = None):
+        """``tag``: fields written into every record after ``event`` (the launcher's ``"by": "launch"``)."""
+        self.path, self.clock, self.tag = path, clock, dict(tag or {})
         self.records: list[dict] = []
         self._fh = None
         if path is not None:
@@ -39,7 +56,7 @@ class EventLog:
 
     def emit(self, event: str, **fields) -> dict:
         """Append one event; returns the record."""
-        rec = {"t": round(self.clock(), 6), "event": event, **fields}
+        rec = {"t": round(self.clock(), 6), "event": event, **self.tag, **fields}
         self.records.append(rec)
         if self._fh is not None:
             self._fh.write(json.dumps(rec) + "\n")
@@ -73,7 +90,7 @@ def stopped_since(path: str | os.PathLike | None, t0: float) -> bool:
 
 
 def failure_fields(world_rank: int, host: str, stamp_dir: str, t_detect: float, last_contact: float | None,
-                   after_batch: int | None, fault: str = "process exit") -> dict:
+                   after_batch: int | None, fault: FaultKind = FaultKind.PROCESS_EXIT) -> dict:
     """The fields of one ``failure`` event. ``detected_ms`` is measured from the victim's own death stamp
     (an injected fault, on a shared file system) or else from the last message the rank sent."""
     note = read_death(stamp_dir, world_rank)
@@ -95,12 +112,12 @@ class FailureTracker:
         self.fault_at: float | None = None  # unix time of the earliest fault not yet followed by an answer
 
     def lost(self, ranks: list[int], t_detect: float, last_contact: dict[int, float], after_batch: int | None,
-             fault: str = "process exit", killed: dict | set = ()) -> None:
+             fault: FaultKind = FaultKind.PROCESS_EXIT, killed: dict | set = ()) -> None:
         """``killed``: ranks the liveness policy killed out of band (their fault, seen from outside, is
         that they went silent)."""
         for w in ranks:
             fields = failure_fields(w, self.hosts.get(w, ("?", 0))[0], self.stamp_dir, t_detect,
-                                    last_contact.get(w), after_batch, "silent" if w in killed else fault)
+                                    last_contact.get(w), after_batch, FaultKind.SILENT if w in killed else fault)
             fields["at_s"] = round(t_detect - self.run_t0, 4)
             self.events.emit("failure", **fields)
             died = t_detect - (fields["detected_ms"] or 0) / 1000 if fields["detected_from"] == "death stamp" \

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import FluidError, LaunchError
+from ..errors import ExitCode, FluidError, LaunchError
 from . import faults
 from .arrivals import parse_rate
 from .liveness import Liveness
 from .options import MODES, InferOptions
-from .protocol import EXIT_BAD_INPUT, Job
+from .protocol import RunSpec
 
 FT_HINT = ("fault tolerance is OFF: a rank's death will end the whole job. Turn it on with "
            "`mpirun --with-ft ulfm`, or export OMPI_MCA_mpi_ft_enable=1 PRTE_MCA_state_base_recoverable=1 "
@@ -112,7 +112,7 @@ def _start(t, opts: InferOptions):
             first = errors[0][1] if len({e for _, e in errors}) == 1 else \
                 "; ".join(f"rank {r}: {e}" for r, e in errors)
             print(f"fluid-mpi: error: {first}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
+        return ExitCode.BAD_INPUT
     return part, meta, width, where, [(h, p) for h, p, _ in hosts]
 
 
@@ -132,7 +132,7 @@ def _run(t, opts: InferOptions, ft: bool) -> int:
     if t.rank == 0 and not opts.quiet:
         print(f"fluid-mpi: {meta['family']} K={meta['parts']} on {t.size} rank(s): {where}", flush=True)
     stamp_dir = str(Path(opts.summary).resolve().parent) if opts.summary else tempfile.gettempdir()
-    job = Job(family=meta["family"], mode=opts.mode if meta["family"] == "fluid" else "sliced",
+    job = RunSpec(family=meta["family"], mode=opts.mode if meta["family"] == "fluid" else "sliced",
               images=np.zeros((0, 28, 28), np.uint8), labels=np.zeros(0, np.int64), indices=np.zeros(0, np.int64),
               batch_size=opts.batch_size, rank_timeout=opts.rank_timeout, faults=opts.fault_plan(),
               stamp_dir=stamp_dir, combine=opts.combine, width=width)

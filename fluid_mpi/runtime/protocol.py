@@ -1,4 +1,4 @@
-"""Message layout shared by the coordinator and the workers, and the :class:`Job` every rank runs
+"""Message layout shared by the coordinator and the workers, and the :class:`RunSpec` every rank runs
 (plain numpy, no MPI).
 
 Work (coordinator -> worker): header ``[cmd, batch, n, arg]`` + payload uint8 images ``(n, 28, 28)``.
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import EXIT_BAD_INPUT, EXIT_DRAINED, EXIT_FAILED, EXIT_OK, EXIT_SILENT  # noqa: F401 (re-exported)
+from ..errors import ExitCode
 from .faults import FaultPlan
 
 CMD_STOP, CMD_FEATURES, CMD_LOGITS, CMD_RUN, CMD_PING = 0, 1, 2, 3, 4  # PING: a keep-alive, no work
@@ -23,7 +23,7 @@ def header(*values: int) -> np.ndarray:
 
 
 @dataclass
-class Job:
+class RunSpec:
     """Everything a run needs to know, identical on every rank (they all parse the same options)."""
 
     family: str
@@ -41,7 +41,7 @@ class Job:
 
 
 # The status word of the summary and the `stop` event, and its exit code
-STATUS_EXIT = {"ok": EXIT_OK, "failed": EXIT_FAILED, "silent": EXIT_SILENT, "drained": EXIT_DRAINED}
+STATUS_EXIT = {"ok": ExitCode.OK, "failed": ExitCode.STOPPED, "silent": ExitCode.SILENT, "drained": ExitCode.DRAINED}
 # A STOP message is 40 bytes: a worker that cannot take it within 2 s is gone, and mpirun ends it.
 STOP_FLUSH_S = 2.0
 

@@ -9,12 +9,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from ..errors import FluidError
+from ..errors import ExitCode, FluidError
 from .events import SUMMARY_EVENTS, EventLog, FailureTracker, stopped_since
 from .inputs import open_inputs
 from .liveness import Liveness
 from .outputs import Answered, PredictionSink, Summary, human_summary, read_answered, write_summary
-from .protocol import EXIT_BAD_INPUT, EXIT_FAILED, Job, Outcome
+from .protocol import RunSpec, Outcome
 from .transport import Transport
 
 
@@ -26,7 +26,7 @@ class Context:
     part: object
     meta: dict
     opts: object  # InferOptions
-    job: Job
+    job: RunSpec
     liveness: Liveness
     draining: Callable[[], bool]
     started_at: float = 0.0  # unix time this rank started: a stop event after it ends this run
@@ -67,9 +67,9 @@ def coordinate(ctx: Context, lost_before: list[int] | None = None, lost_at: floa
         stream = open_inputs(opts, done.indices)
     except FluidError as exc:
         print(f"fluid-mpi: error: {exc}", file=sys.stderr, flush=True)
-        events.emit("stop", status="bad input", exit_code=EXIT_BAD_INPUT, message=str(exc))
+        events.emit("stop", status="bad input", exit_code=ExitCode.BAD_INPUT, message=str(exc))
         t.revoke()  # the workers are waiting for work: wake them so they can stop
-        return EXIT_BAD_INPUT
+        return ExitCode.BAD_INPUT
     job = ctx.job
     hosts = ctx.liveness.hosts
     ranks_start = t.size + len(lost_before or [])
@@ -160,7 +160,7 @@ def serve(ctx: Context) -> int:
         if stopped_since(ctx.opts.events, ctx.started_at):  # cut off from a run that has already ended
             print(f"fluid-mpi: rank {t.world_rank()}: the run has already stopped; not taking over",
                   file=sys.stderr, flush=True)
-            return EXIT_FAILED
+            return ExitCode.STOPPED
         if ctx.fluid:  # the lowest surviving rank takes over as coordinator
             print(f"fluid-mpi: coordinator (rank {min(lost)}) lost; rank {t.world_rank()} takes over "
                   f"on {t.size} rank(s)", file=sys.stderr, flush=True)

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from ..errors import PeerFailure, RecoveryFailed
+from ..errors import ExitCode, PeerFailure, RecoveryFailed
 from ..model.data import to_tensor_batch
 from ..model.partition import N_STAGES, narrow
 from .events import EventLog, FailureTracker
@@ -25,7 +25,7 @@ from .liveness import Liveness, coordinator_silence_limit
 from .outputs import PredictionSink
 from .inputs import ARRIVAL_WAIT_S, InputStream
 from .liveness import keepalive_interval
-from .protocol import CMD_PING, CMD_RUN, CMD_STOP, EXIT_FAILED, STOP_FLUSH_S, Job, Outcome, header
+from .protocol import CMD_PING, CMD_RUN, CMD_STOP, STOP_FLUSH_S, RunSpec, Outcome, header
 from ..model.partition import dynamic_width
 from .transport import Transport, recover
 from .worker import WorkerEnd, stop_worker
@@ -34,7 +34,7 @@ from .worker import WorkerEnd, stop_worker
 class SlicedRun:
     """One rank's part of a Static/Dynamic run (rank 0 also coordinates)."""
 
-    def __init__(self, transport: Transport, part, job: Job, liveness: Liveness, sink: PredictionSink | None = None,
+    def __init__(self, transport: Transport, part, job: RunSpec, liveness: Liveness, sink: PredictionSink | None = None,
                  events: EventLog | None = None):
         self.t, self.full_part, self.job, self.sink = transport, part, job, sink
         self.liveness, self.events = liveness, events or EventLog(None)
@@ -167,7 +167,7 @@ class SlicedRun:
                             else f"lost {lost_txt}: slice 0 is gone")
             print(f"fluid-mpi: {self.message}; stopping after {self.answered} batches", file=sys.stderr,
                   flush=True)
-            self._broadcast_stop(EXIT_FAILED)
+            self._broadcast_stop(ExitCode.STOPPED)
             return False
         print(f"fluid-mpi: lost {lost_txt}; dynamic DNN continues at width {new_width} "
               f"(was {self.width})", file=sys.stderr, flush=True)
@@ -204,7 +204,7 @@ class SlicedRun:
                 if 0 in lost_all:
                     print(f"fluid-mpi: rank {self.t.world_rank()}: slice 0 / coordinator lost; stopping",
                           file=sys.stderr, flush=True)
-                    return WorkerEnd(EXIT_FAILED, coordinator_lost=True, lost=lost_all)
+                    return WorkerEnd(ExitCode.STOPPED, coordinator_lost=True, lost=lost_all)
                 if self.job.family == "static":
                     hdr[:] = 0
                     continue  # the coordinator's STOP follows on the shrunk communicator

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..errors import PeerFailure, RecoveryFailed
+from ..errors import ExitCode, PeerFailure, RecoveryFailed
 from ..model.data import to_tensor_batch
 from .faults import FaultInjector
 from .liveness import Liveness, coordinator_silence_limit
-from .protocol import CMD_FEATURES, CMD_PING, CMD_STOP, EXIT_FAILED, IMAGE, Job, header
+from .protocol import CMD_FEATURES, CMD_PING, CMD_STOP, IMAGE, RunSpec, header
 from .scheduler import expected_share
 from .transport import Transport, recover
 
@@ -35,10 +35,10 @@ class WorkerEnd:
 
 def stop_worker(message: str) -> WorkerEnd:
     print(f"fluid-mpi: {message}; stopping", file=sys.stderr, flush=True)
-    return WorkerEnd(EXIT_FAILED)
+    return WorkerEnd(ExitCode.STOPPED)
 
 
-def wait_for_coordinator(t: Transport, handle, job: Job, liveness: Liveness) -> bool:
+def wait_for_coordinator(t: Transport, handle, job: RunSpec, liveness: Liveness) -> bool:
     """Wait for the coordinator's next message. False when it has been silent past the limit; raises
     PeerFailure when this host sees it dead or frozen (a frozen one is killed first, so ULFM agrees)."""
     coordinator = t.world_rank(0)
@@ -53,7 +53,7 @@ def wait_for_coordinator(t: Transport, handle, job: Job, liveness: Liveness) -> 
     return True
 
 
-def serve_fluid(t: Transport, part, job: Job, liveness: Liveness) -> WorkerEnd:
+def serve_fluid(t: Transport, part, job: RunSpec, liveness: Liveness) -> WorkerEnd:
     """Serve until told to stop or the coordinator is lost."""
     injector = FaultInjector(job.faults, t.world_rank(), job.stamp_dir)
     coordinator = t.world_rank(0)
@@ -89,5 +89,5 @@ def serve_fluid(t: Transport, part, job: Job, liveness: Liveness) -> WorkerEnd:
             except RecoveryFailed as exc:
                 return stop_worker(f"rank {t.world_rank()}: {exc}")
             if coordinator in lost_all:
-                return WorkerEnd(EXIT_FAILED, coordinator_lost=True, lost=lost_all)
+                return WorkerEnd(ExitCode.STOPPED, coordinator_lost=True, lost=lost_all)
             handle = post()

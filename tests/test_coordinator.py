@@ -12,7 +12,6 @@ import torch
 from fluid_mpi.model.data import load_split, to_tensor_batch
 from fluid_mpi.model.models import FluidCNN, Widths
 from fluid_mpi.model.partition import FluidPart
-from fluid_mpi.runtime import coordinator as coordinator_mod
 from fluid_mpi.runtime.coordinator import FluidCoordinator
 from fluid_mpi.runtime.events import EventLog
 from fluid_mpi.runtime.faults import FaultPlan, stamp_death
@@ -62,9 +61,7 @@ class Run:
 
 def fake(setup, monkeypatch, **kw) -> FakeTransport:
     _, parts, _ = setup
-    t = FakeTransport(3, parts={1: parts[1], 2: parts[2]}, **kw)
-    monkeypatch.setattr(coordinator_mod.time, "monotonic", t.clock)  # the loop's clock
-    return t
+    return FakeTransport(3, parts={1: parts[1], 2: parts[2]}, **kw)
 
 
 def run(setup, monkeypatch, tmp_path, t: FakeTransport, mode: str, rank_timeout: float = 60.0,
@@ -75,8 +72,9 @@ def run(setup, monkeypatch, tmp_path, t: FakeTransport, mode: str, rank_timeout:
     sink, events = CaptureSink(), EventLog(None)
     box = {}
     draining = (lambda: False) if drain_after is None else (lambda: box["c"].answered_batches >= drain_after)
-    coord = box["c"] = FluidCoordinator(t, parts[0], job, sink, t.liveness(monkeypatch), events, draining)
-    coord.credit = 2  # the fault schedules below (who dies after which answer) assume 2 batches per HT worker
+    # credit 2: the fault schedules below (who dies after which answer) assume 2 batches per HT worker
+    coord = box["c"] = FluidCoordinator(t, parts[0], job, sink, t.liveness(monkeypatch), events, draining,
+                                        clock=t.clock, credit=2)
     return Run(t, coord, sink, events, coord.run())
 
 
@@ -292,7 +290,7 @@ def test_ha_keeps_one_batch_in_flight_at_batch_1(setup, monkeypatch, tmp_path, b
     job = RunSpec("fluid", "ha", images=ds.images[:24], labels=ds.labels[:24], indices=np.arange(24), batch_size=batch,
               rank_timeout=60.0, faults=FaultPlan(), stamp_dir=str(tmp_path))
     sink = CaptureSink()
-    coord = FluidCoordinator(t, parts[0], job, sink, t.liveness(monkeypatch), EventLog(None))
+    coord = FluidCoordinator(t, parts[0], job, sink, t.liveness(monkeypatch), EventLog(None), clock=t.clock)
     in_flight, send = [], coord.send
 
     def spy(world, b, cmd):
@@ -314,7 +312,7 @@ def test_ht_workers_hold_their_credit(setup, monkeypatch, tmp_path, batch, credi
     job = RunSpec("fluid", "ht", images=images, labels=np.resize(ds.labels, n), indices=np.arange(n), batch_size=batch,
               rank_timeout=60.0, faults=FaultPlan(), stamp_dir=str(tmp_path))
     sink = CaptureSink()
-    coord = FluidCoordinator(t, parts[0], job, sink, t.liveness(monkeypatch), EventLog(None))
+    coord = FluidCoordinator(t, parts[0], job, sink, t.liveness(monkeypatch), EventLog(None), clock=t.clock)
     held, send = [], coord.send
 
     def spy(world, b, cmd):

@@ -15,7 +15,7 @@ import pytest
 
 from fluid_mpi.errors import LaunchError
 from fluid_mpi.runtime import events as events_mod
-from fluid_mpi.runtime import faults, liveness, outputs, remote
+from fluid_mpi.runtime import faults, outputs, remote
 from fluid_mpi.runtime.events import EventLog, FailureTracker
 from fluid_mpi.runtime.faults import Fault, FaultInjector, FaultPlan, read_death
 from fluid_mpi.runtime.liveness import KILL_GRACE_S, Liveness, coordinator_silence_limit, process_state

@@ -87,7 +87,7 @@ def _header(r: dict) -> list[str]:
     """Title, provenance (command, date, machine, versions), data, wall time, and the training table."""
     env, wall = r.get("environment") or {}, r["wall_s"]
     lines = [f"# fluid-mpi benchmark: K = {r['config']['parts']} ranks", "",
-             f"Written by `fluid-mpi bench` (fluid_mpi/bench/report.py); every figure is in `results.json` beside it."]
+             "Written by `fluid-mpi bench` (fluid_mpi/bench/report.py); every figure is in `results.json` beside it."]
     if env:
         lines += ["", f"Command: `{env.get('command')}`, {env.get('date')}.",
                   f"Machine: {env.get('machine')}, {env.get('os')}; Python {env.get('python')}, "

@@ -70,9 +70,9 @@ def infer(**kw) -> None:
     went silent and could not be excluded in-job (relaunch without it: `fluid-mpi launch` does), 5
     stopped at a safe point on request (SIGUSR2).
     """
-    from ..runtime import faults
+    from ..runtime import exits
     from ..runtime.infer import run_infer
     from ..runtime.options import InferOptions
 
     code, finalize = run_infer(InferOptions(**kw))
-    faults.planned_exit(code, finalize)  # with ULFM: os._exit, never hang in MPI_Finalize after a failure
+    exits.planned_exit(code, finalize)  # with ULFM: os._exit, never hang in MPI_Finalize after a failure

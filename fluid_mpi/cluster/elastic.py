@@ -12,30 +12,13 @@ probes) and :meth:`Driver._decide` says whether the attempt is over, and why (an
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from ..errors import ExitCode
 from ..runtime.events import FaultKind
-from .elastic_parts import (AttemptEnd, Clock, EndReason, Failure, Job, Launcher, Outputs,  # noqa: F401
-                            Settings, ms)
+from .elastic_parts import (AttemptEnd, AttemptWatch, Clock, EndReason, Failure, Job, Launcher,  # noqa: F401
+                            Outputs, Settings, end_code, ms)
 from .host_table import HostTable
-
-
-@dataclass
-class _Watch:
-    """What the driver follows during one attempt."""
-
-    hosts: list[str]
-    seen: float  # last sign of life: an answer or an event
-    next_probe: float
-    stop: dict | None = None  # infer's stop event
-    stop_at: float | None = None
-    drain_at: float | None = None
-    running: bool = False  # infer has started (its SIGUSR2 handler is in place): a drain is safe
-    back: list[str] = field(default_factory=list)  # lost hosts answering again, for which it drains
-    exit_code: int | None = None  # mpirun's, once it ended
-    unreachable: bool = False  # one of its hosts missed Settings.probe_misses probes in a row
 
 
 class Driver:
@@ -114,7 +97,7 @@ class Driver:
     def watch(self, job: Job, hosts: Sequence[str]) -> AttemptEnd:
         """Follow one attempt until mpirun ends, is drained, or must be killed."""
         now = self.clock.now()
-        w = _Watch(list(hosts), seen=now, next_probe=now + self.s.probe_every)
+        w = AttemptWatch(list(hosts), seen=now, next_probe=now + self.s.probe_every)
         self._attempt_failures = len(self.failures)
         self.hosts.new_attempt()
         while True:
@@ -138,7 +121,7 @@ class Driver:
 
     # --------------------------------------------------------------------------- monitor: take in
 
-    def _take_events(self, w: _Watch) -> None:
+    def _take_events(self, w: AttemptWatch) -> None:
         for ev in self.outputs.new_events():
             w.seen = self.clock.now()
             w.running = w.running or ev.get("event") == "start"
@@ -148,7 +131,7 @@ class Driver:
         if self._answered_now():
             w.seen = self.clock.now()
 
-    def _observe(self, w: _Watch) -> None:
+    def _observe(self, w: AttemptWatch) -> None:
         """Events and answers; at each probe time, the attempt's hosts (a device that stops answering
         ends the attempt) and the lost ones (a returning device is cleaned up and prepared at once)."""
         self._take_events(w)
@@ -171,12 +154,12 @@ class Driver:
 
     # --------------------------------------------------------------------------- decide
 
-    def _decide(self, w: _Watch) -> AttemptEnd | None:
+    def _decide(self, w: AttemptWatch) -> AttemptEnd | None:
         """Whether the attempt is over, and why; None to keep watching."""
         now = self.clock.now()
         if w.exit_code is not None:
             reason = EndReason.DRAINED if w.drain_at is not None else EndReason.EXITED
-            return AttemptEnd(_code(w.stop, w.exit_code), w.stop, reason, w.back)
+            return AttemptEnd(end_code(w.stop, w.exit_code), w.stop, reason, w.back)
         if w.unreachable:
             return AttemptEnd(None, None, EndReason.UNREACHABLE)
         # a silent host's daemon cannot take part in PRRTE's teardown: no grace after exit code 4
@@ -189,9 +172,9 @@ class Driver:
             why = EndReason.STALLED
         else:
             return None
-        return AttemptEnd(_code(w.stop, None), w.stop, why, w.back)
+        return AttemptEnd(end_code(w.stop, None), w.stop, why, w.back)
 
-    def _should_drain(self, w: _Watch) -> bool:
+    def _should_drain(self, w: AttemptWatch) -> bool:
         """Rejoin: drain the attempt once a returning host is ready (checked every tick, not only at
         probes), or has had Settings.ready_wait to get ready; only with room for it and infer running."""
         if not w.running or w.stop is not None or w.drain_at is not None or len(w.hosts) >= self.s.np:
@@ -298,11 +281,3 @@ class Driver:
     def _todo(self) -> int | None:
         images = self.start_info.get("images")
         return None if images is None else max(0, images - self.outputs.answered())
-
-
-def _code(stop: dict | None, mpirun_code: int | None) -> int | None:
-    """infer's exit code is in its stop event; without one, mpirun's 0 means nothing (a lost daemon
-    ends mpirun with 0)."""
-    if stop is not None and stop.get("exit_code") is not None:
-        return int(stop["exit_code"])
-    return None if mpirun_code in (0, None) else mpirun_code

@@ -125,3 +125,27 @@ class Settings:
     # x86 core, ~15 s on a Pi 3) while the others go on answering; then the drain goes ahead anyway and
     # its rank starts cold
     ready_wait: float = 30.0
+
+
+@dataclass
+class AttemptWatch:
+    """What the driver follows during one attempt."""
+
+    hosts: list[str]
+    seen: float  # last sign of life: an answer or an event
+    next_probe: float
+    stop: dict | None = None  # infer's stop event
+    stop_at: float | None = None
+    drain_at: float | None = None
+    running: bool = False  # infer has started (its SIGUSR2 handler is in place): a drain is safe
+    back: list[str] = field(default_factory=list)  # lost hosts answering again, for which it drains
+    exit_code: int | None = None  # mpirun's, once it ended
+    unreachable: bool = False  # one of its hosts missed Settings.probe_misses probes in a row
+
+
+def end_code(stop: dict | None, mpirun_code: int | None) -> int | None:
+    """infer's exit code is in its stop event; without one, mpirun's 0 means nothing (a lost daemon
+    ends mpirun with 0)."""
+    if stop is not None and stop.get("exit_code") is not None:
+        return int(stop["exit_code"])
+    return None if mpirun_code in (0, None) else mpirun_code

@@ -18,6 +18,8 @@ import numpy as np
 
 from ..errors import DataError
 
+NUM_CLASSES = 10  # the digits 0-9: the one place the class count is written
+
 SPLITS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
           "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
@@ -156,7 +158,7 @@ def load_embedded(split: str) -> Dataset:
         raise DataError(f"{path}: corrupt embedded sample ({exc})") from None
     images, labels = rows[:, :-1].astype(np.uint8).reshape(-1, 28, 28), rows[:, -1]
     picks = []
-    for digit in range(10):
+    for digit in range(NUM_CLASSES):
         idx = np.flatnonzero(labels == digit)
         picks.append(idx[:400] if split == "train" else idx[400:500])
     # the CSV is sorted by digit; a fixed shuffle makes any prefix (--limit) hold every class

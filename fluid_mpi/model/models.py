@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import NUM_CLASSES
+
 FAMILIES = ("static", "dynamic", "fluid")
-NUM_CLASSES = 10
 POOLED = 4 * 4  # spatial size after two conv5x5 + maxpool2 stages on 28x28
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import NUM_CLASSES
 from .models import POOLED, FluidCNN, HeadBank, SlicedCNN, Trunk, Widths, relu_pool
 
 N_STAGES = 3
@@ -35,7 +36,7 @@ class SlicePart(nn.Module):
         self.fc = nn.Linear(w.c2 * width * POOLED, w.hidden)
         self.cls_weight = nn.Parameter(torch.zeros(10, w.hidden))
         # only part 0 adds the bias, so that the sum of partial logits counts it once
-        self.cls_bias = nn.Parameter(torch.zeros(10))
+        self.cls_bias = nn.Parameter(torch.zeros(NUM_CLASSES))
 
     @classmethod
     def from_model(cls, model: SlicedCNN, index: int, width: int | None = None) -> "SlicePart":
@@ -90,7 +91,7 @@ class FluidPart(nn.Module):
         super().__init__()
         self.widths, self.index, self.parts = widths, index, parts
         self.trunk = Trunk(widths)
-        self.head = nn.Linear(widths.hidden, 10)
+        self.head = nn.Linear(widths.hidden, NUM_CLASSES)
         self.bank = HeadBank(parts, widths.hidden) if with_bank else None
 
     @classmethod

@@ -1,23 +1,16 @@
-"""Rank 0's loop for Fluid runs, over any :class:`~fluid_mpi.runtime.transport.Transport` (tests pass
-a fake one). One loop serves both modes, batch by batch, so ``--mode auto`` can switch between them:
-
-- HT: each worker holds up to ``credit`` batches; a reply is its request for more, so a slow device
-  gets fewer batches. Between replies the coordinator classifies batches of its own.
-- HA: every batch goes to every rank (up to ``ha_depth`` in flight); the coordinator adds its own
-  group's features and applies the head of the groups that answered.
-- auto: the :class:`~fluid_mpi.runtime.adaptive.ModePolicy` picks each new batch's mode from the backlog,
-  the arrival rate and each mode's capacity (first from a start-up probe through the real path, then HA's
-  corrected from every answered HA batch's service time); every switch is a ``mode_switch`` event.
-- On a :class:`PeerFailure` the one recovery path runs (``transport.recover``) and every batch in flight is
-  re-sent to the survivors; answered batches keep their answers. A worker that holds a batch past
-  ``rank_timeout`` is lost by the liveness policy: killed out of band so ULFM reports it, or, when that
-  fails, the run stops with status ``silent`` (exit 4) naming its host.
-- A drain request (SIGUSR2, from ``fluid-mpi launch``) stops taking new batches, finishes those in flight
-  and stops with status ``drained`` (exit 5): a safe point to relaunch with a device that came back.
+"""Rank 0's loop for Fluid runs, over any :class:`~fluid_mpi.runtime.transport.Transport` (tests pass a
+fake one). One loop serves both modes batch by batch, so ``--mode auto`` can switch between them: in HT each
+worker holds up to ``credit`` batches (a reply is its request for more, so a slow device gets fewer) and rank 0
+classifies batches of its own in between; in HA every batch goes to every rank (up to ``ha_depth`` in flight)
+and rank 0 applies the head of the groups that answered; in auto the ``ModePolicy`` picks each new batch's mode.
+On a :class:`PeerFailure` the one recovery path runs and every batch in flight is re-sent to the survivors; a
+worker holding a batch past ``rank_timeout`` is killed out of band (ULFM then reports it) or, failing that, the
+run stops with status ``silent`` (exit 4). A drain request (SIGUSR2) finishes the batches in flight and stops
+with status ``drained`` (exit 5). docs/architecture.md shows the messages.
 """
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from collections import OrderedDict, deque
 from typing import Callable
@@ -26,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import DeviceSilent, PeerFailure, RecoveryFailed
-from ..model.data import to_tensor_batch
+from ..model.data import NUM_CLASSES, to_tensor_batch
 from .events import EventLog, FailureTracker, FaultKind
 from .faults import FaultInjector
 from .capacity import Capacity, ServiceClock
@@ -34,8 +27,10 @@ from .inputs import ARRIVAL_WAIT_S, Batch, InputStream
 from .liveness import Liveness, keepalive_interval
 from .outputs import PredictionSink
 from .protocol import CMD_FEATURES, CMD_LOGITS, CMD_PING, CMD_STOP, STOP_FLUSH_S, RunSpec, Outcome, header
-from .scheduler import expected_share, fluid_subset, ha_depth, ht_credit
+from .scheduler import expected_share, fluid_subset, ha_depth, ht_credit, ht_hold, overdue_workers
 from .transport import Backoff, Transport, recover
+
+logger = logging.getLogger("fluid_mpi.runtime")
 
 
 class FluidCoordinator:
@@ -43,9 +38,13 @@ class FluidCoordinator:
 
     def __init__(self, transport: Transport, part, job: RunSpec, sink: PredictionSink, liveness: Liveness,
                  events: EventLog, draining: Callable[[], bool] = lambda: False,
-                 stream: InputStream | None = None, policy=None, rates: tuple[float, float] = (1.0, 1.0)):
+                 stream: InputStream | None = None, policy=None, rates: tuple[float, float] = (1.0, 1.0),
+                 clock: Callable[[], float] = time.monotonic, credit: int | None = None):
         """``policy``: a ModePolicy for ``--mode auto``; ``rates``: images/s of one sub-network's features
-        and logits measured at warm-up (the policy's capacity estimates)."""
+        and logits measured at warm-up (the policy's capacity estimates); ``clock``: the loop's monotonic
+        clock (deadlines, latencies, the policy's time); ``credit``: batches an HT worker may hold (default
+        :func:`~fluid_mpi.runtime.scheduler.ht_credit` of the batch size). Event times stay wall-clock."""
+        self.clock = clock
         self.t, self.part, self.job, self.sink = transport, part, job, sink
         self.liveness, self.events, self.draining, self.policy = liveness, events, draining, policy
         self.rates = rates
@@ -63,10 +62,11 @@ class FluidCoordinator:
         self.ha: OrderedDict[int, dict] = OrderedDict()  # bid -> {world rank: features}
         self.ha_sent: dict[int, tuple[float, float]] = {}  # bid -> ha_clock.stamp(when sent)
         self.mode = "ht" if job.mode == "ht" else "ha"
-        self.ha_depth, self.credit = ha_depth(job.batch_size), ht_credit(job.batch_size)
+        self.ha_depth = ha_depth(job.batch_size)
+        self.credit = ht_credit(job.batch_size) if credit is None else credit
         self.by_mode = {"ha": 0, "ht": 0}
         self.subset = fluid_subset(self.t.members)
-        self.last_ping = time.monotonic()
+        self.last_ping = self.clock()
         self.decided = False
         self.ha_capacity: Capacity | None = None  # auto: HA's service-time model (probe, then live)
         self.ha_clock = ServiceClock()
@@ -74,13 +74,12 @@ class FluidCoordinator:
         self.n_batches = total
         self.expected = max(1, expected_share(total, self.t.size, job.mode))
 
-    # --- messages -------------------------------------------------------------------------------------
     def workers(self) -> list[int]:
         """World ranks of the current workers (everyone but me)."""
         return [w for w in self.t.members if w != self.me]
 
     def post(self, world: int) -> None:
-        dim = max(self.part.widths.hidden, 10)  # a reply holds features (HA) or logits (HT)
+        dim = max(self.part.widths.hidden, NUM_CLASSES)  # a reply holds features (HA) or logits (HT)
         self.handles[world] = self.t.recv_start(self.t.members.index(world), self.job.batch_size * dim)
 
     def send(self, world: int, b: Batch, cmd: int) -> None:
@@ -110,24 +109,21 @@ class FluidCoordinator:
     def measure(self, images: int, sent: tuple[float, float]) -> None:
         """auto: HA's capacity, live, from this HA batch's busy time at the coordinator (:class:`ServiceClock`;
         not while HT batches are in flight: the time then went to those too), and what HA served."""
-        now = time.monotonic()
+        now = self.clock()
         seconds = self.ha_clock.answered(sent, now, saturated=self.stream.backlog > 0)
         self.policy.observe_served(now, images)
         if self.ha_capacity is not None and not any(self.ht.values()):
             self.policy.set_capacity(ha_capacity=self.ha_capacity.update(images, seconds))
 
-    # --- failures -------------------------------------------------------------------------------------
     def on_failure(self) -> None:
         t_detect, before = time.time(), len(self.t.members)
         lost = recover(self.t, self.liveness, self.job.rank_timeout, self.events)
         self.tracker.lost(lost, t_detect, self.last_contact, None, killed=self.liveness.killed)
         for w in lost:
-            print(f"fluid-mpi: rank {w} failed; continuing on {len(self.t.members)} rank(s)", file=sys.stderr,
-                  flush=True)
+            logger.warning("fluid-mpi: rank %d failed; continuing on %d rank(s)", w, len(self.t.members))
         # messages across a shrink are lost: every batch in flight is re-sent, oldest first
         self.retry.extendleft(sorted(self.batches.values(), key=lambda b: b.bid, reverse=True))
-        self.batches, self.ht, self.ha, self.handles = {}, {}, OrderedDict(), {}
-        self.ha_sent = {}
+        self.batches, self.ht, self.ha, self.handles, self.ha_sent = {}, {}, OrderedDict(), {}, {}
         for w in self.workers():
             self.post(w)
         new = fluid_subset(self.t.members)
@@ -138,7 +134,7 @@ class FluidCoordinator:
         if self.policy is not None:  # a membership change: HA's time per batch stays (each rank its own
             # group, side by side); HT's capacity scales with the ranks left
             self.policy.reset(self.policy.ha_capacity, self.policy.ht_capacity * len(self.t.members) / before)
-            self.ha_clock.restart(time.monotonic())
+            self.ha_clock.restart(self.clock())
 
     def check_overdue(self, overdue: list[int]) -> None:
         """The liveness policy for workers that held a batch past the deadline: kill them out of band
@@ -157,13 +153,10 @@ class FluidCoordinator:
                                "in-job; relaunch without them (fluid-mpi launch does)", silent, hosts)
 
     def overdue(self, now: float) -> list[int]:
-        late = {w for w, sent in self.ht.items() if sent and now - min(sent.values()) > self.job.rank_timeout}
         oldest = next(iter(self.ha), None)
-        if oldest is not None and now - self.ha_sent[oldest][0] > self.job.rank_timeout:
-            late |= {w for w in self.workers() if w not in self.ha[oldest]}
-        return sorted(late)
+        ha_oldest = None if oldest is None else (self.ha_sent[oldest][0], self.ha[oldest])
+        return overdue_workers(self.ht, ha_oldest, self.workers(), now, self.job.rank_timeout)
 
-    # --- the loop -------------------------------------------------------------------------------------
     def choose_mode(self, now: float) -> str:
         if self.policy is None:
             return self.mode
@@ -177,9 +170,12 @@ class FluidCoordinator:
     def keep_alive(self, now: float) -> None:
         """Idle: ping the workers now and then, lest they take a quiet stream for a lost coordinator."""
         if now - self.last_ping > keepalive_interval(self.job.rank_timeout):
-            for w in self.workers():
-                self.t.send(self.t.members.index(w), header(CMD_PING, 0, 0, 0), np.zeros(0, np.uint8))
+            self._tell_all(CMD_PING)
             self.last_ping = now
+
+    def _tell_all(self, cmd: int) -> None:
+        for w in self.workers():
+            self.t.send(self.t.members.index(w), header(cmd, 0, 0, 0), np.zeros(0, np.uint8))
 
     def run(self) -> Outcome:
         for w in self.workers():
@@ -188,25 +184,24 @@ class FluidCoordinator:
             from .probe import first_capacities
 
             self.ha_capacity = first_capacities(self)
-        t0 = time.perf_counter()
-        self.stream.start()
+        t0 = self.clock()
+        self.stream.start(self.clock())
         if self.policy is not None:
-            self.policy.begin(time.monotonic())
+            self.policy.begin(self.clock())
         try:
             drained = self._loop()
         except (RecoveryFailed, DeviceSilent) as exc:
-            print(f"fluid-mpi: {exc}", file=sys.stderr, flush=True)
+            logger.error("fluid-mpi: %s", exc)
             self.t.revoke()  # wake the workers: they stop within their own deadlines
             silent = tuple(exc.hosts) if isinstance(exc, DeviceSilent) else ()
-            return Outcome(time.perf_counter() - t0, len(self.t.members), "silent" if silent else "failed",
+            return Outcome(self.clock() - t0, len(self.t.members), "silent" if silent else "failed",
                            str(exc), silent_hosts=silent)
-        elapsed = time.perf_counter() - t0
+        elapsed = self.clock() - t0
         if self.policy is not None:  # the live estimates the run ended with, beside the probe's first ones
             self.events.emit("capacity", ha_per_s=round(self.policy.ha_capacity, 1),
                              ht_per_s=round(self.policy.ht_capacity, 1), at="end")
         try:
-            for w in self.workers():
-                self.t.send(self.t.members.index(w), header(CMD_STOP, 0, 0, 0), np.zeros(0, np.uint8))
+            self._tell_all(CMD_STOP)
             self.t.flush_sends(STOP_FLUSH_S)
         except PeerFailure:
             pass  # a worker lost after the last answer: every input is answered, it has nothing to stop
@@ -218,7 +213,7 @@ class FluidCoordinator:
         drained = False
         while self.batches or self.retry or not (drained or self.stream.finished()):
             try:
-                now = time.monotonic()
+                now = self.clock()
                 if not drained:
                     arrived = self.stream.poll(now)
                     if self.policy is not None:
@@ -239,8 +234,8 @@ class FluidCoordinator:
                 else:
                     self.idle.pause()
                 if not got:  # a pass that found nothing to do: waiting, not HA's work
-                    self.ha_clock.waited(time.monotonic() - now)
-                self.check_overdue(self.overdue(time.monotonic()))
+                    self.ha_clock.waited(self.clock() - now)
+                self.check_overdue(self.overdue(self.clock()))
             except PeerFailure:
                 self.on_failure()
         return drained
@@ -254,13 +249,11 @@ class FluidCoordinator:
                 got = True
                 self._reply(w)
         self._combine()
-        now = time.monotonic()
+        now = self.clock()
         new = (lambda: None) if drained else self.next_batch
         if mode == "ht":
-            # no worker holds more than its share of what waits (every rank counted): at the end of a run,
-            # or in a short one, the credit would hand the workers everything and leave rank 0 idle
             waiting = -(-self.stream.backlog // self.job.batch_size) + len(self.retry)
-            held = min(self.credit, max(1, -(-waiting // len(self.t.members))))
+            held = ht_hold(self.credit, waiting, len(self.t.members))
             for w in self.workers():
                 mine = self.ht.setdefault(w, {})
                 while len(mine) < held and (b := new()) is not None:
@@ -296,7 +289,7 @@ class FluidCoordinator:
     def _reply(self, w: int) -> None:
         h = self.handles[w]
         kind, bid, n = int(h.header[0]), int(h.header[1]), int(h.header[2])
-        dim = self.part.widths.hidden if kind == CMD_FEATURES else 10
+        dim = self.part.widths.hidden if kind == CMD_FEATURES else NUM_CLASSES
         out = h.payload[:n * dim].reshape(n, dim)  # no copy: post() gives the next reply its own buffer
         self.last_contact[w] = time.time()
         self.post(w)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ExitCode, FluidError, LaunchError
-from . import faults
+from . import exits
 from .arrivals import parse_rate
 from .liveness import Liveness
 from .options import MODES, InferOptions
@@ -47,7 +47,7 @@ def plan_layout(family: str, parts: int, size: int, width: int | None) -> tuple[
 
 def run_infer(opts: InferOptions) -> tuple[int, bool]:
     """Run on this rank; returns the exit code and whether to finalize MPI normally (only without
-    fault tolerance: with ULFM the process ends with os._exit, see faults.planned_exit)."""
+    fault tolerance: with ULFM the process ends with os._exit, see exits.planned_exit)."""
     from .mpi_transport import MpiTransport, ft_enabled  # starts MPI: keep it out of --help
 
     import faulthandler
@@ -120,7 +120,7 @@ def _run(t, opts: InferOptions, ft: bool) -> int:
     from . import roles
 
     if t.size > 1:
-        faults.install_unplanned_exit_guard()
+        exits.install_unplanned_exit_guard()
     drain = Drain()
     started_at = time.time()
     started = _start(t, opts)

@@ -151,7 +151,6 @@ def open_inputs(opts, skip: set[int], ds_loader=None) -> InputStream:
     """The inputs of a run from its options: ``--input PATH`` (a folder, a ``.npy`` or ``-`` for stdin),
     else the MNIST test split (``--data-dir``, ``--limit``, ``--repeat``); ``--rate``/``--seed`` replay them
     as a Poisson stream. ``skip``: keys already answered (``--resume``, take-over)."""
-    t0 = time.monotonic()
     if opts.input == "-":
         import sys
 

@@ -6,7 +6,7 @@ import json
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -233,74 +233,3 @@ class PredictionSink:
             self.sync()
             self._fh.close()
             self._fh = None
-
-
-@dataclass
-class Summary:
-    """The JSON summary of one run (``--summary``), built from the sink and the event log."""
-
-    family: str
-    mode: str
-    checkpoint: str
-    data: str
-    batch_size: int
-    combine: str | None
-    width_start: int | None
-    width_end: int | None
-    ranks_start: int
-    ranks_end: int
-    images: int
-    answered: int
-    answered_here: int
-    resumed: int
-    torn_lines_repaired: int
-    duplicates: int
-    correct: int
-    accuracy: float | None  # over the answers whose label is known (None: no labels, e.g. the user's images)
-    elapsed_s: float
-    images_per_s: float
-    latency_ms: dict | None
-    max_backlog: int
-    errors: int
-    by_mode: dict | None
-    status: str
-    exit_code: int
-    message: str
-    failures: list[dict]
-    events: list[dict]
-    timeline: list
-    takeover: dict | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def write_summary(path: str | os.PathLike | None, summary: dict) -> None:
-    """Write the JSON summary atomically."""
-    if path is None:
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def human_summary(s: dict) -> str:
-    """A few readable lines for stdout."""
-    acc = "no labels" if s["accuracy"] is None else f"accuracy {s['accuracy']:.2f} %"
-    lat = s.get("latency_ms") or {}
-    lines = [f"{s['family']} {s.get('mode') or ''} on {s['ranks_start']} rank(s): status {s['status']}",
-             f"  answered {s['answered']}/{s['images'] if s['images'] is not None else '?'} inputs, {acc}, "
-             f"{s['images_per_s']:.1f} images/s in {s['elapsed_s']:.2f} s, duplicates {s['duplicates']}"
-             + (f", unreadable {s['errors']}" if s.get("errors") else "")]
-    if lat.get("p50") is not None:
-        lines.append(f"  latency p50 {lat['p50']:.2f} ms, p95 {lat['p95']:.2f} ms, p99 {lat['p99']:.2f} ms"
-                     + (f"; batches by mode {s['by_mode']}" if s.get("by_mode") else ""))
-    for f in s.get("failures", []):
-        lines.append(f"  failure: rank {f['rank']} on {f.get('host', '?')} ({f.get('fault')}, "
-                     f"{f.get('how', '?')}) after batch {f.get('after_batch')}, detected in "
-                     f"{f.get('detected_ms')} ms; continued on {s['ranks_end']} rank(s)")
-    if s.get("message"):
-        lines.append(f"  {s['message']}")
-    return "\n".join(lines)

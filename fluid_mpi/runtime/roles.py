@@ -13,7 +13,8 @@ from ..errors import ExitCode, FluidError
 from .events import SUMMARY_EVENTS, EventLog, FailureTracker, stopped_since
 from .inputs import open_inputs
 from .liveness import Liveness
-from .outputs import Answered, PredictionSink, Summary, human_summary, read_answered, write_summary
+from .outputs import Answered, PredictionSink, read_answered
+from .summary import Summary, human_summary, write_summary
 from .protocol import RunSpec, Outcome
 from .transport import Transport
 

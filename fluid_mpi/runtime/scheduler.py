@@ -41,3 +41,21 @@ HT_CREDIT_SMALL = 4
 def ht_credit(batch_size: int) -> int:
     """Batches an HT worker may hold: :data:`HT_CREDIT_SMALL` below batch 64, else :data:`HT_CREDIT`."""
     return HT_CREDIT_SMALL if batch_size < 64 else HT_CREDIT
+
+
+def overdue_workers(ht: dict[int, dict[int, float]], ha_oldest: tuple[float, dict] | None, workers: list[int],
+                    now: float, rank_timeout: float) -> list[int]:
+    """Workers holding work past ``rank_timeout``: in HT, one whose oldest batch (``ht``: worker ->
+    {batch: when sent}) is older; in HA, every worker that has not answered the oldest batch in flight
+    (``ha_oldest``: when it was sent, {world rank: features} so far) once that batch is older."""
+    late = {w for w, sent in ht.items() if sent and now - min(sent.values()) > rank_timeout}
+    if ha_oldest is not None and now - ha_oldest[0] > rank_timeout:
+        late |= {w for w in workers if w not in ha_oldest[1]}
+    return sorted(late)
+
+
+def ht_hold(credit: int, waiting_batches: int, ranks: int) -> int:
+    """Batches an HT worker may hold now: its credit, but no more than its share of what waits (every
+    rank counted): at the end of a run, or in a short one, the credit would hand the workers everything
+    and leave rank 0 idle."""
+    return min(credit, max(1, -(-waiting_batches // ranks)))

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from ..errors import ExitCode, PeerFailure, RecoveryFailed
-from ..model.data import to_tensor_batch
-from ..model.partition import N_STAGES, narrow
+from ..model.data import NUM_CLASSES, to_tensor_batch
+from ..model.partition import N_STAGES, dynamic_width, narrow
 from .events import EventLog, FailureTracker
 from .faults import FaultInjector
 from .liveness import Liveness, coordinator_silence_limit
@@ -26,7 +26,6 @@ from .outputs import PredictionSink
 from .inputs import ARRIVAL_WAIT_S, InputStream
 from .liveness import keepalive_interval
 from .protocol import CMD_PING, CMD_RUN, CMD_STOP, STOP_FLUSH_S, RunSpec, Outcome, header
-from ..model.partition import dynamic_width
 from .transport import Transport, recover
 from .worker import WorkerEnd, stop_worker
 
@@ -89,7 +88,7 @@ class SlicedRun:
 
     def _shape(self, stage: int, n: int) -> tuple:
         w = self.full_part.widths
-        return [(n, w.c1, 12, 12), (n, w.c2, 4, 4), (n, 10)][stage]
+        return [(n, w.c1, 12, 12), (n, w.c2, 4, 4), (n, NUM_CLASSES)][stage]
 
     # --- coordinator ------------------------------------------------------------------------------
     def coordinate(self, stream: InputStream | None = None) -> Outcome:

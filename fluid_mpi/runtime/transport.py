@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from .faults import note_failure
+from .exits import note_failure
 from .liveness import Liveness, recovery_deadline
 
 

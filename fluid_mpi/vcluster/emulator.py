@@ -7,25 +7,20 @@ import contextlib
 import json
 import os
 import re
-import shlex
 import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Callable
 
-from ..errors import FluidError
+from .links import VClusterError, _run, shape_links
 
 SUBNET, PREFIX_LEN = "10.213.0", 24  # private /24 used only inside the namespaces we create
 HEAD, HEAD_OCTET, MAX_NODES, DEFAULT_NAME = "head", 254, 200, "fmpi"
 NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")  # short: "NAME-254" must fit a 15-character interface name
 STATE_ROOT, CGROUP_ROOT, HOSTS_FILE = Path("/run/fluid-mpi-vcluster"), Path("/sys/fs/cgroup"), Path("/etc/hosts")
 CONTROLLERS = ("cpu", "freezer")
-CMD_TIMEOUT = 15.0  # an ip/tc call takes milliseconds; the bound only guards against a wedged kernel call
 SETTLE_TIMEOUT, POLL = 5.0, 0.05  # killed tasks vanish, a FREEZING cgroup turns FROZEN, well within a second
-TBF_LATENCY = "50ms"  # tbf queue bound: packets waiting longer are dropped, like a small switch buffer
-RATE_RE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit)$")
 AGENT = """#!/bin/sh
 # fluid-mpi vcluster {name}: launch agent standing in for ssh (agent HOST CMD...); a frozen HOST freezes it too
 host="$1"; shift
@@ -35,10 +30,6 @@ for d in {cgroups}; do [ -d "$d/$host" ] && {{ echo $$ > "$d/$host/cgroup.procs"
 export TMPDIR="{state}/tmp/$host"; mkdir -p "$TMPDIR"  # the host's own /tmp, emptied by power-on
 exec ip netns exec "{name}-$host" unshare --uts sh -c "hostname $host; $*"
 """
-
-
-class VClusterError(FluidError):
-    """A virtual-cluster operation is impossible (not root, namespaces refused, bad host, no cluster)."""
 
 
 def resolve_name(name: str | None = None) -> str:
@@ -72,18 +63,6 @@ def _load(path: Path) -> dict | None:
     with contextlib.suppress(OSError, ValueError):
         return json.loads(path.read_text())
     return None
-
-
-def _run(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    try:
-        proc = subprocess.run(args, capture_output=True, text=True, timeout=CMD_TIMEOUT)
-    except FileNotFoundError:
-        raise VClusterError(f"{args[0]} not found: install iproute2 (ip, tc) and util-linux (unshare)") from None
-    except subprocess.TimeoutExpired:
-        raise VClusterError(f"{shlex.join(args)}: no answer within {CMD_TIMEOUT:g} s") from None
-    if check and proc.returncode:  # ip and tc say what is wrong on the first line of stderr
-        raise VClusterError(f"{shlex.join(args)}: {(proc.stderr.strip().splitlines() or ['failed'])[0]}")
-    return proc
 
 
 def _settle(done: Callable[[], bool]) -> bool:
@@ -285,29 +264,7 @@ class VCluster:
               loss: float | None = None) -> list[str]:
         """Shape both directions of the host's link (all hosts when ``host`` is None): tbf for ``rate``, netem
         for ``delay`` (each way) and ``loss`` (percent); with none of them, remove the shaping. Returns the hosts."""
-        state, specs = self.require(host), []  # tc qdiscs, root first: netem (delay, loss), then tbf (rate)
-        if delay is not None or loss is not None:
-            specs.append(["netem", *(["delay", delay] if delay else []), *(["loss", f"{loss}%"] if loss else [])])
-        if rate is not None:
-            match = RATE_RE.match(rate)
-            if not match:
-                raise VClusterError(f"bad --rate {rate!r}: a number with bit, kbit, mbit or gbit (e.g. 100mbit)")
-            bits = float(match[1]) * {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}[match[2]]
-            burst = max(3000, int(bits / 8 / 100))  # 10 ms of traffic, at least two full frames
-            specs.append(["tbf", "rate", rate, "burst", str(burst), "latency", TBF_LATENCY])
-        if specs and specs[0][0] == "netem":
-            probe = _run(["tc", "-n", self.switch, "qdisc", "add", "dev", "br0", "root", "netem"], check=False)
-            if probe.returncode:  # tc: "Specified qdisc kind is unknown"
-                raise VClusterError("netem is not in this kernel: --delay/--loss cannot be emulated (--rate can)")
-            _run(["tc", "-n", self.switch, "qdisc", "del", "dev", "br0", "root"])
-        targets = [host] if host else list(state["hosts"])
-        for name in targets:
-            for ns, dev in ((self.switch, self.veth(name)), (self.ns(name), "eth0")):
-                _run(["tc", "-n", ns, "qdisc", "del", "dev", dev, "root"], check=False)  # none there yet is fine
-                for i, spec in enumerate(specs, 1):  # netem at the root, tbf below it
-                    where = ["root"] if i == 1 else ["parent", f"{i - 1}:1"]
-                    _run(["tc", "-n", ns, "qdisc", "add", "dev", dev, *where, "handle", f"{i}:", *spec])
-        return targets
+        return shape_links(self, host, rate, delay, loss)
 
     def status(self) -> dict:
         """What exists: hosts (address, power, cable, link, cpu limit, freezer, root qdisc, pids), or up: False."""

@@ -35,7 +35,7 @@ SETTINGS = [("unshaped", None, None), ("1 Gbit/s", "1gbit", None), ("100 Mbit/s"
 QUICK_SETTINGS = [("unshaped", None, None), ("100 Mbit/s", "100mbit", 0.5)]
 # Wall-time budgets of `bench cluster` (its own line in the goals table), measured × 1.5: the full one (6
 # settings × 3 repetitions × 5 rows = 90 mpiruns) took 666 s (wall_s; 13 min 47 s with the training of the three
-# checkpoints) on 2026-11-30 with the machine's load at 6-7; --quick (2 settings × 5 rows, 1,000 inputs at full
+# checkpoints) with the machine's load at 6-7; --quick (2 settings × 5 rows, 1,000 inputs at full
 # speed) took 48.6 s and 43.3 s with the load at 3-5. test_bench asserts the quick bound.
 CLUSTER_BUDGET_S = 1000.0
 CLUSTER_QUICK_BUDGET_S = 75.0

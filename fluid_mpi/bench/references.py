@@ -23,7 +23,7 @@ from ..cluster.mpirun import mpirun_infer
 # plan_layout then runs group 0 alone (a subset of the K groups), with its own head
 HA_ONE = "HA on one rank"
 # The concurrent reference runs at least 1 s: with 0.4 s windows (the other references') two processes
-# gave 1.46-2.21x one alone at batch 64, with 1-3 s windows 1.86-2.07x (9 tries, 2026-11-30); each try
+# gave 1.46-2.21x one alone at batch 64, with 1-3 s windows 1.86-2.07x (9 tries); each try
 # also spends ~2 s starting its processes (torch, checkpoint, data), so the 15 of a full bench add ~45 s.
 CONCURRENT_WINDOW_S = 1.0
 

@@ -30,7 +30,7 @@ FULL_BUDGET_S = 1200.0
 QUICK_BUDGET_S = 120.0
 # The bound tests/test_bench.py asserts for --quick: measured × 1.5. `fluid-mpi bench --quick` (2 interleaved
 # repetitions of 6 rows at batch 64 and 1, 8 runs with a rank killed, 2 detection runs: 34 mpiruns) measured
-# 241.5 s (wall_s) on 2026-11-30 with the machine's 1-minute load at 4-5 (other engineers' suites), and 363.1 s
+# 241.5 s (wall_s) with the machine's 1-minute load at 4-5 (other engineers' suites), and 363.1 s
 # inside test_bench with the load at 6-10 (each mpirun then takes 6-9 s, mostly start-up); 363 × 1.5 = 545 s.
 # The goal above (120 s) needs a quiet machine: ~2.5 s of start-up per mpirun there.
 QUICK_BOUND_S = 545.0

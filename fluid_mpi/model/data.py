@@ -66,7 +66,7 @@ def to_tensor_batch(images: np.ndarray):
 
     In numpy, in place on one float32 copy: the same values as torch's ``x.float().div_(255)
     .sub_(MNIST_MEAN).div_(MNIST_STD)`` (checked for all 256 pixel values, in the tests), at 5 µs instead
-    of 12 for one image and 22 instead of 28 for 64 (2026-11-30, one thread): at batch 1 the conversion
+    of 12 for one image and 22 instead of 28 for 64(one thread): at batch 1 the conversion
     is ~5 % of a forward."""
     import torch
 

@@ -15,47 +15,27 @@ HA, HT = "ha", "ht"
 # Switch up to HT once arrivals exceed 90 % of HA's capacity: a queue served at utilisation rho waits
 # ~rho/(1-rho) service times, so above ~0.9 HA's latency explodes under Poisson arrivals.
 UP_FRACTION = 0.9
-# With a latency target the rate rule is kept for clear overloads, arrivals 25 % over HA's capacity (the
-# larger of the estimate and what HA answered over the window): below that the target's own rule (the backlog
-# HA would answer in time) decides, and HA keeps its accuracy wherever it meets the user's target. The 25 %
-# is the estimate's error measured here: at 23,000/s arriving, the live estimate read 18.8-23.0k/s (the
-# machine's slow phases, 5-10 batches at 1.5-2x) where HA alone served 23.1-24.6k/s saturated with a p99 of
-# 77 ms against the 100 ms target; at 0.9, 1.0 and 1.1 the rate rule sent auto to HT in most runs at that
-# load, which HA sustained (2026-11-30, this machine).
+# With a latency target the rate rule is kept for clear overloads: 25 % over HA's capacity is the live
+# estimate's measured error, so below it the target's own rule (the backlog HA would answer in time) decides.
 UP_FRACTION_WITH_TARGET = 1.25
-# Come back to HA only below 70 % of HA's capacity: the 20-point gap is the hysteresis band, wider than a
-# one-second window's Poisson noise at a few hundred images/s (1/sqrt(n) ~ 5 %), so the mode does not flap.
+# Come back to HA only below 70 % of HA's capacity: a hysteresis band wider than a one-second window's
+# Poisson noise at a few hundred images/s (1/sqrt(n) ~ 5 %), so the mode does not flap.
 DOWN_FRACTION = 0.7
 # Plan for the backlog to drain within 60 % of the latency target: the rest is left for batching, the
-# transport and the capacity estimate's error, none of which the drain estimate sees. At 80 %, a load just
-# over HA's capacity (22k/s arriving, HA serving 21.6k) left auto's p99 at 105 ms against HT's 67 ms and
-# the 100 ms target (2026-11-30 12:28 sweep): the estimate there ran up to 18 % above what HA served, and
-# 0.8 / 1.18 = 0.68 of the target is what the drain really took; 0.6 leaves room below that.
+# transport and the capacity estimate's error (up to 18 % high near saturation), none of which it sees.
 LATENCY_MARGIN = 0.6
-# "Nearly empty" backlog, to hand back to HA: what HA clears in 2 % of a window (20 ms by default: two or
-# three full batches at the ~8k images/s HA does on 2 cores). At 0.1, a quick bench's step load (machine
-# load ~7) handed back to HA with 241 inputs (72 ms of HA work) waiting, and went straight up to HT again.
+# "Nearly empty" backlog, to hand back to HA: what HA clears in 2 % of a window (20 ms by default, two or
+# three full batches); less hands back with work waiting and goes straight up to HT again.
 NEARLY_EMPTY = 0.02
-# The rate rule counts (in HA) only once the backlog holds some HA work: a queue that stays below shows HA
-# keeping up whatever the estimate of its capacity says (a noisy early rate, or an estimate read low at a
-# light load). Without a target that is NEARLY_EMPTY (20 ms), as the rate rule fires at 0.9 x, within the
-# Poisson noise of an early rate. With a target the rate rule fires only at 1.25 x, a clear overload, and 1 %
-# of a window (10 ms, ~210 inputs at the ~21k/s HA does on 2 cores: three full batches) is enough. At 20 ms
-# a stream starting at 70 % of HT's capacity stayed 30 ms in HA (9 batches, 485 waiting) and HT, with 43 %
-# to spare, took another ~40 ms to work that off: 2-3 % of a 3 s run's inputs waited 30-60 ms longer, which
-# is a p99 (auto 101 ms against HT's 87, 14:11 sweep). What HA served over the window (a floor of its
-# capacity) keeps the rule from firing on a load HA carries.
+# With a target, the rate rule counts once the backlog holds 1 % of a window of HA work (10 ms, ~3 full
+# batches): the rule fires only at a clear overload, and waiting longer delays HT enough to show in the p99.
+# Without a target the proof is NEARLY_EMPTY, since the 0.9 rule sits within an early rate's noise.
 RATE_PROOF = 0.01
-# Until one full window has passed, divide arrivals by at least 2 % of a window (20 ms), so that a first
-# burst is not divided by a near-zero span (an infinite rate). 20 ms holds ~90 arrivals at a 10 % load on a
-# quiet 2-core machine (+-10 % Poisson noise), and a noisy early rate switches nothing by itself: the rate
-# counts only once the backlog holds 20 ms of HA work (10 ms with a target: RATE_PROOF). At a tenth of a
-# window (the value before), a run starting at 90 % of HT's capacity stayed ~50 ms in HA and left ~1,000 inputs waiting,
-# which HT, with ~10 % to spare, took the whole 3 s run to work off (p99 133 ms against HT's 71 ms).
+# Until a full window has passed, divide arrivals by at least 2 % of a window (20 ms), so that a first burst
+# is not divided by a near-zero span (an infinite rate); a shorter floor kept a heavy start in HA too long.
 MIN_SPAN_FRACTION = 0.02
-# After a switch for a backlog, back to HA once it is drained if the arrivals are at most 5 % over HA's
-# capacity: a one-second count's Poisson noise at a few thousand images/s (1/sqrt(n) ~ 1-2 %) with room to
-# spare, and no more, so that HA does not resume a load it cannot carry.
+# After a switch for a backlog, back to HA once drained if arrivals are at most 5 % over HA's capacity: a
+# one-second count's Poisson noise at a few thousand images/s (1-2 %) with room to spare, and no more.
 PEAK_FRACTION = 1.05
 
 
@@ -243,9 +223,8 @@ class ModePolicy:
                                f"backlog {backlog}")
         else:  # in HT: back to HA only when the load has clearly fallen and HT has had its window; after a
             # switch for a backlog, as soon as it is drained if the arrivals are within 5 % of HA's capacity
-            # (HA carries the load on average: HT only shaved a peak). At 1.25 x instead, auto went back to
-            # HA at 25.6k/s arriving where HA served 22.5k, again and again, and its p99 reached 104 ms
-            # against HT's 67 (12:35 sweep).
+            # (HA carries the load on average: HT only shaved a peak); a wider margin sent auto back to an
+            # HA that could not carry the load, again and again.
             burst = self.dwell_s == 0
             c_back = max(c, self._served_then)
             short = self._ha_shortfall(c, rate, backlog, PEAK_FRACTION if burst else self.down,

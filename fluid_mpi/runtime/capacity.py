@@ -33,7 +33,7 @@ class Capacity:
     SPREAD = 1 / 8
     # A batch that took more than 3x the model's time is a stall: a context switch or a blocked write on a
     # shared core (4-10 ms, up to ~100 ms seen) is longer than a batch (0.1-3 ms). Folded in whole, one
-    # such batch halved the HA estimate at a 30 % load (16.7k to 7.6k/s, 2026-11-30); clipped to 3x, a
+    # such batch halved the HA estimate at a 30 % load (16.7k to 7.6k/s); clipped to 3x, a
     # 70 ms one still cut it by 10 % (24.7k to 22.0k/s at 23k/s arriving) and sent auto to HT at a load HA
     # sustained. So a lone stall is left out, and only the 3rd in a row (a real slowdown) and those after
     # it are folded in, clipped to 3x: a 10x slowdown is followed within 10-60 batches (in the tests).
@@ -112,7 +112,7 @@ class ServiceClock:
     answered if that was later (back to back, each one's service starts when the previous one is done), to
     its answer, less the time the coordinator spent waiting meanwhile (the caller adds each wait with
     :meth:`waited`). A latency (the wait for the workers' features included) read HA at 7.6-16.7k images/s
-    at light loads where a saturated HA served 21.6k (docs/adaptive.md, 2026-11-30): a batch alone waits for
+    at light loads where a saturated HA served 21.6k (docs/adaptive.md): a batch alone waits for
     the workers' transfer, which back-to-back batches overlap. When inputs are waiting (HA saturated), the
     waits count too (:meth:`answered`): they are then for the workers, and a worker slower than the
     coordinator shows.
@@ -138,7 +138,7 @@ class ServiceClock:
         """Busy seconds of the batch stamped ``sent`` and answered ``now``. ``saturated``: inputs were
         waiting for HA meanwhile, so every wait was for the pipeline (the workers' features), not for
         arrivals, and counts: a worker slower than the coordinator then shows. With the waits always left
-        out, the estimate ran up to 18 % above what a saturated HA served (2026-11-30 12:28 and 12:35 sweeps)."""
+        out, the estimate ran up to 18 % above what a saturated HA served."""
         start = max(sent, self.last_done)  # the later of the two (tuples compare by time first)
         self.last_done = (now, self.idle_s)
         if saturated:

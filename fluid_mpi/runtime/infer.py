@@ -3,8 +3,8 @@ computes its own part. This module holds the start-up checks and wires each rank
 (``roles.py``); the options and their defaults are in ``options.py``."""
 from __future__ import annotations
 
+import logging
 import signal
-import sys
 import time
 import tempfile
 from pathlib import Path
@@ -17,6 +17,8 @@ from .arrivals import parse_rate
 from .liveness import Liveness
 from .options import MODES, InferOptions
 from .protocol import RunSpec
+
+logger = logging.getLogger("fluid_mpi.runtime")
 
 FT_HINT = ("fault tolerance is OFF: a rank's death will end the whole job. Turn it on with "
            "`mpirun --with-ft ulfm`, or export OMPI_MCA_mpi_ft_enable=1 PRTE_MCA_state_base_recoverable=1 "
@@ -111,7 +113,7 @@ def _start(t, opts: InferOptions):
         if t.rank == 0:
             first = errors[0][1] if len({e for _, e in errors}) == 1 else \
                 "; ".join(f"rank {r}: {e}" for r, e in errors)
-            print(f"fluid-mpi: error: {first}", file=sys.stderr, flush=True)
+            logger.error(f"fluid-mpi: error: {first}")
         return ExitCode.BAD_INPUT
     return part, meta, width, where, [(h, p) for h, p, _ in hosts]
 
@@ -128,7 +130,7 @@ def _run(t, opts: InferOptions, ft: bool) -> int:
         return started
     part, meta, width, where, hosts = started
     if t.rank == 0 and t.size > 1 and not ft:
-        print(f"fluid-mpi: warning: {FT_HINT}", file=sys.stderr, flush=True)
+        logger.warning(f"fluid-mpi: warning: {FT_HINT}")
     if t.rank == 0 and not opts.quiet:
         print(f"fluid-mpi: {meta['family']} K={meta['parts']} on {t.size} rank(s): {where}", flush=True)
     stamp_dir = str(Path(opts.summary).resolve().parent) if opts.summary else tempfile.gettempdir()

@@ -2,7 +2,7 @@
 sub-network, the head), before the first input arrives, for the policy's first capacity estimates.
 
 The in-process warm-up timing (``roles.measure_rates``) sees one sub-network on an idle core: it put HA at
-13-21k images/s where the cluster answered at most 8.7k (docs/adaptive-results.md, 2026-11-30). The probe
+13-21k images/s where the cluster answered at most 8.7k (docs/adaptive-results.md). The probe
 times what a batch really costs: HA (every rank computes its group's features, the coordinator applies the
 head; timed as the coordinator's busy time, HA's busiest stage) at a full and at a quarter batch, which
 gives the per-batch overhead and the per-image time of :class:`~fluid_mpi.runtime.capacity.Capacity`; HT
@@ -108,7 +108,7 @@ def first_capacities(coord) -> Capacity:
     ha, ht = got
     # In HT each rank classifies batches of its own with about the work per image it does on every batch in
     # HA (its sub-network; the head is small), so HT serves at least K x HA. A probe below that was slowed
-    # by the shared machine (bench 2026-11-30, load 8: HT 3,272/s probed vs HA 4,079/s), and would pin auto
+    # by the shared machine(bench, load 8: HT 3,272/s probed vs HA 4,079/s), and would pin auto
     # to HA through the policy's "HT is not faster" rule, meant for one device left.
     ht = max(ht, len(coord.t.members) * ha.value)
     coord.policy.reset(ha.value, ht, membership=False)

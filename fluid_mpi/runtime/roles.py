@@ -4,7 +4,7 @@ is lost, the lowest surviving rank takes over a Fluid run (skipping what the pre
 holds) or, for Static/Dynamic, writes the ``failed`` summary the dead coordinator could not."""
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -17,6 +17,8 @@ from .outputs import Answered, PredictionSink, read_answered
 from .summary import Summary, human_summary, write_summary
 from .protocol import RunSpec, Outcome
 from .transport import Transport
+
+logger = logging.getLogger("fluid_mpi.runtime")
 
 
 @dataclass
@@ -67,7 +69,7 @@ def coordinate(ctx: Context, lost_before: list[int] | None = None, lost_at: floa
     try:
         stream = open_inputs(opts, done.indices)
     except FluidError as exc:
-        print(f"fluid-mpi: error: {exc}", file=sys.stderr, flush=True)
+        logger.error(f"fluid-mpi: error: {exc}")
         events.emit("stop", status="bad input", exit_code=ExitCode.BAD_INPUT, message=str(exc))
         t.revoke()  # the workers are waiting for work: wake them so they can stop
         return ExitCode.BAD_INPUT
@@ -159,12 +161,11 @@ def serve(ctx: Context) -> int:
             return end.code
         lost = sorted(set(end.lost))
         if stopped_since(ctx.opts.events, ctx.started_at):  # cut off from a run that has already ended
-            print(f"fluid-mpi: rank {t.world_rank()}: the run has already stopped; not taking over",
-                  file=sys.stderr, flush=True)
+            logger.error(f"fluid-mpi: rank {t.world_rank()}: the run has already stopped; not taking over")
             return ExitCode.STOPPED
         if ctx.fluid:  # the lowest surviving rank takes over as coordinator
-            print(f"fluid-mpi: coordinator (rank {min(lost)}) lost; rank {t.world_rank()} takes over "
-                  f"on {t.size} rank(s)", file=sys.stderr, flush=True)
+            logger.warning(f"fluid-mpi: coordinator (rank {min(lost)}) lost; rank {t.world_rank()} takes over "
+                           f"on {t.size} rank(s)")
             return coordinate(ctx, lost, lost_at)
         return _report_lost_coordinator(ctx, lost, lost_at, end.code)
 

@@ -22,7 +22,7 @@ HA_DEPTH = 2
 def ha_depth(batch_size: int) -> int:
     """HA batches in flight: :data:`HA_DEPTH`, but one at batch 1. In a saturated run each input waits for
     the batches in flight before it (latency = in flight / throughput), and batch 1 is what a user who
-    wants each answer fast runs: on a quiet 2-core machine (2026-11-30, 4 interleaved pairs, 4,000 images)
+    wants each answer fast runs: on a quiet 2-core machine(4 interleaved pairs, 4,000 images)
     one in flight gave a p50 of 0.59 ms against 1.07 ms for two (-44 %), at 1,474 against 1,611 images/s
     (-9 %). At batch 64 two in flight keep the workers busy while the features come back."""
     return 1 if batch_size == 1 else HA_DEPTH
@@ -30,11 +30,11 @@ def ha_depth(batch_size: int) -> int:
 
 # Batches an HT worker may hold (one computing, the rest queued) at batch 64 and above: two keep it busy
 # while the coordinator computes a batch of its own (~2 ms at batch 64); 4 and 8 gave the same images/s
-# (5 interleaved runs each, 2026-11-30), and every extra batch is work a slow device keeps to the end.
+# (5 interleaved runs each), and every extra batch is work a slow device keeps to the end.
 HT_CREDIT = 2
 # Below batch 64 a batch is shorter than the coordinator's own step, and 2 left the worker waiting: 4
 # raised HT at batch 16 from 27.5k to 33.5k images/s (medians of 4 interleaved runs) and at batch 1 from
-# 4,231 to 4,545 (6 and 4 runs); 8 and 16 gave no more (2026-11-30, quiet 2-core machine).
+# 4,231 to 4,545 (6 and 4 runs); 8 and 16 gave no more(quiet 2-core machine).
 HT_CREDIT_SMALL = 4
 
 

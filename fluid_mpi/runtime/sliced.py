@@ -10,7 +10,7 @@ a stall the liveness policy kills what this host sees frozen, and otherwise the 
 """
 from __future__ import annotations
 
-import sys
+import logging
 import time
 
 import numpy as np
@@ -28,6 +28,8 @@ from .liveness import keepalive_interval
 from .protocol import CMD_PING, CMD_RUN, CMD_STOP, STOP_FLUSH_S, RunSpec, Outcome, header
 from .transport import Transport, recover
 from .worker import WorkerEnd, stop_worker
+
+logger = logging.getLogger("fluid_mpi.runtime")
 
 
 class SlicedRun:
@@ -143,7 +145,7 @@ class SlicedRun:
 
     def _stop(self, message: str) -> str:
         self.message = message
-        print(f"fluid-mpi: {message}", file=sys.stderr, flush=True)
+        logger.warning(f"fluid-mpi: {message}")
         self.t.revoke()  # wake every rank waiting in a collective; they exit on their own
         return "failed"
 
@@ -164,12 +166,11 @@ class SlicedRun:
         if new_width == 0:
             self.message = (f"lost {lost_txt}: the static DNN needs every slice" if self.job.family == "static"
                             else f"lost {lost_txt}: slice 0 is gone")
-            print(f"fluid-mpi: {self.message}; stopping after {self.answered} batches", file=sys.stderr,
-                  flush=True)
+            logger.error(f"fluid-mpi: {self.message}; stopping after {self.answered} batches")
             self._broadcast_stop(ExitCode.STOPPED)
             return False
-        print(f"fluid-mpi: lost {lost_txt}; dynamic DNN continues at width {new_width} "
-              f"(was {self.width})", file=sys.stderr, flush=True)
+        logger.warning(f"fluid-mpi: lost {lost_txt}; dynamic DNN continues at width {new_width} "
+                       f"(was {self.width})")
         self.events.emit("width_switch", width=new_width, was=self.width, after_batch=self.answered)
         self.width = new_width
         return True
@@ -201,8 +202,7 @@ class SlicedRun:
                 except RecoveryFailed as exc:
                     return stop_worker(f"rank {self.t.world_rank()}: {exc}")
                 if 0 in lost_all:
-                    print(f"fluid-mpi: rank {self.t.world_rank()}: slice 0 / coordinator lost; stopping",
-                          file=sys.stderr, flush=True)
+                    logger.error(f"fluid-mpi: rank {self.t.world_rank()}: slice 0 / coordinator lost; stopping")
                     return WorkerEnd(ExitCode.STOPPED, coordinator_lost=True, lost=lost_all)
                 if self.job.family == "static":
                     hdr[:] = 0

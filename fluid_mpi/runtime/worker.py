@@ -8,7 +8,7 @@ than :func:`~fluid_mpi.runtime.liveness.coordinator_silence_limit` makes the wor
 """
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +22,8 @@ from .protocol import CMD_FEATURES, CMD_PING, CMD_STOP, IMAGE, RunSpec, header
 from .scheduler import expected_share
 from .transport import Transport, recover
 
+logger = logging.getLogger("fluid_mpi.runtime")
+
 
 @dataclass
 class WorkerEnd:
@@ -34,7 +36,7 @@ class WorkerEnd:
 
 
 def stop_worker(message: str) -> WorkerEnd:
-    print(f"fluid-mpi: {message}; stopping", file=sys.stderr, flush=True)
+    logger.error(f"fluid-mpi: {message}; stopping")
     return WorkerEnd(ExitCode.STOPPED)
 
 

@@ -144,7 +144,7 @@ class VCluster:
         # inside a host (mpirun in head launching the daemons) runs under `ip netns exec`, which remounts
         # /sys, so /sys/fs/cgroup is empty there. Through it, the agent left every rank in head's cgroups,
         # and `slow` never bound them (bench cluster rows "0.25 CPU per host" ran at full speed, 0 % of
-        # their periods throttled, 2026-11-30).
+        # their periods throttled).
         for ctl in (c for c in CONTROLLERS if self.cgroup(c).is_dir()):
             view = self._cgroup_view(ctl)
             view.mkdir(parents=True, exist_ok=True)

@@ -254,7 +254,7 @@ def test_resume_command_keeps_every_option_the_user_gave(tmp_path):
             "--max-restarts", "7", "--run-dir", str(tmp_path / "rd"), "--predictions", str(tmp_path / "p.jsonl"),
             "--events", str(tmp_path / "e.jsonl"), "--summary", str(tmp_path / "s.json"),
             "--rank-timeout", "2.5", "--stall-timeout", "44", "--stop-grace", "1.5", "--probe-interval", "0.3",
-            "--mpirun-arg", "--mca", "--mpirun-arg", "btl_tcp_if_include=eth1", "--no-warm",
+            "--mpirun-arg", "--mca", "--mpirun-arg", "btl_tcp_if_include=eth1", "--no-warm", "--data-address", "head",
             "--mode", "ha", "--batch-size", "16"]
     ctx = launch.make_context("launch", list(argv))
     defaults = launch.make_context("launch", ["-np", "1", "--hostfile", "h", "--checkpoint", "c"]).params

@@ -45,7 +45,7 @@ class Scenario:
     k: int
     mode: str
     batch: int
-    fault: str  # power-off | cable | freeze
+    fault: str  # power-off | cable | data-cable | freeze
     victim: str
     rejoin: bool = False  # the device comes back (power-on) after STEADY_S
     rank_timeout: float = 2.0  # infer's silence deadline: what detects a freeze
@@ -58,6 +58,7 @@ class Scenario:
 SCENARIOS = [
     Scenario("power-off", 2, "ht", 1, "power-off", "node2"),
     Scenario("cable pulled", 3, "ha", 4, "cable", "node3"),
+    Scenario("data cable pulled, ssh still answers", 3, "ht", 4, "data-cable", "node3"),
     Scenario("frozen", 3, "ht", 1, "freeze", "node3"),
     Scenario("power-off, then power-on", 4, "ht", 1, "power-off", "node2", rejoin=True),
     Scenario("coordinator's device powered off (mpirun on head)", 3, "ha", 4, "power-off", "node1"),
@@ -149,7 +150,7 @@ def _reset(sc: Scenario) -> None:
         vcl(VC_NAME, "thaw", sc.victim)
     vcl(VC_NAME, "power-off", sc.victim)
     vcl(VC_NAME, "power-on", sc.victim)
-    if sc.fault == "cable":  # power and cable are separate states: a power cycle leaves it unplugged
+    if sc.fault in ("cable", "data-cable"):  # power and cable are separate: a power cycle leaves it unplugged
         vcl(VC_NAME, "cable", sc.victim, "up")
 
 
@@ -173,7 +174,11 @@ def stats(values: list) -> dict | None:
 # deadline is --rank-timeout's (infer's silence deadline, then the relaunch): rank-timeout + 3 s here;
 # a device that comes back is answering again within 5 s
 def goal_next(sc: Scenario) -> float:
-    return sc.rank_timeout + 3.0 if sc.fault == "freeze" else 3.0
+    if sc.fault == "freeze":
+        return sc.rank_timeout + 3.0
+    # a data cable: mpirun does not end by itself; two missed probes a second apart, each waiting up to the
+    # data path's connect timeout, come before the relaunch: one second more than a cable
+    return 4.0 if sc.fault == "data-cable" else 3.0
 
 
 REJOIN_GOAL_S = 5.0

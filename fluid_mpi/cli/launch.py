@@ -49,6 +49,10 @@ def _fail(message: str, code: int = 2) -> None:
 @click.option("--probe-interval", type=click.FloatRange(0.1), default=1.0, show_default=True,
               help="Seconds between probes of lost hosts (rejoin).")
 @click.option("--mpirun-arg", multiple=True, help="Extra mpirun argument (repeatable).")
+@click.option("--data-address", default=None, metavar="HOST",
+              help="How the hosts reach this host on the network MPI uses (a name or address): every probe "
+                   "checks that a host can connect to it, not only that it runs a command. Default: this "
+                   "host's name.")
 @click.option("--warm/--no-warm", default=True, show_default=True,
               help="Keep one process per host with torch imported, from which every attempt's ranks are "
                    "forked (a relaunch then skips the import; costs one idle Python with torch per host).")
@@ -56,7 +60,7 @@ def _fail(message: str, code: int = 2) -> None:
 def launch(ctx: click.Context, np_: int, hostfile: str, checkpoint: str, max_restarts: int, resume: bool,
            run_dir: str, predictions: str | None, events: str | None, summary: str | None,
            rank_timeout: float, stall_timeout: float | None, stop_grace: float, probe_interval: float,
-           mpirun_arg: tuple[str, ...], warm: bool) -> None:
+           mpirun_arg: tuple[str, ...], data_address: str | None, warm: bool) -> None:
     """Elastic inference: run `fluid-mpi infer` under mpirun on the hostfile's devices; when a device is
     lost (power cut, cable pulled, frozen) relaunch on the devices that answer, skipping the inputs
     already answered; take a device back when it answers again. Other options go to infer.
@@ -66,6 +70,7 @@ def launch(ctx: click.Context, np_: int, hostfile: str, checkpoint: str, max_res
     resumes; 130 interrupted (every rank on every host is killed).
     """
     from ..cluster import hosts as hostlib
+    from ..cluster.data_path import DataPathListener
     from ..cluster.elastic import Clock, Driver, Settings
     from ..cluster.runner import AttemptFiles, FileOutputs, MpirunLauncher, launcher_events, read_indices
     from ..cluster.warm_pool import WarmPool
@@ -87,8 +92,15 @@ def launch(ctx: click.Context, np_: int, hostfile: str, checkpoint: str, max_res
         _fail("no mpirun found: run scripts/setup.sh (it installs Open MPI 5 from PyPI)")
     names = [s.hostname for s in slots]
     agent = hostlib.agent_command()
+    data_path = DataPathListener(data_address)
+    probe_cmd = data_path.probe_command(sys.executable)
     try:
         problems = _preflight(hostlib, agent, names, checkpoint, np_)
+        if not problems:
+            reached = hostlib.probe_many(agent, names, cmd=probe_cmd)
+            problems = [f"{h}: runs commands but cannot connect to {data_path.address}:{data_path.port} on the "
+                        "network MPI uses (a data cable, a firewall, or give --data-address)"
+                        for h in names if not reached[h]]
     except KeyboardInterrupt:  # nothing started yet; the preflight's probes end by their own timeout
         _fail("interrupted during the preflight", ExitCode.INTERRUPTED)
     if problems:
@@ -113,7 +125,7 @@ def launch(ctx: click.Context, np_: int, hostfile: str, checkpoint: str, max_res
     settings = Settings(np=np_, max_restarts=max_restarts, probe_every=probe_interval, stop_grace=stop_grace,
                         stall_timeout=stall_timeout or 2 * rank_timeout + 10)
     driver = Driver(names, settings, launcher, FileOutputs(files),
-                    lambda hs: hostlib.probe_many(agent, hs), emit, Clock(), lambda: bool(stop_flag))
+                    lambda hs: hostlib.probe_many(agent, hs, cmd=probe_cmd), emit, Clock(), lambda: bool(stop_flag))
     try:
         if pool is not None:  # the first attempt waits for the imports it would do anyway
             pool.start(names)
@@ -125,6 +137,7 @@ def launch(ctx: click.Context, np_: int, hostfile: str, checkpoint: str, max_res
     finally:
         if pool is not None:
             pool.close(names)
+        data_path.close()
     if driver.lost:  # leave nothing behind on a lost host that can be reached again by now
         launcher.cleanup(sorted(driver.lost))
     files.finish()

@@ -110,11 +110,13 @@ for _args in (("power-off", "SIGKILL to every process in HOST; its link down.", 
 @vcluster.command()
 @HOST
 @click.argument("state", type=click.Choice(["up", "down"]))
+@click.option("--data-only", is_flag=True,
+              help="Only the data network's cable: ssh (the launch agent) still reaches HOST, MPI's traffic does not.")
 @click.pass_context
-def cable(ctx: click.Context, host: str, state: str) -> None:
+def cable(ctx: click.Context, host: str, state: str, data_only: bool) -> None:
     """Plug in (up) or pull out (down) HOST's network cable."""
-    _cluster(ctx).cable(host, state == "up")
-    click.echo(f"{host}: cable {state}")
+    _cluster(ctx).cable(host, state == "up", data_only)
+    click.echo(f"{host}: {'data ' if data_only else ''}cable {state}")
 
 
 @vcluster.command()

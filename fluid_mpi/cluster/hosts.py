@@ -91,16 +91,17 @@ def run_on(agent: Sequence[str], host: str, cmd: Sequence[str] | str, timeout: f
 
 
 def probe(agent: Sequence[str], host: str, timeout: float = PROBE_TIMEOUT_S,
-          run: Runner | None = None) -> bool:
-    """True when HOST runs a command (``true``) within ``timeout`` seconds."""
-    code, _ = run_on(agent, host, ["true"], timeout, run)
+          run: Runner | None = None, cmd: Sequence[str] = ("true",)) -> bool:
+    """True when HOST runs ``cmd`` (by default ``true``; the launcher's is the data path check, see
+    data_path.py) and it exits 0 within ``timeout`` seconds."""
+    code, _ = run_on(agent, host, list(cmd), timeout, run)
     return code == 0
 
 
 def probe_many(agent: Sequence[str], hosts: Sequence[str], timeout: float = PROBE_TIMEOUT_S,
-               run: Runner | None = None) -> dict[str, bool]:
+               run: Runner | None = None, cmd: Sequence[str] = ("true",)) -> dict[str, bool]:
     """Probe hosts in parallel (one thread each): the whole call takes at most about ``timeout``."""
-    return _on_each(hosts, lambda h: probe(agent, h, timeout, run))
+    return _on_each(hosts, lambda h: probe(agent, h, timeout, run, cmd))
 
 
 def kill_marked(agent: Sequence[str], hosts: Sequence[str], marker: str, timeout: float = PROBE_TIMEOUT_S,

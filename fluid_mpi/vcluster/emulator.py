@@ -28,6 +28,7 @@ case "$host" in {hosts}) ;; *) echo "ssh: Could not resolve hostname $host" >&2;
 [ -e "{state}/unreachable/$host" ] && {{ echo "ssh: connect to host $host port 22: No route to host" >&2; exit 255; }}
 for d in {cgroups}; do [ -d "$d/$host" ] && {{ echo $$ > "$d/$host/cgroup.procs" || exit 255; }}; done
 export TMPDIR="{state}/tmp/$host"; mkdir -p "$TMPDIR"  # the host's own /tmp, emptied by power-on
+export PRTE_MCA_plm_ssh_agent="{state}/agent"  # mpirun or `fluid-mpi launch` in a host reaches the others so
 exec ip netns exec "{name}-$host" unshare --uts sh -c "hostname $host; $*"
 """
 
@@ -217,15 +218,18 @@ class VCluster:
         state = self.require(host)
         h = state["hosts"][host]
         h.update(changes)
-        reachable = h["powered"] and h["cable"] == "up"
-        _run(["ip", "-n", self.switch, "link", "set", self.veth(host), "up" if reachable else "down"])
+        linked = h["powered"] and h["cable"] == "up"
+        _run(["ip", "-n", self.switch, "link", "set", self.veth(host), "up" if linked else "down"])
+        # the agent stands for ssh on a management network of its own: only the data cable out, it still gets in
+        reachable = h["powered"] and h["cable"] in ("up", "data-down")
         marker = self.dir / "unreachable" / host
         marker.unlink(missing_ok=True) if reachable else marker.touch()
         self.state_file.write_text(json.dumps(state, indent=1))
 
-    def cable(self, host: str, up: bool) -> None:
-        """Plug in (``up``) or pull out the host's cable: its switch port goes up or down."""
-        self._set(host, cable="up" if up else "down")
+    def cable(self, host: str, up: bool, data_only: bool = False) -> None:
+        """Plug in (``up``) or pull out the host's cable: its switch port goes up or down. ``data_only``:
+        only the data network's cable is out; the agent (ssh on a management network) still reaches it."""
+        self._set(host, cable="up" if up else "data-down" if data_only else "down")
 
     def power(self, host: str, on: bool) -> None:
         """Off: link down, SIGKILL to every process in the host. On: link up (if the cable is), host empty,

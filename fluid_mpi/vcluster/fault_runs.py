@@ -32,9 +32,10 @@ def vcl(name: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def inject(name: str, fault: str, host: str) -> None:
-    """power-off | cable | freeze of ``host`` (and power-on | cable-up | thaw to undo)."""
+    """power-off | cable | data-cable | freeze of ``host`` (and power-on | cable-up | thaw to undo)."""
     args = {"power-off": ["power-off", host], "power-on": ["power-on", host], "cable": ["cable", host, "down"],
-            "cable-up": ["cable", host, "up"], "freeze": ["freeze", host], "thaw": ["thaw", host]}[fault]
+            "data-cable": ["cable", host, "down", "--data-only"], "cable-up": ["cable", host, "up"],
+            "freeze": ["freeze", host], "thaw": ["thaw", host]}[fault]
     res = vcl(name, *args)
     if res.returncode != 0:
         raise RuntimeError(f"vcluster {' '.join(args)}: {res.stderr.strip()}")

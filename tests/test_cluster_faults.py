@@ -98,18 +98,25 @@ def test_rank_killed_on_live_remote_host_recovered_in_job(cluster, ckpts):
     assert run.events_of("launcher_stop")[-1]["t"] - stop["t"] < 5  # stop grace 3 s at most, then killed
 
 
-def test_rejoin_after_cable_pull(cluster, ckpts):
+@pytest.mark.parametrize("fault", ["cable", "power-off"])
+def test_rejoin_after_the_device_comes_back(cluster, ckpts, fault):
     """The lost device comes back while the run goes on without it: drained at a safe point, relaunched
     with it. After a cable pull its old ranks are still alive (orphans): nothing may be answered twice.
-    (A power-off then power-on is in test_bench_faults_quick.)"""
-    k, fault, rep = 3, "cable", 0
+    After a power-off they are gone, and the host comes back empty (its warm process too)."""
+    k, seed = 3, {"cable": 4, "power-off": 14}[fault]
     run = Launch(cluster, k, ["-c", str(ckpts("fluid", k)), "--mode", "ht", "-b", "1", "--rank-timeout", "2"])
-    t_fault = run.wait_answers(fault_point(4 + 10 * rep, 600, 1200))
-    vcl(*(["power-off", "node2"] if fault == "power-off" else ["cable", "node2", "down"]))
+    t_fault = run.wait_answers(fault_point(seed, 600, 1200))
+    r = vcl(*(["power-off", "node2"] if fault == "power-off" else ["cable", "node2", "down"]))
+    assert r.returncode == 0, r.stderr
+    if fault == "power-off":  # every process of the host is gone at once
+        assert host_pids("node2") == []
     next_s = run.next_answer_after(t_fault)  # the relaunch without node2 answers within ~5 s
-    assert next_s is not None
+    assert next_s is not None, run.finish(1)[2][-2000:]
+    lost = run.events_of("host_lost")
+    assert lost and lost[0]["host"] == "node2", lost
     t_on = time.time()
-    vcl(*(["power-on", "node2"] if fault == "power-off" else ["cable", "node2", "up"]))
+    r = vcl(*(["power-on", "node2"] if fault == "power-off" else ["cable", "node2", "up"]))
+    assert r.returncode == 0, r.stderr
     code, out, err = run.finish(90)
     assert code == 0, err
     exactly_once(run.preds)

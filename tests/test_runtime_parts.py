@@ -340,3 +340,19 @@ def test_stopped_since_sees_only_a_stop_after_the_ranks_start(tmp_path):
     log.emit("stop", status="silent")  # this attempt's stop (t = 201)
     assert stopped_since(path, 150.0)
     assert not stopped_since(None, 0.0) and not stopped_since(tmp_path / "missing", 0.0)
+
+
+def test_sink_accuracy_per_answerer_on_both_paths(tmp_path):
+    """HA's head, each HT group and a Dynamic width are counted apart, on the usual (fast) path and on
+    the careful one (a named input, an unlabelled one) alike; unlabelled answers count for no one."""
+    from fluid_mpi.runtime.outputs import accuracy_by_answerer
+
+    sink = PredictionSink(tmp_path / "p.jsonl")
+    hit = lambda labels: np.eye(10, dtype=np.float32)[labels]  # noqa: E731 - logits that predict `labels`
+    sink.write(batch([0, 1, 2, 3], [1, 2, 3, 4]), hit([1, 2, 0, 4]), 0, {"mode": "ha", "groups": "0+1"})
+    sink.write(batch([4, 5], [5, 6]), hit([5, 6]), 1, {"mode": "ht"})
+    sink.write(batch([6, 7], [7, -1], names=["a.png", "b.png"]), hit([0, 3]), 1, {"mode": "ht"})
+    sink.write(batch([8], [9]), hit([9]), 0, {"width": 2})
+    assert accuracy_by_answerer(sink.by_answerer) == {
+        "0+1": {"answered": 4, "accuracy": 75.0}, "1": {"answered": 3, "accuracy": 66.667},
+        "width 2": {"answered": 1, "accuracy": 100.0}}

@@ -18,24 +18,22 @@ from .common import DATA_DIR
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--lr", type=float, default=2e-3, show_default=True)
 @click.option("--limit", type=click.IntRange(1), default=None, help="Train on the first N images only.")
-@click.option("--widths", default="16,32,64", show_default=True, help="Per-part widths C1,C2,H.")
+@click.option("--widths", default="default", show_default=True, metavar="PRESET|C1,C2,H",
+              help="Per-device widths: a preset (tiny 2,4,8 and small 4,8,16 for Pi-class devices; default "
+                   "16,32,64) or the channels of conv1, conv2 and the hidden layer.")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Checkpoint file to write.")
 @click.option("--json", "as_json", is_flag=True, help="Print the accuracy report as JSON.")
 def train(family, parts, data_dir, epochs, seed, batch_size, lr, limit, widths, out, as_json) -> None:
     """Train a model and write a checkpoint (nested incremental training for fluid)."""
     from ..model import data
-    from ..model.models import Widths
+    from ..model.cost import parse_widths
     from ..model.recipe import train_and_save
     from ..model.train import TrainConfig
 
     try:
-        values = [int(v) for v in widths.split(",")]
-    except ValueError:
-        values = []
-    if len(values) != 3 or min(values) < 1:
-        raise click.BadParameter(f"expected three positive integers C1,C2,H, not {widths!r}",
-                                 param_hint="--widths")
-    w = Widths(*values)
+        w = parse_widths(widths)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--widths") from None
     cfg = TrainConfig(family, parts, w, epochs, batch_size, lr, seed, limit)
     train_ds, test_ds = data.load_split(data_dir, "train"), data.load_split(data_dir, "test")
     _, meta = train_and_save(cfg, train_ds, test_ds, out, progress=not as_json)

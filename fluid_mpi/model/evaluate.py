@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from .data import Dataset, to_tensor_batch
-from .models import FluidCNN, SlicedCNN, all_subsets, subset_key
+from .cost import device_cost
+from .models import FluidCNN, SlicedCNN, Widths, all_subsets, subset_key
 
 
 @torch.no_grad()
@@ -43,7 +44,20 @@ def accuracy_report(model: torch.nn.Module, family: str, data: Dataset) -> dict:
 
     subsets = {k: pct(correct[(k, "head")]) for k, _, c in keys if c == "head"}
     avg = {k: pct(correct[(k, "avg")]) for k, _, c in keys if c == "avg"}
-    return {"full": subsets[subset_key(range(model.parts))], "subsets": subsets, "subsets_avg": avg}
+    return {"full": subsets[subset_key(range(model.parts))], "subsets": subsets, "subsets_avg": avg,
+            **subset_summary(subsets, model.parts)}
+
+
+def subset_summary(subsets: dict[str, float], parts: int) -> dict:
+    """From the accuracy of every subset of groups: the mean over the subsets of each size (what a run
+    that lost K - n devices can expect, over which ones), and HT's mix (each group's own head answers an
+    equal share of the inputs when the devices are equally fast)."""
+    by_size: dict[str, list[float]] = {}
+    for key, value in subsets.items():
+        by_size.setdefault(str(len(key.split("+"))), []).append(value)
+    singles = [subsets[str(g)] for g in range(parts)]
+    return {"by_size": {n: round(sum(v) / len(v), 2) for n, v in sorted(by_size.items(), key=lambda kv: int(kv[0]))},
+            "ht_mix": round(sum(singles) / parts, 2)}
 
 
 def format_report(meta: dict, acc: dict) -> str:
@@ -58,4 +72,12 @@ def format_report(meta: dict, acc: dict) -> str:
         if key in acc.get("subsets_avg", {}):
             extra = f"   (avg of heads: {acc['subsets_avg'][key]:.2f})"
         lines.append(f"{label + ' ' + key:<24}{value:>12.2f}{extra}")
+    if "by_size" in acc:
+        lines += ["", "mean over subsets of each size: " + ", ".join(f"{n} group(s) {v:.2f}"
+                                                                  for n, v in acc["by_size"].items()),
+                  f"HT mix (each group's own head, equal shares): {acc['ht_mix']:.2f}"]
+    w = meta.get("widths")
+    if isinstance(w, dict):
+        cost = device_cost(meta["family"], Widths(**w), meta["parts"])
+        lines.append(f"per device: {cost['macs']:,} multiply-adds per image, {cost['params']:,} parameters")
     return "\n".join(lines)

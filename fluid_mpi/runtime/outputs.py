@@ -105,6 +105,22 @@ def read_answered(path: str | os.PathLike | None, repair: bool = False) -> Answe
     return out
 
 
+def answerer(rank: int, extra: dict | None) -> str:
+    """Who answered a batch: the groups of an HA head (``"0+1"``), a Dynamic width (``"width 2"``), else
+    the answering rank's own group (HT; group j lives on world rank j)."""
+    extra = extra or {}
+    if "groups" in extra:
+        return str(extra["groups"])
+    if "width" in extra:
+        return f"width {extra['width']}"
+    return str(rank)
+
+
+def accuracy_by_answerer(by: dict[str, list[int]]) -> dict[str, dict]:
+    """``{answerer: {"answered": labelled answers, "accuracy": %}}`` for the summary (labelled ones only)."""
+    return {k: {"answered": n, "accuracy": round(100.0 * c / n, 3)} for k, (n, c) in sorted(by.items()) if n}
+
+
 class PredictionSink:
     """Counts answers (exactly once per input) and writes them as JSON lines when a path is given."""
 
@@ -122,6 +138,9 @@ class PredictionSink:
         self.timeline: list[tuple[float, int]] = []  # (seconds since start, images answered)
         self.latency = LatencyStats()  # from each input's arrival (or hand-over) to its answer
         self.labelled = 0  # answers whose label is known (accuracy is over these)
+        # per answerer (HA: the groups whose head answered, "0+1"; HT: the group alone, "1"; sliced: "width
+        # 2"): [labelled answers, correct ones], so a run shows what each mode and each survivor subset cost
+        self.by_answerer: dict[str, list[int]] = {}
         self.errors = 0  # inputs that could not be read (answered with an error line)
         self.t0 = time.perf_counter()
         self._fh = None
@@ -151,13 +170,18 @@ class PredictionSink:
             # (rank, extra) (json.dumps per line cost ~10 % of a High-Throughput coordinator's time)
             self.answered |= new
             self.labelled += len(keys)
-            self.correct += int(np.count_nonzero(preds == batch.labels))
+            hits = int(np.count_nonzero(preds == batch.labels))
+            self.correct += hits
+            tally = self.by_answerer.setdefault(answerer(rank, extra), [0, 0])
+            tally[0] += len(keys)
+            tally[1] += hits
             form = self._line_format(rank, extra)
             self._finish(batch, [form % v for v in zip(keys, batch.labels.tolist(), preds.tolist(), conf, lat)],
                          batch.arrived, now)
             return
         preds, labels = preds.tolist(), batch.labels.tolist()
         tail = _tail(extra)
+        tally = self.by_answerer.setdefault(answerer(rank, extra), [0, 0])
         lines, fresh = [], []
         for i, idx in enumerate(keys):
             if idx in self.answered:
@@ -171,6 +195,8 @@ class PredictionSink:
             if labels[i] >= 0:
                 self.labelled += 1
                 self.correct += preds[i] == labels[i]
+                tally[0] += 1
+                tally[1] += preds[i] == labels[i]
                 line += f', "label": {labels[i]}'
             line += f', "pred": {preds[i]}, "confidence": {conf[i]:.4f}, "rank": {rank}{tail}, "latency_ms": {lat[i]:.3f}'
             if self.with_logits:

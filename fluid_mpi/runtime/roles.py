@@ -13,7 +13,7 @@ from ..errors import ExitCode, FluidError
 from .events import SUMMARY_EVENTS, EventLog, FailureTracker, stopped_since
 from .inputs import open_inputs
 from .liveness import Liveness
-from .outputs import Answered, PredictionSink, read_answered
+from .outputs import Answered, PredictionSink, accuracy_by_answerer, read_answered
 from .summary import Summary, human_summary, write_summary
 from .protocol import RunSpec, Outcome
 from .transport import Transport
@@ -123,6 +123,7 @@ def _summary(ctx: Context, events: EventLog, outcome: Outcome, source: str, imag
         images=images, answered=answered, answered_here=here, resumed=len(done.indices),
         torn_lines_repaired=done.torn, duplicates=sink.duplicates if sink else 0, correct=correct,
         accuracy=round(100.0 * correct / max(labelled, 1), 3) if labelled else None,
+        accuracy_by=accuracy_by_answerer(sink.by_answerer) if sink else {},
         elapsed_s=round(outcome.elapsed_s, 4),
         images_per_s=round(here / max(outcome.elapsed_s, 1e-9), 2),
         latency_ms=sink.latency.percentiles() if sink else None, max_backlog=0,

@@ -29,6 +29,9 @@ class Summary:
     duplicates: int
     correct: int
     accuracy: float | None  # over the answers whose label is known (None: no labels, e.g. the user's images)
+    # per answerer, labelled answers only: {"0+1": {"answered", "accuracy"}, "1": ...}: HA's head and the HT
+    # groups' own heads side by side, and what each survivor subset answered after a failure
+    accuracy_by: dict
     elapsed_s: float
     images_per_s: float
     latency_ms: dict | None
@@ -66,6 +69,10 @@ def human_summary(s: dict) -> str:
              f"  answered {s['answered']}/{s['images'] if s['images'] is not None else '?'} inputs, {acc}, "
              f"{s['images_per_s']:.1f} images/s in {s['elapsed_s']:.2f} s, duplicates {s['duplicates']}"
              + (f", unreadable {s['errors']}" if s.get("errors") else "")]
+    by = s.get("accuracy_by") or {}
+    if len(by) > 1:
+        lines.append("  accuracy by answerer: " + ", ".join(f"{k} {v['accuracy']:.2f} % ({v['answered']})"
+                                                         for k, v in by.items()))
     if lat.get("p50") is not None:
         lines.append(f"  latency p50 {lat['p50']:.2f} ms, p95 {lat['p95']:.2f} ms, p99 {lat['p99']:.2f} ms"
                      + (f"; batches by mode {s['by_mode']}" if s.get("by_mode") else ""))

@@ -39,6 +39,7 @@ _REASON = _reason()
 if _REASON:
     pytest.skip(_REASON, allow_module_level=True)
 
+from fluid_mpi.cluster.elastic_parts import Settings  # noqa: E402
 from fluid_mpi.vcluster import fault_runs  # noqa: E402
 
 
@@ -122,7 +123,12 @@ def test_rejoin_after_the_device_comes_back(cluster, ckpts, fault):
     exactly_once(run.preds)
     rejoin = run.events_of("rejoin")
     assert rejoin and rejoin[0]["host"] == "node2"
-    assert run.events_of("start")[-1]["ranks"] == k and rejoin[0]["t"] - t_on < 15
+    # bounded by the launcher's own settings, not a measured time: a probe finds the host, its warm
+    # process gets ready_wait to be ready, the drain drain_timeout, the old mpirun stop_grace to exit (the
+    # 5 s goal for a rejoin is measured by `bench faults`, on a machine of known load)
+    limits = Settings(np=k)
+    bound = limits.probe_every + limits.ready_wait + limits.drain_timeout + limits.stop_grace
+    assert run.events_of("start")[-1]["ranks"] == k and rejoin[0]["t"] - t_on < bound, (rejoin[0]["t"] - t_on, bound)
 
 
 def test_coordinator_device_lost_then_resume(cluster, ckpts):

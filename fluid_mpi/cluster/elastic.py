@@ -117,6 +117,8 @@ class Driver:
             if self._should_drain(w):
                 job.drain()
                 w.drain_at = self.clock.now()
+                self.emit("drain_for_rejoin", hosts=w.back, ready=[h for h in w.back if self.launcher.ready(h)],
+                          waited_ms=ms(1000 * (w.drain_at - min(self.hosts.state[h].returned_at for h in w.back))))
             self.clock.sleep(self.s.tick)
 
     # --------------------------------------------------------------------------- monitor: take in
@@ -149,6 +151,7 @@ class Driver:
                 h, silent=self.lost[h].fault == FaultKind.SILENT)
         new = self.hosts.mark_returned(self.hosts.answering(), now)
         if new:
+            self.emit("host_back", hosts=new)
             self.launcher.cleanup(new)  # at once: an orphan there must not write
             self.launcher.prepare(new)
 

@@ -57,6 +57,30 @@ def ckpts(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def bench_quick(tmp_path_factory) -> Path:
+    """One `fluid-mpi bench --quick` for the session (its report and its trained checkpoints): the bench
+    tests read it, and the Slurm and adaptive bench tests start from its checkpoints (the bench reuses a
+    checkpoint trained for the same data and epochs) instead of training their own."""
+    from click.testing import CliRunner
+
+    from fluid_mpi.cli import cli
+
+    if find_mpirun() is None:
+        pytest.skip("no mpirun found")
+    out = tmp_path_factory.mktemp("bench")
+    res = CliRunner().invoke(cli, ["bench", "--quick", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def seed_checkpoints(bench_out: Path, out: Path) -> None:
+    """Copy a bench's trained checkpoints into another bench's OUT, for it to reuse."""
+    import shutil
+
+    shutil.copytree(bench_out / "checkpoints", out / "checkpoints", dirs_exist_ok=True)
+
+
 @pytest.fixture
 def shared_mnist() -> Path:
     if not (SHARED_MNIST / "t10k-images-idx3-ubyte.gz").exists():

@@ -18,7 +18,6 @@ from conftest import namespaces_refused
 from fluid_mpi.bench.cluster import QUICK_SETTINGS
 from fluid_mpi.bench.references import size_args
 from fluid_mpi.cli import cli
-from fluid_mpi.cluster.mpirun import find_mpirun
 from fluid_mpi.bench.report import goals, verdict
 from fluid_mpi.bench.report_cluster import cluster_lines
 from fluid_mpi.runtime.liveness import recovery_deadline
@@ -256,14 +255,10 @@ def check_failures_and_detection(r: dict) -> None:
     assert r["detection"]["hang"]["max_ms"] < 1000 * recovery_deadline(cfg["rank_timeout"]), r["detection"]
 
 
-@pytest.fixture(scope="module")
-def quick(tmp_path_factory):
-    if find_mpirun() is None:
-        pytest.skip("no mpirun found")
-    out = tmp_path_factory.mktemp("bench")
-    res = CliRunner().invoke(cli, ["bench", "--quick", "--out", str(out)])
-    assert res.exit_code == 0, res.output
-    return out
+@pytest.fixture
+def quick(bench_quick):
+    """The session's `bench --quick` (conftest.py)."""
+    return bench_quick
 
 
 def test_bench_quick_outputs(quick):

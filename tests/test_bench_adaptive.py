@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from fluid_mpi.bench.adaptive import CAPACITY_TIMEOUT_S, MODES, RUN_TIMEOUT_S, AdaptiveConfig
-from fluid_mpi.cluster.mpirun import find_mpirun
+from conftest import seed_checkpoints
 from fluid_mpi.bench.report_adaptive import PLOTS, goals, sustained
 
 pytestmark = pytest.mark.mpi
@@ -161,10 +161,10 @@ QUICK_CFG = AdaptiveConfig.make("unused", None, 2, True)
 
 
 @pytest.mark.timeout(quick_hard_bound_s(QUICK_CFG) + 60)
-def test_bench_adaptive_quick(tmp_path):
-    if find_mpirun() is None:
-        pytest.skip("no mpirun found (install Open MPI: scripts/setup.sh does)")
+def test_bench_adaptive_quick(tmp_path, bench_quick):
+    """From the session bench's Fluid checkpoint (same data and epochs: reused, not trained again)."""
     out = tmp_path / "adaptive"
+    seed_checkpoints(bench_quick, out)
     res = subprocess.run([sys.executable, "-m", "fluid_mpi.cli", "bench", "adaptive", "--quick", "--out", str(out)],
                          capture_output=True, text=True, timeout=quick_hard_bound_s(QUICK_CFG))
     assert res.returncode == 0, res.stderr[-3000:]

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, seed_checkpoints
 
 pytestmark = pytest.mark.mpi
 
@@ -82,9 +82,12 @@ def test_fault_demo_job(slurm_env, ckpts, tmp_path):
     assert [f["rank"] for f in s["failures"]] == [1] and s["ranks_end"] == 1
 
 
-def test_bench_job_quick(slurm_env, tmp_path):
-    logs = sbatch(slurm_env, "bench.sbatch", ["", str(tmp_path / "bench"), "--quick"], tmp_path,
-                  BENCH_JOB_TIMEOUT_S)
+def test_bench_job_quick(slurm_env, bench_quick, tmp_path):
+    """The bench as a Slurm job: its own mpiruns inside the allocation. It starts from the session bench's
+    checkpoints and runs batch 64 only: what is tested is the job, the bench itself in test_bench.py."""
+    seed_checkpoints(bench_quick, tmp_path / "bench")
+    logs = sbatch(slurm_env, "bench.sbatch", ["", str(tmp_path / "bench"), "--quick", "--batch-sizes", "64"],
+                  tmp_path, BENCH_JOB_TIMEOUT_S)
     r = job_json(tmp_path / "bench" / "results.json", logs)
-    assert r["config"]["quick"] and (tmp_path / "bench" / "results.md").exists()
+    assert r["config"]["quick"] and r["config"]["batch_sizes"] == [64] and (tmp_path / "bench" / "results.md").exists()
     assert r["throughput"] and all(t["status"] == "ok" for t in r["throughput"])

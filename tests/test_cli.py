@@ -46,3 +46,11 @@ def test_errors_are_one_line_exit_2(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("fluid-mpi: error:"), res.output
     res = runner.invoke(cli, ["train", "--family", "static", "--widths", "1,2", "--out", "x.pt"])
     assert res.exit_code == 2 and "--widths" in res.output
+
+
+def test_bench_faults_scenario_choices_are_the_bench_s_scenarios():
+    """`bench faults --scenario` lists the names without importing the bench (--help stays light)."""
+    from fluid_mpi.bench.faults import SCENARIOS
+    from fluid_mpi.cli.bench import _scenario_names
+
+    assert _scenario_names() == [sc.name for sc in SCENARIOS]

@@ -186,12 +186,14 @@ def test_preflight_names_unreachable_host(cluster, ckpts):
 
 
 def test_bench_faults_quick(tmp_path):
-    """`fluid-mpi bench faults --quick`: every fault kind once, measured, in the report."""
+    """`fluid-mpi bench faults --quick` for a power-off and a freeze (the other kinds run in the tests above
+    and in test_data_path.py; all six take 5-8 minutes here): measured, in the report."""
     from fluid_mpi.bench.faults import SCENARIOS
 
-    # 5 kinds × (a fault run + a clean run on the survivors), ~10 s each on 2 cores; 900 s = 6 × that
-    res = subprocess.run([FLUID_MPI, "bench", "faults", "--quick", "--out", str(tmp_path)], capture_output=True,
-                         text=True, timeout=900)
+    SCENARIOS = [sc for sc in SCENARIOS if sc.name in ("power-off", "freeze")]  # noqa: N806
+    # 2 kinds × (a fault run + a clean run on the survivors), ~10-40 s each on 2 cores; 900 s bounds a hang
+    res = subprocess.run([FLUID_MPI, "bench", "faults", "--quick", "--out", str(tmp_path), "--scenario",
+                          "power-off", "--scenario", "freeze"], capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-2000:]
     r = json.loads((tmp_path / "faults.json").read_text())
     assert [row["label"] for row in r["rows"]] == [sc.label for sc in SCENARIOS]

@@ -85,15 +85,21 @@ def cluster(quick, out, data_dir, parts, publish) -> None:
         bm.publish(Path(out), Path(publish))
 
 
+def _scenario_names() -> list[str]:
+    return ["power-off", "cable", "data-cable", "freeze", "rejoin", "coordinator"]
+
+
 @bench.command()
-@_options(_quick("one run of each fault kind"), OUT, DATA_DIR, PUBLISH)
-def faults(quick, out, data_dir, publish) -> None:
+@_options(_quick("one run of each fault kind"), OUT, DATA_DIR, PUBLISH,
+          click.option("--scenario", "only", multiple=True, type=click.Choice(_scenario_names()),
+                       help="Run only this fault kind (repeatable). Default: all of them."))
+def faults(quick, out, data_dir, publish, only) -> None:
     """A whole device lost (power-off, cable, freeze, power-on, the coordinator's device) on a virtual
     cluster (root), 5 repetitions each under ``fluid-mpi launch``; writes OUT/faults.md and faults.json
     (--publish DIR: DIR/fault-results.*)."""
     from ..bench.faults import FaultConfig, publish_faults, run_faults
 
-    r = run_faults(FaultConfig.make(out, data_dir, quick))
+    r = run_faults(FaultConfig.make(out, data_dir, quick, tuple(only)))
     for row in r["rows"]:
         med = (row["next_answer_s"] or {}).get("median")
         rejoin = (f", rejoin median {(row['rejoin_s'] or {}).get('median')} s" if "rejoin_met" in row else "")

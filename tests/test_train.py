@@ -19,7 +19,7 @@ def test_nested_training_freezes_earlier_groups():
                        "g1": _snap(model.groups[1]), "g2": _snap(model.groups[2]),
                        "h01": _snap(model.heads.head((0, 1)))}
 
-    cfg = TrainConfig("fluid", 3, Widths(4, 8, 16), epochs=1, limit=256, seed=3)
+    cfg = TrainConfig("fluid", 3, Widths(4, 8, 16), epochs=1, limit=256, seed=3, method="nested")
     train(cfg, data.load_split(None, "train"), progress=False, on_stage_end=on_stage_end)
     assert list(snaps) == ["group0", "group1", "group2", "subset_heads"]
     for later in ("group1", "group2", "subset_heads"):
@@ -51,3 +51,41 @@ def test_fluid_report_has_every_subset_and_both_combiners():
     assert set(acc["subsets"]) == {"0", "1", "0+1"} and set(acc["subsets_avg"]) == {"0+1"}
     assert acc["full"] == acc["subsets"]["0+1"]
     assert log["train_images"] == 256 and log["train_seconds"] > 0
+
+
+def test_folded_batchnorm_computes_what_the_trained_trunk_did():
+    from fluid_mpi.model.models import Trunk
+
+    torch.manual_seed(0)
+    trunk = Trunk(Widths(3, 5, 7), norm=True)
+    for bn in trunk.norms:  # statistics and affine parameters far from the identity
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 2)
+        bn.bias.data.uniform_(-1, 1)
+    trunk.eval()
+    x = torch.randn(8, 1, 28, 28)
+    with torch.no_grad():
+        before = trunk(x)
+        trunk.fold_norm()
+        after = trunk(x)
+    assert trunk.norms is None and not any("norms" in k for k in trunk.state_dict())
+    assert torch.allclose(before, after, atol=1e-5)
+
+
+def test_joint_training_is_deterministic_and_leaves_the_plain_layers():
+    """The default Fluid recipe: two runs of a seed are equal to the bit, and the model has exactly the
+    layers of an untrained one (BatchNorm folded away), so checkpoints and devices are as before."""
+    from fluid_mpi.model.models import build_model
+
+    ds = data.load_split(None, "train")
+    cfg = TrainConfig("fluid", 2, Widths(2, 4, 8), epochs=1, limit=300, seed=5)
+    a, log = train(cfg, ds, progress=False)
+    b, _ = train(cfg, ds, progress=False)
+    assert list(log["stage_losses"]) == ["joint"]
+    assert a.state_dict().keys() == build_model("fluid", 2, Widths(2, 4, 8)).state_dict().keys()
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_joint_training_beyond_four_groups_fits_every_combined_head():
+    cfg = TrainConfig("fluid", 5, Widths(2, 2, 4), epochs=1, limit=128, seed=0)
+    model, log = train(cfg, data.load_split(None, "train"), progress=False)
+    assert len(log["stage_losses"]["subset_heads_trained"]) == 2 ** 5 - 1 - 5  # every subset of 2 or more

@@ -13,18 +13,23 @@ from .common import DATA_DIR
 @click.option("--parts", "-k", type=click.IntRange(1, 16), default=2, show_default=True,
               help="K: number of slices/groups = number of devices.")
 @DATA_DIR
-@click.option("--epochs", type=click.IntRange(1), default=4, show_default=True, help="Epochs per stage.")
+@click.option("--method", type=click.Choice(["joint", "nested"]), default="joint", show_default=True,
+              help="Fluid: joint = every group and head trained together on the loss of every subset (each "
+                   "group good alone and in any combination); nested = the paper's nested incremental "
+                   "training (stage k trains group k, earlier groups frozen).")
+@click.option("--epochs", type=click.IntRange(1), default=None,
+              help="Epochs over the data (per stage with --method nested). Default: 10 (4 per stage for nested).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
-@click.option("--lr", type=float, default=2e-3, show_default=True)
+@click.option("--lr", type=float, default=5e-3, show_default=True, help="Peak of the one-cycle learning rate.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Train on the first N images only.")
 @click.option("--widths", default="default", show_default=True, metavar="PRESET|C1,C2,H",
               help="Per-device widths: a preset (tiny 2,4,8 and small 4,8,16 for Pi-class devices; default "
                    "16,32,64) or the channels of conv1, conv2 and the hidden layer.")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Checkpoint file to write.")
 @click.option("--json", "as_json", is_flag=True, help="Print the accuracy report as JSON.")
-def train(family, parts, data_dir, epochs, seed, batch_size, lr, limit, widths, out, as_json) -> None:
-    """Train a model and write a checkpoint (nested incremental training for fluid)."""
+def train(family, parts, data_dir, method, epochs, seed, batch_size, lr, limit, widths, out, as_json) -> None:
+    """Train a model and write a checkpoint (Fluid: every group good alone and in any combination)."""
     from ..model import data
     from ..model.cost import parse_widths
     from ..model.recipe import train_and_save
@@ -34,7 +39,8 @@ def train(family, parts, data_dir, epochs, seed, batch_size, lr, limit, widths, 
         w = parse_widths(widths)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--widths") from None
-    cfg = TrainConfig(family, parts, w, epochs, batch_size, lr, seed, limit)
+    epochs = epochs or (4 if method == "nested" else 10)
+    cfg = TrainConfig(family, parts, w, epochs, batch_size, lr, seed, limit, method)
     train_ds, test_ds = data.load_split(data_dir, "train"), data.load_split(data_dir, "test")
     _, meta = train_and_save(cfg, train_ds, test_ds, out, progress=not as_json)
     _report(meta, meta["accuracy"], as_json)

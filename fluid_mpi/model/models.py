@@ -57,18 +57,37 @@ class Widths:
 
 
 class Trunk(nn.Module):
-    """conv-pool-conv-pool-fc feature extractor; returns the hidden features (B, H)."""
+    """conv-pool-conv-pool-fc feature extractor; returns the hidden features (B, H).
 
-    def __init__(self, w: Widths):
+    ``norm=True`` (training only) puts a BatchNorm after each conv; :meth:`fold_norm` then folds it into the
+    conv's weights and bias, so the trained trunk is the plain one: same layers, same cost at inference."""
+
+    def __init__(self, w: Widths, norm: bool = False):
         super().__init__()
         self.conv1 = nn.Conv2d(1, w.c1, 5)
         self.conv2 = nn.Conv2d(w.c1, w.c2, 5)
         self.fc = nn.Linear(w.c2 * POOLED, w.hidden)
+        self.norms = nn.ModuleList([nn.BatchNorm2d(w.c1), nn.BatchNorm2d(w.c2)]) if norm else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = relu_pool(self.conv1(x))
-        x = relu_pool(self.conv2(x))
+        x = self.conv1(x)
+        x = relu_pool(self.norms[0](x) if self.norms is not None else x)
+        x = self.conv2(x)
+        x = relu_pool(self.norms[1](x) if self.norms is not None else x)
         return F.relu(self.fc(x.flatten(1)))
+
+    @torch.no_grad()
+    def fold_norm(self) -> None:
+        """Fold each BatchNorm (its running statistics: inference behaviour) into the conv before it and
+        drop it: ``bn(conv(x)) = a * conv(x) + b`` per channel, so conv's weight becomes ``a * W`` and its
+        bias ``a * bias + b``."""
+        if self.norms is None:
+            return
+        for conv, bn in zip((self.conv1, self.conv2), self.norms):
+            a = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            conv.weight.mul_(a.view(-1, 1, 1, 1))
+            conv.bias.copy_(a * (conv.bias - bn.running_mean) + bn.bias)
+        self.norms = None
 
 
 class SlicedCNN(nn.Module):
@@ -77,10 +96,10 @@ class SlicedCNN(nn.Module):
     Static uses only ``width=K``; Dynamic (slimmable) trains and runs every width.
     """
 
-    def __init__(self, parts: int, widths: Widths = Widths()):
+    def __init__(self, parts: int, widths: Widths = Widths(), norm: bool = False):
         super().__init__()
         self.parts, self.widths = parts, widths
-        self.trunk = Trunk(widths.scaled(parts))
+        self.trunk = Trunk(widths.scaled(parts), norm)
         self.classifier = nn.Linear(widths.hidden * parts, NUM_CLASSES)
 
     def sliced_weights(self, width: int) -> dict[str, torch.Tensor]:
@@ -99,9 +118,13 @@ class SlicedCNN(nn.Module):
         width = self.parts if width is None else width
         if not 1 <= width <= self.parts:
             raise ValueError(f"width must be 1..{self.parts}, not {width}")
-        p = self.sliced_weights(width)
-        x = relu_pool(F.conv2d(x, p["conv1.weight"], p["conv1.bias"]))
-        x = relu_pool(F.conv2d(x, p["conv2.weight"], p["conv2.bias"]))
+        p, norms = self.sliced_weights(width), self.trunk.norms
+        if norms is not None and width != self.parts:
+            raise ValueError("a trunk with BatchNorm runs at full width only (Static training); fold it first")
+        x = F.conv2d(x, p["conv1.weight"], p["conv1.bias"])
+        x = relu_pool(norms[0](x) if norms is not None else x)
+        x = F.conv2d(x, p["conv2.weight"], p["conv2.bias"])
+        x = relu_pool(norms[1](x) if norms is not None else x)
         x = F.relu(F.linear(x.flatten(1), p["fc.weight"], p["fc.bias"]))
         return F.linear(x, p["classifier.weight"], p["classifier.bias"])
 
@@ -152,10 +175,10 @@ class HeadBank(nn.Module):
 class FluidCNN(nn.Module):
     """K independent trunks (groups) plus a :class:`HeadBank`."""
 
-    def __init__(self, parts: int, widths: Widths = Widths()):
+    def __init__(self, parts: int, widths: Widths = Widths(), norm: bool = False):
         super().__init__()
         self.parts, self.widths = parts, widths
-        self.groups = nn.ModuleList(Trunk(widths) for _ in range(parts))
+        self.groups = nn.ModuleList(Trunk(widths, norm) for _ in range(parts))
         self.heads = HeadBank(parts, widths.hidden)
 
     def features(self, x: torch.Tensor, subset=None) -> dict[int, torch.Tensor]:
@@ -166,10 +189,21 @@ class FluidCNN(nn.Module):
         return self.heads.logits(self.features(x, subset), combine)
 
 
-def build_model(family: str, parts: int, widths: Widths = Widths()) -> nn.Module:
-    """A fresh model of the given family with ``parts`` slices/groups."""
+def build_model(family: str, parts: int, widths: Widths = Widths(), norm: bool = False) -> nn.Module:
+    """A fresh model of the given family with ``parts`` slices/groups (``norm``: BatchNorm for training,
+    folded away by :func:`fold_norms`; not for Dynamic, whose widths share the convs)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, not {family!r}")
     if parts < 1:
         raise ValueError("parts must be >= 1")
-    return FluidCNN(parts, widths) if family == "fluid" else SlicedCNN(parts, widths)
+    if norm and family == "dynamic":
+        raise ValueError("Dynamic trains without BatchNorm: its widths share the convs, not their statistics")
+    return FluidCNN(parts, widths, norm) if family == "fluid" else SlicedCNN(parts, widths, norm)
+
+
+def fold_norms(model: nn.Module) -> nn.Module:
+    """Fold every trunk's BatchNorm into its convs (see :meth:`Trunk.fold_norm`); returns the model."""
+    for m in model.modules():
+        if isinstance(m, Trunk):
+            m.fold_norm()
+    return model

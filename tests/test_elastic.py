@@ -26,6 +26,7 @@ class World:
         self.prepared: dict[str, float] = {}  # host -> when its warm process was started
         self.powered_off: set[str] = set()  # hosts whose warm process died
         self.warm_delay = 0.0  # a warm process's import time
+        self.start_delay = 0.0  # how long an attempt's ranks take to start (infer's start event)
         self.frozen: set[str] = set()
 
     # clock
@@ -96,13 +97,23 @@ class FakeJob:
     def __init__(self, world, hosts, attempt, script):
         self.world, self.hosts, self.attempt, self.script = world, hosts, attempt, script
         self.t0, self.code, self.killed_at, self.drained_at = world.t, None, None, None
-        world.events.append({"event": "start", "ranks": len(hosts), "family": world.family, "mode": "ht",
-                             "images": IMAGES, "todo": IMAGES - len(world.answered)})
+        self.started = False
+        if not world.start_delay:
+            self._start()
+
+    def _start(self):
+        self.started = True
+        self.world.events.append({"event": "start", "ranks": len(self.hosts), "family": self.world.family,
+                                  "mode": "ht", "images": IMAGES, "todo": IMAGES - len(self.world.answered)})
 
     def elapsed(self):
         return self.world.t - self.t0
 
     def tick(self):
+        if not self.started:
+            if self.elapsed() < self.world.start_delay:
+                return
+            self._start()
         self.script(self.world, self)
 
     def poll(self):
@@ -250,6 +261,19 @@ def test_stall_with_every_host_answering_relaunches_same_hosts():
     assert w.driver(["node1", "node2"], 2, stall_timeout=5.0).run()[0] == 0
     assert w.jobs[0].killed_at == pytest.approx(6.0, abs=0.3)
     assert [j.hosts for j in w.jobs] == [["node1", "node2"]] * 2 and not [e for e, _ in w.emitted if e == "host_lost"]
+
+
+@pytest.mark.parametrize("start_delay, killed", [(20.0, False), (70.0, True)])
+def test_a_slow_start_is_not_a_stall(start_delay, killed):
+    """Before infer's start event (ranks importing torch, MPI_Init) the start timeout applies, not the
+    stall timeout: 8 cold ranks on small boards take far longer to start than a stall allows."""
+    w = World(["node1", "node2"], {1: steady(), 2: steady()})
+    w.start_delay = start_delay
+    code, _ = w.driver(["node1", "node2"], 2, stall_timeout=5.0, start_timeout=60.0, max_restarts=0).run()
+    assert (w.jobs[0].killed_at is not None) == killed
+    assert code == (3 if killed else 0)
+    if killed:
+        assert w.jobs[0].killed_at == pytest.approx(60.0, abs=0.3)
 
 
 def test_restarts_are_bounded():

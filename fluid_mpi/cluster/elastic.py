@@ -171,7 +171,8 @@ class Driver:
             why = EndReason.KILLED_AFTER_STOP
         elif w.drain_at is not None and now - w.drain_at > self.s.drain_timeout:
             why = EndReason.DRAINED
-        elif w.stop is None and w.drain_at is None and now - w.seen > self.s.stall_timeout:
+        elif w.stop is None and w.drain_at is None and now - w.seen > (
+                self.s.stall_timeout if w.running else max(self.s.stall_timeout, self.s.start_timeout)):
             why = EndReason.STALLED
         else:
             return None

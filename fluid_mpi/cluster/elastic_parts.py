@@ -114,6 +114,9 @@ class Settings:
     # no answer and no event for this long: probe the hosts from outside. A pulled cable otherwise hangs
     # the job for ~8 min (PRRTE's keepalive); infer's own --rank-timeout deadline should fire first
     stall_timeout: float = 30.0
+    # until infer's start event, an attempt is starting, not stalled: ranks import torch and run MPI_Init
+    # (about 3 s on a quiet 2-core machine, 15-20 s for eight ranks sharing it, more on cold Pi 3s)
+    start_timeout: float = 60.0
     # a drain (SIGUSR2) finishes the in-flight batches: a few batch times; 10 s then kill and relaunch
     drain_timeout: float = 10.0
     # an attempt's host missing this many probes in a row is lost: one slow ssh handshake on a busy Pi

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from ..vcluster import emulator as vcluster
+from ..vcluster.links import CMD_TIMEOUT
 from ..model import data
 from ..cluster.mpirun import find_mpirun, mpi_env
 
@@ -53,7 +54,7 @@ def scenarios(ckpts: dict[str, Path], k: int) -> list[tuple[str, str, list[str]]
 def port_bytes(vc: vcluster.VCluster) -> dict[str, tuple[int, int]]:
     """Per host, (bytes it sent, bytes it received), from its switch port (rx of the port = sent by the host)."""
     out = subprocess.run(["ip", "-n", vc.switch, "-s", "-j", "link", "show"], capture_output=True, text=True,
-                         timeout=vcluster.CMD_TIMEOUT, check=True).stdout
+                         timeout=CMD_TIMEOUT, check=True).stdout
     by_port = {link["ifname"]: link["stats64"] for link in json.loads(out) if "stats64" in link}
     return {h: (by_port[vc.veth(h)]["rx"]["bytes"], by_port[vc.veth(h)]["tx"]["bytes"])
             for h in vcluster.hosts(vc.name, include_head=True) if vc.veth(h) in by_port}

@@ -40,7 +40,7 @@ class TrainConfig:
     family: str
     parts: int = 2
     widths: Widths = field(default_factory=Widths)
-    epochs: int = 10  # over the data (per stage for method="nested")
+    epochs: int = 12  # over the data (per stage for method="nested")
     batch_size: int = 64
     lr: float = 5e-3  # the one-cycle schedule's peak
     seed: int = 0

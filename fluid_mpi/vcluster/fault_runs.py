@@ -104,7 +104,7 @@ class Launch:
         """Seconds from the fault to the first answer of the relaunched attempt (None if the run ended
         first): waits for the `relaunch` event, then for the predictions file to grow."""
         deadline = time.time() + timeout  # a relaunch takes ~1-3 s on 2 cores with warm starts
-        while not self.events_of("relaunch"):
+        while not [e for e in self.events_of("relaunch") if e["t"] >= t_fault]:  # this fault's relaunch
             if self.proc.poll() is not None or time.time() > deadline:
                 return None
             time.sleep(SAMPLE_S)

@@ -356,3 +356,15 @@ def test_sink_accuracy_per_answerer_on_both_paths(tmp_path):
     assert accuracy_by_answerer(sink.by_answerer) == {
         "0+1": {"answered": 4, "accuracy": 75.0}, "1": {"answered": 3, "accuracy": 66.667},
         "width 2": {"answered": 1, "accuracy": 100.0}}
+
+
+def test_start_event_states_what_each_mode_costs():
+    from fluid_mpi.runtime.roles import expected_accuracy
+
+    meta = {"family": "fluid", "parts": 2, "test_data": "t", "accuracy": {
+        "full": 98.1, "subsets": {"0": 96.5, "1": 95.5, "0+1": 98.1}}}
+    assert expected_accuracy(meta) == {"expected_accuracy": {"ha": 98.1, "ht_mix": 96.0, "data": "t"}}
+    assert expected_accuracy(dict(meta, accuracy={**meta["accuracy"], "ht_mix": 96.01}))["expected_accuracy"][
+        "ht_mix"] == 96.01
+    assert expected_accuracy({"family": "static", "parts": 2, "accuracy": {"full": 99.0}}) == {}
+    assert expected_accuracy({"family": "fluid", "parts": 2}) == {}

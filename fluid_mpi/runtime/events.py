@@ -5,7 +5,8 @@ rare: a handful per run). The file is opened in append mode, so one log can span
 relaunches of ``fluid-mpi launch``. The summary's ``failures`` and ``events`` are built from the same
 records, never from stderr.
 
-Events: ``start``, ``failure`` {rank, host, fault, how, detected_ms, after_batch}, ``kill`` {rank, host,
+Events: ``start`` {coordinator, ranks, family, mode, hosts, inputs, images, todo, resumed,
+expected_accuracy (Fluid: the checkpoint's HA and HT-mix test accuracy)}, ``failure`` {rank, host, fault, how, detected_ms, after_batch}, ``kill`` {rank, host,
 pid, reason}, ``recovered`` {lost, ranks, recovery_ms}, ``head_switch`` {head, was}, ``width_switch``
 {width, was}, ``takeover`` {coordinator, lost}, ``answering_again`` {after_failure_ms}, ``drain``,
 ``mode_switch`` {mode, was, backlog, arrival_rate, reason},

@@ -79,7 +79,8 @@ def coordinate(ctx: Context, lost_before: list[int] | None = None, lost_at: floa
     todo = None if stream.total is None else stream.total - len(done.indices)
     events.emit("start", coordinator=t.world_rank(), ranks=t.size, family=ctx.meta["family"], mode=job.mode,
                 hosts=[list(hosts[w]) for w in t.members], inputs=stream.description, images=stream.total,
-                todo=todo, resumed=len(done.indices), torn_lines_repaired=done.torn)
+                todo=todo, resumed=len(done.indices), torn_lines_repaired=done.torn,
+                **expected_accuracy(ctx.meta))
     sink = PredictionSink(opts.predictions, append=carry_on, with_logits=opts.with_logits,
                           progress_total=None if opts.quiet else todo)
     if ctx.fluid:
@@ -108,6 +109,19 @@ def coordinate(ctx: Context, lost_before: list[int] | None = None, lost_at: floa
     if lost_before:
         summary.takeover = {"coordinator": t.world_rank(), "lost": lost_before, "answered_before": len(done.indices)}
     return _finish(opts, events, summary, outcome)
+
+
+def expected_accuracy(meta: dict) -> dict:
+    """What the checkpoint's test accuracy says each mode costs (Fluid): ``{"expected_accuracy": {"ha": %,
+    "ht_mix": %, "data": ...}}``, HA being the head of all groups and HT's mix each group's own head in equal
+    shares; {} when the checkpoint has no accuracy report."""
+    acc = meta.get("accuracy") or {}
+    subsets = acc.get("subsets") or {}
+    parts = int(meta.get("parts", 0))
+    if meta.get("family") != "fluid" or not all(str(g) in subsets for g in range(parts)):
+        return {}
+    ht_mix = acc.get("ht_mix", round(sum(subsets[str(g)] for g in range(parts)) / parts, 2))
+    return {"expected_accuracy": {"ha": acc.get("full"), "ht_mix": ht_mix, "data": meta.get("test_data")}}
 
 
 def _summary(ctx: Context, events: EventLog, outcome: Outcome, source: str, images: int | None, answered: int,

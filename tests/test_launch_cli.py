@@ -212,8 +212,11 @@ def _fake_cluster(tmp_path, lose: str = ""):
 def _launch(tmp_path, env, *extra):
     import subprocess
 
+    # --no-warm: the fake agent runs every "host" in this one network namespace, where only one warm process
+    # per run can bind its socket (the second never gets ready and the first attempt waited 30 s for it);
+    # warm starts are tested in test_warm.py and on the virtual cluster
     cmd = [sys.executable, "-m", "fluid_mpi.cli", "launch", "-np", "2", "--hostfile", str(tmp_path / "hosts"),
-           "-c", str(tmp_path / "m.pt"), "--run-dir", str(tmp_path / "run"), *extra]
+           "-c", str(tmp_path / "m.pt"), "--run-dir", str(tmp_path / "run"), "--no-warm", *extra]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)  # a few seconds
 
 

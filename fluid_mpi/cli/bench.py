@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .common import DATA_DIR
+from .common import DATA_DIR, options as _options
 
 OUT = click.option("--out", type=click.Path(file_okay=False), default="runs/bench", show_default=True,
                    help="Where the report, its JSON and the trained checkpoints go.")
@@ -18,14 +18,6 @@ PUBLISH = click.option("--publish", type=click.Path(file_okay=False), default=No
 
 def _quick(what: str) -> click.Option:
     return click.option("--quick", is_flag=True, help=f"Embedded data, short training, {what}.")
-
-
-def _options(*opts):
-    def apply(fn):
-        for opt in reversed(opts):
-            fn = opt(fn)
-        return fn
-    return apply
 
 
 _throughput_options = _options(

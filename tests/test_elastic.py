@@ -322,6 +322,26 @@ def test_rejoin_waits_for_the_returning_host_to_be_ready(warm_delay, ready_wait)
     assert w.jobs[1].drained_at == pytest.approx(returned + min(warm_delay, ready_wait), abs=0.25)
 
 
+def test_lost_hosts_are_probed_more_often_than_the_attempts():
+    """A returning device is noticed within lost_probe_every of its power-on (part of its rejoin time);
+    the attempt's own hosts are still probed once per probe_every."""
+    w = World(["node1", "node2"], {1: lose_daemon("node2", 1.0), 2: _draining, 3: steady()})
+    w.timers.append((4.03, lambda: w.up.__setitem__("node2", True)))  # power-on
+    probed: list[tuple[float, tuple]] = []
+    real = w.probe
+    w.probe = lambda hosts: probed.append((w.t, tuple(hosts))) or real(hosts)
+    d = w.driver(["node1", "node2"], 2, lost_probe_every=0.25)
+    assert d.run()[0] == 0
+    back = next(f for e, f in w.emitted if e == "host_back")
+    assert back["hosts"] == ["node2"] and w.prepared["node2"] - 4.03 <= 0.25 + 0.1  # + one tick
+    attempt2 = [t for t, hosts in probed if "node1" in hosts and w.jobs[1].t0 <= t < w.jobs[1].drained_at]
+    lost_only = [t for t, hosts in probed if hosts == ("node2",)]
+    assert len(attempt2) >= 2 and len(lost_only) >= 2 * len(attempt2)  # node2 alone in between
+    while_lost = [t for t, hosts in probed if "node2" in hosts and lost_only[0] <= t <= w.prepared["node2"]]
+    assert all(b - a <= 0.25 + 0.1 + 1e-9 for a, b in zip(while_lost, while_lost[1:]))  # + one tick
+    assert all(b - a >= 0.99 for a, b in zip(attempt2, attempt2[1:]))
+
+
 def test_rejoin_that_does_not_drain_is_killed():
     def deaf(w, job):
         w.answer(1)

@@ -134,16 +134,22 @@ class Driver:
             w.seen = self.clock.now()
 
     def _observe(self, w: AttemptWatch) -> None:
-        """Events and answers; at each probe time, the attempt's hosts (a device that stops answering
-        ends the attempt) and the lost ones (a returning device is cleaned up and prepared at once)."""
+        """Events and answers; every probe_every the attempt's hosts (a device that stops answering ends
+        the attempt), every lost_probe_every the lost ones (a returning device is cleaned up and
+        prepared at once)."""
         self._take_events(w)
         now = self.clock.now()
-        if w.stop is not None or w.drain_at is not None or now < w.next_probe:
+        if w.stop is not None or w.drain_at is not None:
             return
-        w.next_probe = now + self.s.probe_every
-        lost = list(self.lost)  # probed with the attempt's hosts
-        answers = self.probe(w.hosts + lost)
-        if self.hosts.note_probe(w.hosts, answers) >= self.s.probe_misses:
+        due = now >= w.next_probe  # the attempt's hosts
+        lost = list(self.lost) if now >= w.next_lost_probe else []
+        if not due and not lost:
+            return
+        w.next_lost_probe = now + self.s.lost_probe_every
+        if due:
+            w.next_probe = now + self.s.probe_every
+        answers = self.probe((w.hosts if due else []) + lost)
+        if due and self.hosts.note_probe(w.hosts, answers) >= self.s.probe_misses:
             w.unreachable = True
             return
         for h in lost:

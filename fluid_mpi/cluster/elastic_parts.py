@@ -108,6 +108,10 @@ class Settings:
     # hosts are probed once a second: the goals are 3 s to the next answer and 5 s to rejoin; a probe
     # costs ~10 ms (agent) to ~100 ms (ssh handshake)
     probe_every: float = 1.0
+    # lost hosts are probed more often: a returning device waits for the next probe to be noticed, and
+    # that wait is part of its rejoin (goal 5 s, of which its torch import takes 2-3.3 s); a probe of a
+    # host that is still down fails at once on the virtual cluster, within PROBE_TIMEOUT_S over ssh
+    lost_probe_every: float = 0.25
     # after infer's `stop` event, mpirun normally exits within ~1 s (ranks os._exit, PRRTE tears its
     # daemons down over TCP); after a survived death it may never exit (issue 9), so 3 s then kill
     stop_grace: float = 3.0
@@ -137,6 +141,7 @@ class AttemptWatch:
     hosts: list[str]
     seen: float  # last sign of life: an answer or an event
     next_probe: float
+    next_lost_probe: float = 0.0
     stop: dict | None = None  # infer's stop event
     stop_at: float | None = None
     drain_at: float | None = None

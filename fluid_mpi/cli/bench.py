@@ -115,3 +115,46 @@ def adaptive(quick, out, data_dir, parts, publish) -> None:
     click.echo(f"adaptive bench {r['wall_s']} s; report: {Path(out) / 'adaptive.md'}")
     if publish:
         publish_adaptive(Path(out), Path(publish))
+
+
+def _ints(text: str, name: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: comma-separated integers", param_hint=name) from None
+
+
+@bench.command()
+@_options(_quick("1 epoch on 1,000 images, K = 2"), OUT, DATA_DIR, PUBLISH,
+          click.option("--preset", "presets", multiple=True, type=click.Choice(["tiny", "small", "default"]),
+                       help="Per-device width preset (repeatable). Default: tiny."),
+          click.option("--parts", "-k", "ks", default="2,4,8", show_default=True, metavar="K,K,...",
+                       help="Cluster sizes; K = 8 for the first preset only (the smallest)."),
+          click.option("--seeds", default="0", show_default=True, metavar="S,S,...",
+                       help="Training seeds; accuracy is the mean over them (the goals ask for two)."),
+          click.option("--epochs", type=click.IntRange(1), default=12, show_default=True,
+                       help="Training epochs (fluid-mpi train's default)."))
+def accuracy(quick, out, data_dir, publish, presets, ks, seeds, epochs) -> None:
+    """Static, Dynamic and Fluid (HA, HT mix, each group, by subset size; at the preset's widths and at
+    equal per-device cost) and replication, per width preset and K: accuracy beside per-device
+    multiply-adds, parameters and forward time, with the goals' verdicts. Trains what OUT/checkpoints
+    lacks; writes OUT/accuracy.md and accuracy.json (--publish DIR: DIR/accuracy-results.*)."""
+    import shutil
+
+    from ..bench.accuracy import AccuracyConfig, run_accuracy
+
+    cfg = AccuracyConfig(Path(out), data_dir, tuple(presets) or ("tiny",), _ints(ks, "--parts"),
+                         _ints(seeds, "--seeds"), epochs)
+    if quick:
+        cfg.ks, cfg.epochs, cfg.limit = (2,), 1, 1000
+    r = run_accuracy(cfg)
+    for row in r["rows"]:
+        for fam in ("fluid", "fluid-eq"):
+            if fam in row and "goals" in row[fam]:
+                met = [k for k, v in row[fam]["goals"].items() if v is False]
+                click.echo(f"{row['preset']} K={row['k']} {fam}: HA {row[fam]['ha']:.2f} vs Static "
+                           f"{row['static']['full']:.2f}; goals not met: {', '.join(met) or 'none'}")
+    click.echo(f"accuracy bench {r['wall_s']} s; report: {Path(out) / 'accuracy.md'}")
+    if publish:
+        for ext in ("md", "json"):
+            shutil.copyfile(Path(out) / f"accuracy.{ext}", Path(publish) / f"accuracy-results.{ext}")

@@ -134,9 +134,8 @@ class Driver:
             w.seen = self.clock.now()
 
     def _observe(self, w: AttemptWatch) -> None:
-        """Events and answers; every probe_every the attempt's hosts (a device that stops answering ends
-        the attempt), every lost_probe_every the lost ones (a returning device is cleaned up and
-        prepared at once)."""
+        """Events and answers; every probe_every the attempt's hosts (one that stops answering ends the
+        attempt), every lost_probe_every the lost ones (one that answers is cleaned up, prepared at once)."""
         self._take_events(w)
         now = self.clock.now()
         if w.stop is not None or w.drain_at is not None:

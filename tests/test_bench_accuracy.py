@@ -66,6 +66,6 @@ def test_quick_run_writes_every_row_and_reuses_checkpoints(tmp_path):
     assert row["replicated"]["accuracy"] == row["fluid"]["ha"]
     assert set(row["fluid"]["goals"]) == {"ha_vs_static", "groups_even", "ensemble_gain", "non_decreasing"}
     md = (tmp_path / "accuracy.md").read_text()
-    assert "### tiny, K = 2" in md and "replication" in md
+    assert "### tiny, K = 2 (seeds 0)" in md and "replication" in md
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 0 and json.loads((tmp_path / "accuracy.json").read_text())["log"] == []

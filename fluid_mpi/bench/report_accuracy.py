@@ -27,7 +27,7 @@ def _mark(ok: bool | None) -> str:
 
 def setting_table(row: dict) -> list[str]:
     """One preset at one K: a line per model, then the Fluid rows' goals."""
-    lines = [f"### {row['preset']}, K = {row['k']}", "",
+    lines = [f"### {row['preset']}, K = {row['k']} (seeds {', '.join(map(str, row['seeds']))})", "",
              "| model | per-device widths | multiply-adds / image / device | parameters / device | "
              "forward ms, batch 1 / 64 | accuracy % (HA for Fluid) | seeds |",
              "|---|---|---:|---:|---:|---:|---|"]

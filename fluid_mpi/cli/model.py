@@ -26,9 +26,15 @@ from .common import DATA_DIR
 @click.option("--widths", default="default", show_default=True, metavar="PRESET|C1,C2,H",
               help="Per-device widths: a preset (tiny 2,4,8 and small 4,8,16 for Pi-class devices; default "
                    "16,32,64) or the channels of conv1, conv2 and the hidden layer.")
+@click.option("--image-size", default=None, metavar="H[,W]",
+              help="A folder per class: resize its images to this size (default: their most common size).")
+@click.option("--test-fraction", type=click.FloatRange(0.01, 0.9), default=None,
+              help="A folder per class without train/ and test/: the share of each class held out for the "
+                   "test split, drawn with a fixed seed (default 0.2; stored in the checkpoint).")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Checkpoint file to write.")
 @click.option("--json", "as_json", is_flag=True, help="Print the accuracy report as JSON.")
-def train(family, parts, data_dir, method, epochs, seed, batch_size, lr, limit, widths, out, as_json) -> None:
+def train(family, parts, data_dir, method, epochs, seed, batch_size, lr, limit, widths, image_size,
+          test_fraction, out, as_json) -> None:
     """Train a model and write a checkpoint (Fluid: every group good alone and in any combination)."""
     from ..model import data
     from ..model.cost import parse_widths
@@ -39,13 +45,30 @@ def train(family, parts, data_dir, method, epochs, seed, batch_size, lr, limit, 
         w = parse_widths(widths)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--widths") from None
+    size = _image_size(image_size)
     epochs = epochs or (4 if method == "nested" else 12)
     cfg = TrainConfig(family, parts, w, epochs, batch_size, lr, seed, limit, method)
-    train_ds, test_ds = data.load_split(data_dir, "train"), data.load_split(data_dir, "test")
-    _, meta = train_and_save(cfg, train_ds, test_ds, out, progress=not as_json)
+    train_ds = data.load_split(data_dir, "train", shape=size and (None, *size), test_fraction=test_fraction)
+    spec = data.spec_for(train_ds)  # the test split is read at the training images' shape
+    test_ds = data.load_split(data_dir, "test", shape=(spec.channels, spec.height, spec.width),
+                              test_fraction=test_fraction)
+    extra = {"test_fraction": test_fraction} if test_fraction is not None else {}
+    _, meta = train_and_save(cfg, train_ds, test_ds, out, progress=not as_json, extra=extra)
     _report(meta, meta["accuracy"], as_json)
     if not as_json:
         click.echo(f"trained in {meta['log']['train_seconds']:.1f} s on {meta['log']['data']}; wrote {out}")
+
+
+def _image_size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values) < 8 or max(values) > 512:
+        raise click.BadParameter(f"{text!r}: H or H,W, 8 to 512 pixels", param_hint="--image-size")
+    return (values[0], values[-1])
 
 
 def _report(meta: dict, acc: dict, as_json: bool) -> None:
@@ -68,7 +91,9 @@ def eval_cmd(ckpt, data_dir, limit, as_json) -> None:
     from ..model import checkpoint, data, evaluate
 
     model, meta = checkpoint.load_checkpoint(ckpt)
-    test_ds = data.load_split(data_dir, "test").take(limit)
+    spec = model.spec
+    test_ds = data.load_split(data_dir, "test", shape=(spec.channels, spec.height, spec.width),
+                              test_fraction=meta.get("test_fraction")).take(limit)
     meta = dict(meta, test_data=test_ds.source)
     _report(meta, evaluate.accuracy_report(model, meta["family"], test_ds), as_json)
 

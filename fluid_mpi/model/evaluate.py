@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from .data import Dataset, to_tensor_batch
+from .data import Dataset
 from .cost import device_cost
 from .models import FluidCNN, SlicedCNN, Widths, all_subsets, subset_key
+from .spec import InputSpec
 
 
 @torch.no_grad()
-def _accuracy(fn, data: Dataset, batch_size: int = 1000) -> float:
+def _accuracy(fn, data: Dataset, spec, batch_size: int = 1000) -> float:
     correct = 0
     for i in range(0, len(data), batch_size):
-        x = to_tensor_batch(data.images[i:i + batch_size])
+        x = spec.to_tensor(data.images[i:i + batch_size])
         correct += int((fn(x).argmax(1).numpy() == data.labels[i:i + batch_size]).sum())
     return round(100.0 * correct / max(len(data), 1), 2)
 
@@ -21,10 +22,11 @@ def _accuracy(fn, data: Dataset, batch_size: int = 1000) -> float:
 def accuracy_report(model: torch.nn.Module, family: str, data: Dataset) -> dict:
     """``{"full": %, "subsets": {key: %}}`` plus, for Fluid, ``"subsets_avg"`` (log-prob averaging)."""
     model.eval()
+    check_shape(model.spec, data)
     if family == "static":
-        return {"full": _accuracy(model, data)}
+        return {"full": _accuracy(model, data, model.spec)}
     if isinstance(model, SlicedCNN):
-        subsets = {str(w): _accuracy(lambda x, w=w: model(x, w), data) for w in range(1, model.parts + 1)}
+        subsets = {str(w): _accuracy(lambda x, w=w: model(x, w), data, model.spec) for w in range(1, model.parts + 1)}
         return {"full": subsets[str(model.parts)], "subsets": subsets}
     assert isinstance(model, FluidCNN)
     # one trunk pass per batch; every subset and both combine rules reuse the features
@@ -33,7 +35,7 @@ def accuracy_report(model: torch.nn.Module, family: str, data: Dataset) -> dict:
     correct = dict.fromkeys([(k, c) for k, _, c in keys], 0)
     with torch.no_grad():
         for i in range(0, len(data), 1000):
-            feats = model.features(to_tensor_batch(data.images[i:i + 1000]))
+            feats = model.features(model.spec.to_tensor(data.images[i:i + 1000]))
             labels = torch.from_numpy(data.labels[i:i + 1000])
             for key, s, c in keys:
                 pred = model.heads.logits({g: feats[g] for g in s}, c).argmax(1)
@@ -46,6 +48,17 @@ def accuracy_report(model: torch.nn.Module, family: str, data: Dataset) -> dict:
     avg = {k: pct(correct[(k, "avg")]) for k, _, c in keys if c == "avg"}
     return {"full": subsets[subset_key(range(model.parts))], "subsets": subsets, "subsets_avg": avg,
             **subset_summary(subsets, model.parts)}
+
+
+def check_shape(spec, data: Dataset) -> None:
+    """A :class:`DataError` (one line) when ``data`` does not fit a model of ``spec``."""
+    from ..errors import DataError
+
+    if tuple(data.images.shape[1:]) != spec.image_shape:
+        raise DataError(f"{data.source}: images are {'x'.join(map(str, data.images.shape[1:]))}, the model "
+                        f"takes {'x'.join(map(str, spec.image_shape))}")
+    if len(data) and int(data.labels.max()) >= spec.num_classes:
+        raise DataError(f"{data.source}: label {int(data.labels.max())} but the model has {spec.num_classes} classes")
 
 
 def subset_summary(subsets: dict[str, float], parts: int) -> dict:
@@ -62,7 +75,9 @@ def subset_summary(subsets: dict[str, float], parts: int) -> dict:
 
 def format_report(meta: dict, acc: dict) -> str:
     """A readable table of an accuracy report."""
+    spec = InputSpec.from_dict(meta.get("input"))
     lines = [f"{meta['family']} model, K={meta['parts']}, widths per part {meta['widths']}",
+             f"input {spec.channels}x{spec.height}x{spec.width}, {spec.num_classes} classes; "
              f"test data: {meta.get('test_data', '?')}", "",
              f"{'sub-network':<24}{'accuracy %':>12}", "-" * 36,
              f"{'whole model':<24}{acc['full']:>12.2f}"]
@@ -78,6 +93,9 @@ def format_report(meta: dict, acc: dict) -> str:
                   f"HT mix (each group's own head, equal shares): {acc['ht_mix']:.2f}"]
     w = meta.get("widths")
     if isinstance(w, dict):
-        cost = device_cost(meta["family"], Widths(**w), meta["parts"])
+        cost = device_cost(meta["family"], Widths(**w), meta["parts"], spec)
         lines.append(f"per device: {cost['macs']:,} multiply-adds per image, {cost['params']:,} parameters")
+    skipped = meta.get("log", {}).get("skipped")
+    if skipped:
+        lines.append(f"unreadable training files skipped: {skipped} (first: {'; '.join(meta['log']['skipped_first'])})")
     return "\n".join(lines)

@@ -1,6 +1,8 @@
-"""The user's own inputs turned into MNIST-like inputs: uint8 ``(N, 28, 28)``, white digit on black.
+"""The user's own inputs turned into a model's inputs, as its checkpoint's :class:`InputSpec` says: a
+plain resize to the model's size and channels (``prepare="resize"``), or for digit models (MNIST's,
+``prepare="digit"``) an MNIST-like uint8 28 × 28, white digit on black.
 
-How one image becomes an input (:func:`image_to_input`), the way MNIST itself was made:
+How one image becomes a digit input (:func:`image_to_input`), the way MNIST itself was made:
 
 1. **Grayscale.** The first frame (GIF/TIFF) is converted to 8-bit gray (Pillow mode ``L``); transparent
    pixels are first laid on white (a digit drawn on a transparent canvas is dark ink on "paper"); 16-bit
@@ -29,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DataError
+from .spec import MNIST, InputSpec
 
 SIDE = 28  # MNIST's input side
 BOX = 20  # MNIST fitted each digit's longer side into 20 px before centring it in 28 x 28
@@ -90,14 +93,32 @@ def image_to_input(img: Image.Image) -> np.ndarray:
     return out
 
 
-def decode_file(path: str | os.PathLike) -> np.ndarray:
-    """Read one image file and return its 28×28 uint8 input; raises :class:`DataError` with a one-line
-    reason (missing, not an image, corrupt, truncated or over Pillow's size limit). Used for each path
-    of the stdin stream."""
+def resized(img: Image.Image, spec: InputSpec) -> np.ndarray:
+    """One decoded image -> uint8 ``spec.image_shape``: grey or RGB (transparency laid on white), resized
+    to the model's size (bilinear, anti-aliased)."""
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        img = Image.fromarray(np.rint(_gray(img)).astype(np.uint8))
+    img = img.convert("L" if spec.channels == 1 else "RGB")
+    if img.size != (spec.width, spec.height):
+        img = img.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def prepare(img: Image.Image, spec: InputSpec = MNIST) -> np.ndarray:
+    """One decoded image as ``spec`` says: MNIST-like digit centring or a plain resize."""
+    return image_to_input(img) if spec.prepare == "digit" else resized(img, spec)
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """Open and fully decode one image file; raises :class:`DataError` with a one-line reason (missing,
+    not an image, corrupt, truncated or over Pillow's size limit)."""
     try:
         with Image.open(path) as img:
             img.load()
-            return image_to_input(img)
+            return img.copy()  # the first frame (GIF/TIFF), detached from the closed file
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -109,24 +130,30 @@ def decode_file(path: str | os.PathLike) -> np.ndarray:
         raise DataError(f"{path}: cannot decode the image ({reason})") from None
 
 
+def decode_file(path: str | os.PathLike, spec: InputSpec = MNIST) -> np.ndarray:
+    """Read one image file and return it as the model's input (uint8 ``spec.image_shape``); a
+    :class:`DataError` says why it cannot. Used for each path of the stdin stream."""
+    return prepare(open_image(path), spec)
+
+
 @dataclass
 class Inputs:
     """Loaded inputs: ``names[i]`` labels ``images[i]``; files that could not be decoded are in
     ``errors`` as ``(name, message)`` and have no image."""
 
     names: list[str]
-    images: np.ndarray  # (N, 28, 28) uint8
+    images: np.ndarray  # (N, *spec.image_shape) uint8
     errors: list[tuple[str, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.names)
 
 
-def _stack(arrays: list[np.ndarray]) -> np.ndarray:
-    return np.stack(arrays) if arrays else np.zeros((0, SIDE, SIDE), dtype=np.uint8)
+def _stack(arrays: list[np.ndarray], spec: InputSpec) -> np.ndarray:
+    return np.stack(arrays) if arrays else np.zeros((0, *spec.image_shape), dtype=np.uint8)
 
 
-def _load_folder(folder: Path) -> Inputs:
+def _load_folder(folder: Path, spec: InputSpec) -> Inputs:
     files = sorted(p for p in folder.iterdir()
                    if p.suffix.lower() in EXTENSIONS and not p.name.startswith(".") and not p.is_dir())
     if not files:
@@ -134,11 +161,11 @@ def _load_folder(folder: Path) -> Inputs:
     names, images, errors = [], [], []
     for p in files:
         try:
-            images.append(decode_file(p))
+            images.append(decode_file(p, spec))
             names.append(p.name)
         except DataError as exc:
             errors.append((p.name, str(exc).removeprefix(f"{p}: ")))
-    return Inputs(names, _stack(images), errors)
+    return Inputs(names, _stack(images, spec), errors)
 
 
 def _to_uint8(a: np.ndarray, path: Path) -> np.ndarray:
@@ -162,37 +189,38 @@ def _to_uint8(a: np.ndarray, path: Path) -> np.ndarray:
     return a.astype(np.uint8)
 
 
-def _load_npy(path: Path) -> Inputs:
+def _load_npy(path: Path, spec: InputSpec) -> Inputs:
     try:
         a = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
         raise DataError(f"{path}: not a readable .npy array ({' '.join(str(exc).split())})") from None
-    if a.ndim != 3 or a.shape[1:] != (SIDE, SIDE):
-        raise DataError(f"{path}: array of shape {a.shape}, expected N×28×28")
+    if a.shape[1:] != spec.image_shape:
+        raise DataError(f"{path}: array of shape {a.shape}, expected N×{'×'.join(map(str, spec.image_shape))}")
     if a.shape[0] == 0:
         raise DataError(f"{path}: array of shape {a.shape} holds no images")
     return Inputs([str(i) for i in range(len(a))], np.ascontiguousarray(_to_uint8(a, path)), [])
 
 
-def load_inputs(path: str | os.PathLike) -> Inputs:
-    """Load the user's inputs from ``path``:
+def load_inputs(path: str | os.PathLike, spec: InputSpec = MNIST) -> Inputs:
+    """Load the user's inputs from ``path``, prepared for a model of ``spec`` (MNIST's by default):
 
     - a folder: every PNG/JPEG/BMP/GIF/TIFF file in it (by extension, case-insensitive; not recursive;
       hidden files skipped), sorted by name; names are the file names; a file that cannot be decoded goes
       into ``errors`` and loading goes on; a folder with no image file raises :class:`DataError`;
-    - a ``.npy`` array N×28×28 of any numeric dtype (uint8 kept, floats in [0, 1] scaled to 0..255, other
-      values must lie in 0..255) used as is (already MNIST-like); names are the indices "0".."N-1";
+    - a ``.npy`` array N × ``spec.image_shape`` (N×28×28 for MNIST) of any numeric dtype (uint8 kept,
+      floats in [0, 1] scaled to 0..255, other values must lie in 0..255) used as is (already prepared);
+      names are the indices "0".."N-1";
     - a single image file: one input (a :class:`DataError` if it cannot be decoded).
 
     A missing path, a ``.npy`` of the wrong shape and anything else raise :class:`DataError` (one line).
     """
     p = Path(path)
     if p.is_dir():
-        return _load_folder(p)
+        return _load_folder(p, spec)
     if not p.exists():
         raise DataError(f"{p}: no such file or folder")
     if p.suffix.lower() == ".npy":
-        return _load_npy(p)
+        return _load_npy(p, spec)
     if p.suffix.lower() in EXTENSIONS:
-        return Inputs([p.name], decode_file(p)[None], [])
+        return Inputs([p.name], decode_file(p, spec)[None], [])
     raise DataError(f"{p}: not a folder of images, a .npy array or an image file")

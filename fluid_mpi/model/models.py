@@ -1,7 +1,8 @@
 """The three model families, all of them in this file: Static, Dynamic (slimmable) and Fluid.
 
-One trunk shape serves all three: ``conv5x5(1->C1) -> ReLU -> maxpool2 -> conv5x5(C1->C2) -> ReLU ->
-maxpool2 -> fc(C2*4*4 -> H) -> ReLU``, then a classifier ``fc(H -> 10)``. Width is split into K equal
+One trunk shape serves all three: ``conv5x5(C->C1) -> ReLU -> maxpool2 -> conv5x5(C1->C2) -> ReLU ->
+maxpool2 -> fc(C2*4*4 -> H) -> ReLU``, then a classifier ``fc(H -> classes)``; other input sizes than
+MNIST's 1 × 28 × 28 pad the convs or pool the last maps to at most 4 × 4 (``spec.geometry``). Width is split into K equal
 slices (K = number of parts = number of MPI ranks); :class:`Widths` holds the width of ONE slice.
 
 - Static  = :class:`SlicedCNN` trained at full width K only.
@@ -22,10 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import NUM_CLASSES
+from .spec import MNIST, InputSpec, geometry
 
 FAMILIES = ("static", "dynamic", "fluid")
-POOLED = 4 * 4  # spatial size after two conv5x5 + maxpool2 stages on 28x28
+
+
+def fit_pool(x: torch.Tensor, pooled: tuple[int, int]) -> torch.Tensor:
+    """Average-pool the last maps to ``pooled`` when they are larger (inputs over 28 × 28); MNIST's maps
+    are 4 × 4 already and pass untouched."""
+    return x if tuple(x.shape[-2:]) == tuple(pooled) else F.adaptive_avg_pool2d(x, pooled)
 
 
 def relu_pool(x: torch.Tensor) -> torch.Tensor:
@@ -62,11 +68,12 @@ class Trunk(nn.Module):
     ``norm=True`` (training only) puts a BatchNorm after each conv; :meth:`fold_norm` then folds it into the
     conv's weights and bias, so the trained trunk is the plain one: same layers, same cost at inference."""
 
-    def __init__(self, w: Widths, norm: bool = False):
+    def __init__(self, w: Widths, norm: bool = False, spec: InputSpec = MNIST):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, w.c1, 5)
-        self.conv2 = nn.Conv2d(w.c1, w.c2, 5)
-        self.fc = nn.Linear(w.c2 * POOLED, w.hidden)
+        self.geo = g = geometry(spec)
+        self.conv1 = nn.Conv2d(spec.channels, w.c1, 5, padding=g.pad)
+        self.conv2 = nn.Conv2d(w.c1, w.c2, 5, padding=g.pad)
+        self.fc = nn.Linear(w.c2 * g.pooled_size, w.hidden)
         self.norms = nn.ModuleList([nn.BatchNorm2d(w.c1), nn.BatchNorm2d(w.c2)]) if norm else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,7 +81,7 @@ class Trunk(nn.Module):
         x = relu_pool(self.norms[0](x) if self.norms is not None else x)
         x = self.conv2(x)
         x = relu_pool(self.norms[1](x) if self.norms is not None else x)
-        return F.relu(self.fc(x.flatten(1)))
+        return F.relu(self.fc(fit_pool(x, self.geo.pooled).flatten(1)))
 
     @torch.no_grad()
     def fold_norm(self) -> None:
@@ -96,21 +103,21 @@ class SlicedCNN(nn.Module):
     Static uses only ``width=K``; Dynamic (slimmable) trains and runs every width.
     """
 
-    def __init__(self, parts: int, widths: Widths = Widths(), norm: bool = False):
+    def __init__(self, parts: int, widths: Widths = Widths(), norm: bool = False, spec: InputSpec = MNIST):
         super().__init__()
-        self.parts, self.widths = parts, widths
-        self.trunk = Trunk(widths.scaled(parts), norm)
-        self.classifier = nn.Linear(widths.hidden * parts, NUM_CLASSES)
+        self.parts, self.widths, self.spec = parts, widths, spec
+        self.trunk = Trunk(widths.scaled(parts), norm, spec)
+        self.classifier = nn.Linear(widths.hidden * parts, spec.num_classes)
 
     def sliced_weights(self, width: int) -> dict[str, torch.Tensor]:
         """The weights of the first ``width`` slices (views, so gradients flow to the shared weights)."""
         w, t = self.widths, self.trunk
-        c1, c2, h = w.c1 * width, w.c2 * width, w.hidden * width
+        c1, c2, h, pooled = w.c1 * width, w.c2 * width, w.hidden * width, t.geo.pooled_size
         return {
             "conv1.weight": t.conv1.weight[:c1], "conv1.bias": t.conv1.bias[:c1],
             "conv2.weight": t.conv2.weight[:c2, :c1], "conv2.bias": t.conv2.bias[:c2],
-            # flatten is channel-major, so the first c2 channels are the first c2*16 columns
-            "fc.weight": t.fc.weight[:h, :c2 * POOLED], "fc.bias": t.fc.bias[:h],
+            # flatten is channel-major, so the first c2 channels are the first c2*pooled columns
+            "fc.weight": t.fc.weight[:h, :c2 * pooled], "fc.bias": t.fc.bias[:h],
             "classifier.weight": self.classifier.weight[:, :h], "classifier.bias": self.classifier.bias,
         }
 
@@ -121,10 +128,11 @@ class SlicedCNN(nn.Module):
         p, norms = self.sliced_weights(width), self.trunk.norms
         if norms is not None and width != self.parts:
             raise ValueError("a trunk with BatchNorm runs at full width only (Static training); fold it first")
-        x = F.conv2d(x, p["conv1.weight"], p["conv1.bias"])
+        geo = self.trunk.geo
+        x = F.conv2d(x, p["conv1.weight"], p["conv1.bias"], padding=geo.pad)
         x = relu_pool(norms[0](x) if norms is not None else x)
-        x = F.conv2d(x, p["conv2.weight"], p["conv2.bias"])
-        x = relu_pool(norms[1](x) if norms is not None else x)
+        x = F.conv2d(x, p["conv2.weight"], p["conv2.bias"], padding=geo.pad)
+        x = fit_pool(relu_pool(norms[1](x) if norms is not None else x), geo.pooled)
         x = F.relu(F.linear(x.flatten(1), p["fc.weight"], p["fc.bias"]))
         return F.linear(x, p["classifier.weight"], p["classifier.bias"])
 
@@ -143,11 +151,11 @@ class HeadBank(nn.Module):
     """Every head of a Fluid model: one independent head per group and one combined head per subset of
     two or more groups (input: the subset's features concatenated in group order)."""
 
-    def __init__(self, parts: int, hidden: int):
+    def __init__(self, parts: int, hidden: int, classes: int = 10):
         super().__init__()
         self.parts = parts
-        self.single = nn.ModuleList(nn.Linear(hidden, NUM_CLASSES) for _ in range(parts))
-        self.combined = nn.ModuleDict({subset_key(s): nn.Linear(hidden * len(s), NUM_CLASSES)
+        self.single = nn.ModuleList(nn.Linear(hidden, classes) for _ in range(parts))
+        self.combined = nn.ModuleDict({subset_key(s): nn.Linear(hidden * len(s), classes)
                                        for s in all_subsets(parts) if len(s) > 1})
 
     def head(self, subset) -> nn.Linear:
@@ -175,11 +183,11 @@ class HeadBank(nn.Module):
 class FluidCNN(nn.Module):
     """K independent trunks (groups) plus a :class:`HeadBank`."""
 
-    def __init__(self, parts: int, widths: Widths = Widths(), norm: bool = False):
+    def __init__(self, parts: int, widths: Widths = Widths(), norm: bool = False, spec: InputSpec = MNIST):
         super().__init__()
-        self.parts, self.widths = parts, widths
-        self.groups = nn.ModuleList(Trunk(widths, norm) for _ in range(parts))
-        self.heads = HeadBank(parts, widths.hidden)
+        self.parts, self.widths, self.spec = parts, widths, spec
+        self.groups = nn.ModuleList(Trunk(widths, norm, spec) for _ in range(parts))
+        self.heads = HeadBank(parts, widths.hidden, spec.num_classes)
 
     def features(self, x: torch.Tensor, subset=None) -> dict[int, torch.Tensor]:
         subset = range(self.parts) if subset is None else subset
@@ -189,16 +197,18 @@ class FluidCNN(nn.Module):
         return self.heads.logits(self.features(x, subset), combine)
 
 
-def build_model(family: str, parts: int, widths: Widths = Widths(), norm: bool = False) -> nn.Module:
-    """A fresh model of the given family with ``parts`` slices/groups (``norm``: BatchNorm for training,
-    folded away by :func:`fold_norms`; not for Dynamic, whose widths share the convs)."""
+def build_model(family: str, parts: int, widths: Widths = Widths(), norm: bool = False,
+                spec: InputSpec = MNIST) -> nn.Module:
+    """A fresh model of the given family with ``parts`` slices/groups for ``spec``'s inputs and classes
+    (``norm``: BatchNorm for training, folded away by :func:`fold_norms`; not for Dynamic, whose widths
+    share the convs)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, not {family!r}")
     if parts < 1:
         raise ValueError("parts must be >= 1")
     if norm and family == "dynamic":
         raise ValueError("Dynamic trains without BatchNorm: its widths share the convs, not their statistics")
-    return FluidCNN(parts, widths, norm) if family == "fluid" else SlicedCNN(parts, widths, norm)
+    return FluidCNN(parts, widths, norm, spec) if family == "fluid" else SlicedCNN(parts, widths, norm, spec)
 
 
 def fold_norms(model: nn.Module) -> nn.Module:

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import NUM_CLASSES
-from .models import POOLED, FluidCNN, HeadBank, SlicedCNN, Trunk, Widths, relu_pool
+from .models import FluidCNN, HeadBank, SlicedCNN, Trunk, Widths, fit_pool, relu_pool
+from .spec import MNIST, InputSpec, geometry
 
 N_STAGES = 3
 
@@ -25,23 +25,23 @@ N_STAGES = 3
 class SlicePart(nn.Module):
     """Part ``index`` of a :class:`SlicedCNN` running at ``width`` slices (index < width)."""
 
-    def __init__(self, widths: Widths, index: int, width: int):
+    def __init__(self, widths: Widths, index: int, width: int, spec: InputSpec = MNIST):
         super().__init__()
         if not 0 <= index < width:
             raise ValueError(f"part index {index} outside width {width}")
-        self.widths, self.index, self.width = widths, index, width
-        w = widths
-        self.conv1 = nn.Conv2d(1, w.c1, 5)
-        self.conv2 = nn.Conv2d(w.c1 * width, w.c2, 5)
-        self.fc = nn.Linear(w.c2 * width * POOLED, w.hidden)
-        self.cls_weight = nn.Parameter(torch.zeros(10, w.hidden))
+        self.widths, self.index, self.width, self.spec = widths, index, width, spec
+        w, self.geo = widths, geometry(spec)
+        self.conv1 = nn.Conv2d(spec.channels, w.c1, 5, padding=self.geo.pad)
+        self.conv2 = nn.Conv2d(w.c1 * width, w.c2, 5, padding=self.geo.pad)
+        self.fc = nn.Linear(w.c2 * width * self.geo.pooled_size, w.hidden)
+        self.cls_weight = nn.Parameter(torch.zeros(spec.num_classes, w.hidden))
         # only part 0 adds the bias, so that the sum of partial logits counts it once
-        self.cls_bias = nn.Parameter(torch.zeros(NUM_CLASSES))
+        self.cls_bias = nn.Parameter(torch.zeros(spec.num_classes))
 
     @classmethod
     def from_model(cls, model: SlicedCNN, index: int, width: int | None = None) -> "SlicePart":
         width = model.parts if width is None else width
-        part = cls(model.widths, index, width)
+        part = cls(model.widths, index, width, model.spec)
         part.load_state_dict(slice_state(model, index, width))
         return part
 
@@ -49,11 +49,16 @@ class SlicePart(nn.Module):
         """Run stage ``i`` on the full (gathered) input of that stage; returns this part's share."""
         if i == 0:
             return relu_pool(self.conv1(x))
-        if i == 1:
-            return relu_pool(self.conv2(x))
+        if i == 1:  # each part pools its own channels: the gathered maps are what fc reads
+            return fit_pool(relu_pool(self.conv2(x)), self.geo.pooled)
         if i == 2:
             return F.linear(F.relu(self.fc(x.flatten(1))), self.cls_weight, self.cls_bias)
         raise IndexError(i)
+
+    def stage_shape(self, i: int, n: int) -> tuple[int, ...]:
+        """The shape of this part's share of stage ``i``'s output for a batch of ``n``."""
+        w, g = self.widths, self.geo
+        return [(n, w.c1, *g.stage1), (n, w.c2, *g.pooled), (n, self.spec.num_classes)][i]
 
 
 def slice_state(model: SlicedCNN, index: int, width: int) -> dict[str, torch.Tensor]:
@@ -87,16 +92,16 @@ class FluidPart(nn.Module):
     """Group ``index`` of a Fluid model: its trunk and independent head; optionally the whole head bank
     (the coordinator's copy, used to combine features gathered from any subset of groups)."""
 
-    def __init__(self, widths: Widths, index: int, parts: int, with_bank: bool = False):
+    def __init__(self, widths: Widths, index: int, parts: int, with_bank: bool = False, spec: InputSpec = MNIST):
         super().__init__()
-        self.widths, self.index, self.parts = widths, index, parts
-        self.trunk = Trunk(widths)
-        self.head = nn.Linear(widths.hidden, NUM_CLASSES)
-        self.bank = HeadBank(parts, widths.hidden) if with_bank else None
+        self.widths, self.index, self.parts, self.spec = widths, index, parts, spec
+        self.trunk = Trunk(widths, spec=spec)
+        self.head = nn.Linear(widths.hidden, spec.num_classes)
+        self.bank = HeadBank(parts, widths.hidden, spec.num_classes) if with_bank else None
 
     @classmethod
     def from_model(cls, model: FluidCNN, index: int, with_bank: bool = False) -> "FluidPart":
-        part = cls(model.widths, index, model.parts, with_bank)
+        part = cls(model.widths, index, model.parts, with_bank, model.spec)
         part.load_state_dict(fluid_state(model, index, with_bank))
         return part
 
@@ -127,10 +132,10 @@ def narrow(part: SlicePart, width: int) -> SlicePart:
     if width == part.width:
         return part
     w = part.widths
-    out = SlicePart(w, part.index, width)
+    out = SlicePart(w, part.index, width, part.spec)
     state = dict(part.state_dict())
     state["conv2.weight"] = state["conv2.weight"][:, :w.c1 * width]
-    state["fc.weight"] = state["fc.weight"][:, :w.c2 * width * POOLED]
+    state["fc.weight"] = state["fc.weight"][:, :w.c2 * width * part.geo.pooled_size]
     out.load_state_dict(state)
     return out
 

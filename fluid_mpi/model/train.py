@@ -29,8 +29,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import augment
-from .data import Dataset, to_tensor_batch
+from .data import Dataset, spec_for
 from .models import FluidCNN, SlicedCNN, Widths, all_subsets, build_model, fold_norms, subset_key
+
+
+augment_fill = augment.BACKGROUND  # (named apart: inside TrainConfig, ``augment`` is the flag)
 
 
 @dataclass
@@ -48,6 +51,8 @@ class TrainConfig:
     method: str = "joint"  # Fluid: joint | nested
     augment: bool = True
     norm: bool = True  # BatchNorm while training (Static, Fluid), folded into the convs at the end
+    # set by train() from the data (not a setting: the checkpoint stores the spec as meta["input"])
+    fill: float | torch.Tensor = augment_fill
 
     def as_dict(self) -> dict:
         return {"family": self.family, "parts": self.parts, "widths": self.widths.as_dict(),
@@ -85,7 +90,7 @@ def _run_stage(name: str, params, loss_fn, x, y, cfg: TrainConfig, gen, progress
         total, n = 0.0, 0
         for xb, yb in _batches(x, y, cfg.batch_size, gen):
             if cfg.augment:
-                xb = augment.affine(xb, gen)
+                xb = augment.affine(xb, gen, cfg.fill)
             loss = loss_fn(xb, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -112,8 +117,10 @@ def train(cfg: TrainConfig, data: Dataset, progress: bool = True,
     frozen groups do not change)."""
     gen = seed_everything(cfg.seed)
     data = data.take(cfg.limit)
-    x, y = to_tensor_batch(data.images), torch.from_numpy(data.labels)
-    model = build_model(cfg.family, cfg.parts, cfg.widths, norm=cfg.norm and cfg.family != "dynamic")
+    spec = spec_for(data)
+    cfg.fill = augment.background(spec)
+    x, y = spec.to_tensor(data.images), torch.from_numpy(data.labels)
+    model = build_model(cfg.family, cfg.parts, cfg.widths, norm=cfg.norm and cfg.family != "dynamic", spec=spec)
     model.train()
     t0 = time.perf_counter()
     stages: dict[str, float] = {}
@@ -129,8 +136,11 @@ def train(cfg: TrainConfig, data: Dataset, progress: bool = True,
         stages.update(_train_fluid(model, cfg, x, y, gen, progress, on_stage_end or (lambda n, m: None)))
     model.eval()
     fold_norms(model)
-    return model, {"stage_losses": stages, "train_seconds": round(time.perf_counter() - t0, 2),
-                   "train_images": len(y), "data": data.source}
+    log = {"stage_losses": stages, "train_seconds": round(time.perf_counter() - t0, 2),
+           "train_images": len(y), "data": data.source}
+    if data.skipped:  # unreadable files of a folder data set: counted, the first few named
+        log.update(skipped=len(data.skipped), skipped_first=data.skipped[:5])
+    return model, log
 
 
 def _sandwich_loss(model: SlicedCNN, gen: torch.Generator):

@@ -72,7 +72,7 @@ def schedule_offsets(n: int, segments: list[tuple[float, float]] | None, seed: i
 @dataclass
 class Item:
     """One arrived input. ``key`` numbers the inputs of a run in arrival order (0, 1, ...); ``image`` is
-    28×28 uint8, or None with ``error`` saying why the input could not be read; ``arrived`` is the time
+    the model's uint8 input, or None with ``error`` saying why the input could not be read; ``arrived`` is the time
     it arrived (on the source's clock), from which its latency runs."""
 
     key: int
@@ -142,7 +142,7 @@ class ReplaySource:
 
 class StdinSource:
     """Image paths read line by line from ``stream`` (stdin) as they arrive; a daemon thread reads each
-    line, stamps its arrival time with ``clock`` and decodes it with ``decode`` (a path -> 28×28 uint8,
+    line, stamps its arrival time with ``clock`` and decodes it with ``decode`` (a path -> the model's uint8 input,
     raising :class:`DataError` for a bad one: the item then carries ``error``). Blank lines are skipped;
     EOF ends the stream. An unexpected failure of the reader is re-raised by the next :meth:`poll`."""
 

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from ..errors import DeviceSilent, PeerFailure, RecoveryFailed
-from ..model.data import NUM_CLASSES, to_tensor_batch
 from .events import EventLog, FailureTracker, FaultKind
 from .faults import FaultInjector
 from .capacity import Capacity, ServiceClock
@@ -79,7 +78,7 @@ class FluidCoordinator:
         return [w for w in self.t.members if w != self.me]
 
     def post(self, world: int) -> None:
-        dim = max(self.part.widths.hidden, NUM_CLASSES)  # a reply holds features (HA) or logits (HT)
+        dim = max(self.part.widths.hidden, self.part.spec.num_classes)  # features (HA) or logits (HT)
         self.handles[world] = self.t.recv_start(self.t.members.index(world), self.job.batch_size * dim)
 
     def send(self, world: int, b: Batch, cmd: int) -> None:
@@ -92,7 +91,7 @@ class FluidCoordinator:
         return b
 
     def compute(self, b: Batch, features: bool) -> torch.Tensor:
-        x = to_tensor_batch(b.images)
+        x = self.part.spec.to_tensor(b.images)
         with torch.inference_mode():
             return self.part.features(x) if features else self.part.logits(x)
 
@@ -289,7 +288,7 @@ class FluidCoordinator:
     def _reply(self, w: int) -> None:
         h = self.handles[w]
         kind, bid, n = int(h.header[0]), int(h.header[1]), int(h.header[2])
-        dim = self.part.widths.hidden if kind == CMD_FEATURES else NUM_CLASSES
+        dim = self.part.widths.hidden if kind == CMD_FEATURES else self.part.spec.num_classes
         out = h.payload[:n * dim].reshape(n, dim)  # no copy: post() gives the next reply its own buffer
         self.last_contact[w] = time.time()
         self.post(w)

@@ -135,7 +135,7 @@ def _run(t, opts: InferOptions, ft: bool) -> int:
         print(f"fluid-mpi: {meta['family']} K={meta['parts']} on {t.size} rank(s): {where}", flush=True)
     stamp_dir = str(Path(opts.summary).resolve().parent) if opts.summary else tempfile.gettempdir()
     job = RunSpec(family=meta["family"], mode=opts.mode if meta["family"] == "fluid" else "sliced",
-              images=np.zeros((0, 28, 28), np.uint8), labels=np.zeros(0, np.int64), indices=np.zeros(0, np.int64),
+              images=np.zeros((0, *part.spec.image_shape), np.uint8), labels=np.zeros(0, np.int64), indices=np.zeros(0, np.int64),
               batch_size=opts.batch_size, rank_timeout=opts.rank_timeout, faults=opts.fault_plan(),
               stamp_dir=stamp_dir, combine=opts.combine, width=width)
     ctx = roles.Context(t, part, meta, opts, job, Liveness(hosts), drain, started_at)
@@ -147,7 +147,7 @@ def _warm_up(part) -> None:
     import torch
 
     with torch.inference_mode():
-        x = torch.zeros(1, 1, 28, 28)
+        x = torch.zeros(1, part.spec.channels, part.spec.height, part.spec.width)
         if hasattr(part, "trunk"):
             part.head(part.trunk(x))
         else:

@@ -147,28 +147,43 @@ class LiveStream:
         self.source.wait(timeout)
 
 
-def open_inputs(opts, skip: set[int], ds_loader=None) -> InputStream:
+def open_inputs(opts, skip: set[int], meta: dict | None = None, ds_loader=None) -> InputStream:
     """The inputs of a run from its options: ``--input PATH`` (a folder, a ``.npy`` or ``-`` for stdin),
-    else the MNIST test split (``--data-dir``, ``--limit``, ``--repeat``); ``--rate``/``--seed`` replay them
-    as a Poisson stream. ``skip``: keys already answered (``--resume``, take-over)."""
+    else the test split of a labelled data set (``--data``/``--data-dir``, ``--limit``, ``--repeat``);
+    ``--rate``/``--seed`` replay them as a Poisson stream. ``skip``: keys already answered (``--resume``,
+    take-over). ``meta``: the checkpoint's, whose input spec says how pictures are prepared."""
+    from ..model.spec import InputSpec
+
+    spec = InputSpec.from_dict((meta or {}).get("input"))
     if opts.input == "-":
+        import functools
         import sys
 
-        return LiveStream(StdinSource(sys.stdin), "image paths from stdin")
+        from ..model.images import decode_file
+
+        return LiveStream(StdinSource(sys.stdin, functools.partial(decode_file, spec=spec)), "image paths from stdin")
     if opts.input:
         from ..model.images import load_inputs
 
-        inputs = load_inputs(opts.input)
+        inputs = load_inputs(opts.input, spec)
         images, names, labels = inputs.images, list(inputs.names), None
         description = f"{opts.input} ({len(names)} readable images, {len(inputs.errors)} unreadable)"
         bad = list(inputs.errors)
     else:
         from ..model.data import load_split
+        from ..model.evaluate import check_shape
 
-        ds = (ds_loader or load_split)(opts.data_dir, "test").take(opts.limit)
+        if ds_loader is None:
+            shape = (spec.channels, spec.height, spec.width)
+            ds = load_split(opts.data_dir, "test", shape=shape, test_fraction=(meta or {}).get("test_fraction"))
+        else:
+            ds = ds_loader(opts.data_dir, "test")
+        ds = ds.take(opts.limit)
+        check_shape(spec, ds)
         images, labels, names, bad = ds.images, ds.labels, None, []
         if opts.repeat > 1:  # input i of pass p is input p * n + i: distinct, answered once each
-            images, labels = np.tile(images, (opts.repeat, 1, 1)), np.tile(labels, opts.repeat)
+            images = np.tile(images, (opts.repeat,) + (1,) * (images.ndim - 1))
+            labels = np.tile(labels, opts.repeat)
         description = ds.source + (f", {opts.repeat} passes" if opts.repeat > 1 else "")
     keys = np.arange(len(images), dtype=np.int64)
     if names is not None:  # a folder's keys follow the sorted file names, unreadable files included

@@ -17,7 +17,7 @@ class InferOptions:
     checkpoint: str
     mode: str = "ha"
     data_dir: str | None = None
-    input: str | None = None  # a folder of images, a .npy of N×28×28, or "-" for image paths on stdin
+    input: str | None = None  # a folder of images, a .npy of the model's input shape, or "-" for paths on stdin
     rate: str | None = None  # replay the inputs as a Poisson stream: "R" images/s, or steps "R1@S1,R2@S2,R3"
     seed: int = 0
     latency_ms: float | None = None  # --mode auto: the latency target per input

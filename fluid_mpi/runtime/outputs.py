@@ -8,6 +8,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -125,8 +126,11 @@ class PredictionSink:
     """Counts answers (exactly once per input) and writes them as JSON lines when a path is given."""
 
     def __init__(self, path: str | os.PathLike | None, append: bool = False, with_logits: bool = False,
-                 progress_total: int | None = None):
+                 progress_total: int | None = None, classes: Sequence[str] | None = None):
         self.path, self.with_logits = path, with_logits
+        # class names beside the index, when they say more than the index (not MNIST's "0".."9")
+        named = classes is not None and any(c != str(i) for i, c in enumerate(classes))
+        self._names = [json.dumps(c) for c in classes] if named else None
         self.bar = None
         if progress_total:  # a progress bar on stderr (rank 0 only; -q turns it off)
             from tqdm import tqdm
@@ -176,8 +180,10 @@ class PredictionSink:
             tally[0] += len(keys)
             tally[1] += hits
             form = self._line_format(rank, extra)
-            self._finish(batch, [form % v for v in zip(keys, batch.labels.tolist(), preds.tolist(), conf, lat)],
-                         batch.arrived, now)
+            cols = [keys, batch.labels.tolist(), preds.tolist()]
+            if self._names:
+                cols.append([self._names[p] for p in cols[2]])
+            self._finish(batch, [form % v for v in zip(*cols, conf, lat)], batch.arrived, now)
             return
         preds, labels = preds.tolist(), batch.labels.tolist()
         tail = _tail(extra)
@@ -198,7 +204,8 @@ class PredictionSink:
                 tally[0] += 1
                 tally[1] += preds[i] == labels[i]
                 line += f', "label": {labels[i]}'
-            line += f', "pred": {preds[i]}, "confidence": {conf[i]:.4f}, "rank": {rank}{tail}, "latency_ms": {lat[i]:.3f}'
+            named = f', "class": {self._names[preds[i]]}' if self._names else ""
+            line += f', "pred": {preds[i]}{named}, "confidence": {conf[i]:.4f}, "rank": {rank}{tail}, "latency_ms": {lat[i]:.3f}'
             if self.with_logits:
                 line += ', "logits": [' + ", ".join(f"{float(v):.6g}" for v in logits[i]) + "]"
             lines.append(line + "}")
@@ -209,7 +216,8 @@ class PredictionSink:
         key = (rank, tuple((extra or {}).items()))
         form = self._forms.get(key)
         if form is None:
-            form = self._forms[key] = '{"index": %d, "label": %d, "pred": %d, "confidence": %.4f, "rank": ' + \
+            named = ', "class": %s' if self._names else ""
+            form = self._forms[key] = '{"index": %d, "label": %d, "pred": %d' + named + ', "confidence": %.4f, "rank": ' + \
                 f"{rank}{_tail(extra)}".replace("%", "%%") + ', "latency_ms": %.3f}'
         return form
 

@@ -33,8 +33,8 @@ ROUNDS = 3
 PART = 0.25
 
 
-def _blank(n: int) -> Batch:
-    return Batch(-1, np.zeros(n, np.int64), np.zeros((n, 28, 28), np.uint8), np.full(n, -1, np.int64),
+def _blank(n: int, shape: tuple[int, ...]) -> Batch:
+    return Batch(-1, np.zeros(n, np.int64), np.zeros((n, *shape), np.uint8), np.full(n, -1, np.int64),
                  np.zeros(n))
 
 
@@ -43,7 +43,7 @@ def _round(coord, mode: str, n: int) -> float | None:
     within ``rank_timeout`` (the run's liveness policy deals with it afterwards). HA's seconds are the
     coordinator's busy time (the wait for the workers' features left out, as the live
     :class:`~fluid_mpi.runtime.capacity.ServiceClock` does); HT's are the exchange's latency."""
-    b = _blank(n)
+    b = _blank(n, coord.part.spec.image_shape)
     t0 = time.monotonic()
     waited = 0.0
     for w in coord.workers():

@@ -1,9 +1,9 @@
 """Message layout shared by the coordinator and the workers, and the :class:`RunSpec` every rank runs
 (plain numpy, no MPI).
 
-Work (coordinator -> worker): header ``[cmd, batch, n, arg]`` + payload uint8 images ``(n, 28, 28)``.
+Work (coordinator -> worker): header ``[cmd, batch, n, arg]`` + payload uint8 images ``(n, *image_shape)``.
 Reply (worker -> coordinator): header ``[kind, batch, n, D]`` + payload float32 ``(n, D)``
-(D = hidden features in HA, 10 logits in HT). The transport appends the payload's CRC-32.
+(D = hidden features in HA, one logit per class in HT). Sizes come from the checkpoint's input spec. The transport appends the payload's CRC-32.
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from ..errors import ExitCode
 from .faults import FaultPlan
 
 CMD_STOP, CMD_FEATURES, CMD_LOGITS, CMD_RUN, CMD_PING = 0, 1, 2, 3, 4  # PING: a keep-alive, no work
-IMAGE = 28 * 28
 
 
 def header(*values: int) -> np.ndarray:

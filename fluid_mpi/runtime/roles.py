@@ -47,7 +47,8 @@ def measure_rates(part, batch_size: int) -> tuple[float, float]:
 
     import torch
 
-    x = torch.zeros(batch_size, 1, 28, 28)
+    s = part.spec
+    x = torch.zeros(batch_size, s.channels, s.height, s.width)
     times: dict = {part.features: [], part.logits: []}
     with torch.inference_mode():
         for fn in times:
@@ -67,7 +68,7 @@ def coordinate(ctx: Context, lost_before: list[int] | None = None, lost_at: floa
     carry_on = bool(opts.resume or lost_before)
     done = read_answered(opts.predictions, repair=True) if carry_on else Answered()
     try:
-        stream = open_inputs(opts, done.indices)
+        stream = open_inputs(opts, done.indices, ctx.meta)
     except FluidError as exc:
         logger.error(f"fluid-mpi: error: {exc}")
         events.emit("stop", status="bad input", exit_code=ExitCode.BAD_INPUT, message=str(exc))
@@ -82,7 +83,7 @@ def coordinate(ctx: Context, lost_before: list[int] | None = None, lost_at: floa
                 todo=todo, resumed=len(done.indices), torn_lines_repaired=done.torn,
                 **expected_accuracy(ctx.meta))
     sink = PredictionSink(opts.predictions, append=carry_on, with_logits=opts.with_logits,
-                          progress_total=None if opts.quiet else todo)
+                          progress_total=None if opts.quiet else todo, classes=ctx.part.spec.classes)
     if ctx.fluid:
         from .coordinator import FluidCoordinator
 
@@ -191,7 +192,7 @@ def _report_lost_coordinator(ctx: Context, lost: list[int], lost_at: float, code
     FailureTracker(events, ctx.liveness.hosts, ctx.job.stamp_dir, time.time()).lost(lost, lost_at, {}, None)
     done = read_answered(ctx.opts.predictions, repair=True)
     try:
-        stream = open_inputs(ctx.opts, set())
+        stream = open_inputs(ctx.opts, set(), ctx.meta)
         source, images = stream.description, stream.total
     except FluidError:
         source, images = "?", None

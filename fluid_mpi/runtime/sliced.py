@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from ..errors import ExitCode, PeerFailure, RecoveryFailed
-from ..model.data import NUM_CLASSES, to_tensor_batch
 from ..model.partition import N_STAGES, dynamic_width, narrow
 from .events import EventLog, FailureTracker
 from .faults import FaultInjector
@@ -89,8 +88,7 @@ class SlicedRun:
         return self.silent_s < coordinator_silence_limit(self.job.rank_timeout)
 
     def _shape(self, stage: int, n: int) -> tuple:
-        w = self.full_part.widths
-        return [(n, w.c1, 12, 12), (n, w.c2, 4, 4), (n, NUM_CLASSES)][stage]
+        return self.full_part.stage_shape(stage, n)
 
     # --- coordinator ------------------------------------------------------------------------------
     def coordinate(self, stream: InputStream | None = None) -> Outcome:
@@ -118,7 +116,7 @@ class SlicedRun:
                 self.t.bcast(header(CMD_RUN, b.bid, len(b), self.width, n_batches), job.rank_timeout,
                              self._on_stall)
                 self.t.bcast(np.ascontiguousarray(b.images), job.rank_timeout, self._on_stall)
-                logits = self.forward(to_tensor_batch(b.images), self.width)
+                logits = self.forward(self.full_part.spec.to_tensor(b.images), self.width)
                 self.sink.write(b, logits, self.t.world_rank(), {"width": self.width})
                 self.tracker.answered()
                 b, quiet_since = None, time.monotonic()
@@ -189,8 +187,9 @@ class SlicedRun:
                     return WorkerEnd(width)  # the exit code travels in the width field
                 if cmd == CMD_PING:
                     continue
-                imgs = self.t.bcast(np.empty((n, 28, 28), np.uint8), self.job.rank_timeout, self._on_stall)
-                self.forward(to_tensor_batch(imgs), width)
+                spec = self.full_part.spec
+                imgs = self.t.bcast(np.empty((n, *spec.image_shape), np.uint8), self.job.rank_timeout, self._on_stall)
+                self.forward(spec.to_tensor(imgs), width)
                 self.answered += 1
                 self.injector.tick(n_batches)
             except TimeoutError:

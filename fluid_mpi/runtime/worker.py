@@ -15,10 +15,9 @@ import numpy as np
 import torch
 
 from ..errors import ExitCode, PeerFailure, RecoveryFailed
-from ..model.data import to_tensor_batch
 from .faults import FaultInjector
 from .liveness import Liveness, coordinator_silence_limit
-from .protocol import CMD_FEATURES, CMD_PING, CMD_STOP, IMAGE, RunSpec, header
+from .protocol import CMD_FEATURES, CMD_PING, CMD_STOP, RunSpec, header
 from .scheduler import expected_share
 from .transport import Transport, recover
 
@@ -61,8 +60,10 @@ def serve_fluid(t: Transport, part, job: RunSpec, liveness: Liveness) -> WorkerE
     coordinator = t.world_rank(0)
     lost_all: list[int] = []
 
+    pixels, shape = part.spec.pixels, part.spec.image_shape  # the checkpoint's input: no size assumed
+
     def post():
-        return t.recv_start(0, job.batch_size * IMAGE, np.uint8, IMAGE)
+        return t.recv_start(0, job.batch_size * pixels, np.uint8, pixels)
 
     handle = post()
     while True:
@@ -77,10 +78,10 @@ def serve_fluid(t: Transport, part, job: RunSpec, liveness: Liveness) -> WorkerE
             if cmd == CMD_PING:  # the coordinator is idle, waiting for inputs to arrive
                 handle = post()
                 continue
-            imgs = handle.payload[:n * IMAGE].reshape(n, 28, 28)  # no copy: post() gives the next its own buffer
+            imgs = handle.payload[:n * pixels].reshape(n, *shape)  # no copy: post() gives the next its own buffer
             handle = post()  # the next batch may arrive while this one is computed
             with torch.inference_mode():
-                x = to_tensor_batch(imgs)
+                x = part.spec.to_tensor(imgs)
                 out = part.features(x) if cmd == CMD_FEATURES else part.logits(x)
             out = out.numpy()
             t.send(0, header(cmd, batch, n, out.shape[1]), out)  # [kind, batch, rows, items per row]

@@ -60,6 +60,10 @@ def _cycle(fn, x, batch: int, window_s: float, start=None) -> tuple[list[float],
                 return calls, time.perf_counter() - t_start
 
 
+def _shape(spec) -> tuple[int, int, int]:
+    return (spec.channels, spec.height, spec.width)
+
+
 def _subnetwork_loop(ckpt: str, data_dir: str | None, batch: int, window_s: float, ready, out) -> None:
     """One of :meth:`References.concurrent`'s processes: group 0's logits on batches of ``batch`` for
     ``window_s`` seconds, started with the others (``ready``, a barrier); puts its images/s in ``out``."""
@@ -70,7 +74,7 @@ def _subnetwork_loop(ckpt: str, data_dir: str | None, batch: int, window_s: floa
     torch.set_num_threads(1)
     tune_allocator()
     part, _ = checkpoint.load_part(ckpt, 0)
-    x = data.to_tensor_batch(data.load_split(data_dir, "test").images)
+    x = part.spec.to_tensor(data.load_split(data_dir, "test", shape=_shape(part.spec)).images)
     calls, wall = _cycle(part.logits, x, batch, window_s, ready.wait)
     out.put(batch * len(calls) / wall)
 
@@ -89,9 +93,10 @@ class References:
         torch.set_num_threads(1)
         tune_allocator()  # as every rank does (runtime/infer.py), so both allocate alike
         self.k, self.ckpt, self.data_dir = k, str(ckpts["fluid"]), data_dir
-        self.x = data.to_tensor_batch(data.load_split(data_dir, "test").images)
         self.static, _ = checkpoint.load_checkpoint(ckpts["static"])
         self.fluid, _ = checkpoint.load_checkpoint(ckpts["fluid"])
+        spec = self.fluid.spec
+        self.x = spec.to_tensor(data.load_split(data_dir, "test", shape=_shape(spec)).images)
         self.part, _ = checkpoint.load_part(ckpts["fluid"], 0)  # group 0 with the head bank, as rank 0 has it
         self.combined = self.part.bank.head(range(k))
 

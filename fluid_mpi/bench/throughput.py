@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from ..errors import CheckpointError
 from ..model import checkpoint, data
+from ..model.spec import InputSpec
 from . import references as throughput
 from ..cluster.mpirun import find_mpirun, mpirun_infer
 
@@ -86,8 +87,9 @@ def ensure_checkpoints(cfg: BenchConfig, bar, families: tuple[str, ...] = ("stat
     from ..model.train import TrainConfig
 
     out = {}
-    test = data.load_split(cfg.data_dir, "test")
-    train_ds = None
+    train_ds = data.load_split(cfg.data_dir, "train")
+    spec = data.spec_for(train_ds)  # the test split at the training images' shape (a folder per class)
+    test = data.load_split(cfg.data_dir, "test", shape=(spec.channels, spec.height, spec.width))
     for family in families:
         path = cfg.out / "checkpoints" / f"{family}-k{cfg.parts}.pt"
         bar.set_description(f"checkpoint {family}")
@@ -98,7 +100,6 @@ def ensure_checkpoints(cfg: BenchConfig, bar, families: tuple[str, ...] = ("stat
                 continue
         except CheckpointError:
             pass
-        train_ds = train_ds or data.load_split(cfg.data_dir, "train")
         train_and_save(TrainConfig(family, cfg.parts, Widths(), cfg.epochs), train_ds, test, path)
         out[family] = path
     return out
@@ -173,8 +174,10 @@ def run_bench(cfg: BenchConfig) -> dict:
         results["training"] = {f: {**m["train"], **{key: m["log"].get(key) for key in
                                                     ("train_seconds", "train_images", "data")}}
                                for f, m in metas.items()}
-        results["data"] = metas["fluid"]["test_data"]
-        n_images = len(data.load_split(cfg.data_dir, "test"))
+        spec = InputSpec.from_dict(metas["fluid"].get("input"))
+        results["data"] = (f"{metas['fluid']['test_data']}; input {spec.channels}x{spec.height}x{spec.width}, "
+                           f"{spec.num_classes} classes")
+        n_images = len(data.load_split(cfg.data_dir, "test", shape=(spec.channels, spec.height, spec.width)))
         results.update(throughput.measure(cfg, ckpts, runs, data_args, bar, RUN_TIMEOUT_S))
         for family, variant, np_, args, _ in throughput.scenarios(ckpts, k):
             if variant in ("width 1", throughput.HA_ONE):

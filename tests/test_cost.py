@@ -9,9 +9,10 @@ from torch import nn
 from fluid_mpi.model.cost import PRESETS, device_cost, parse_widths
 from fluid_mpi.model.models import FluidCNN, SlicedCNN, Widths
 from fluid_mpi.model.partition import FluidPart
+from fluid_mpi.model.spec import InputSpec
 
 
-def counted_macs(module: nn.Module, run) -> int:
+def counted_macs(module: nn.Module, run, x: torch.Tensor | None = None) -> int:
     total = [0]
 
     def hook(layer, inputs, out):
@@ -22,7 +23,7 @@ def counted_macs(module: nn.Module, run) -> int:
 
     handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     with torch.no_grad():
-        run(torch.zeros(1, 1, 28, 28))
+        run(torch.zeros(1, 1, 28, 28) if x is None else x)
     for h in handles:
         h.remove()
     return total[0]
@@ -55,6 +56,19 @@ def test_fluid_whole_is_k_groups_and_a_static_slice_costs_more_than_a_group():
     assert device_cost("fluid-whole", w, 2)["macs"] == sum(
         counted_macs(g, g) for g in model.groups) + 2 * w.hidden * 10
     assert device_cost("static", w, 2)["macs"] > device_cost("fluid", w, 2)["macs"]
+
+
+@pytest.mark.parametrize("spec", [InputSpec(3, 32, 32, tuple("abcd"), (0.5,) * 3, (0.2,) * 3, "resize", "cnn3"),
+                                  InputSpec(1, 8, 8, tuple("ab")), InputSpec(3, 64, 48, tuple("ab"), (0.5,) * 3,
+                                                                            (0.2,) * 3, "resize")])
+def test_costs_of_any_input_and_trunk(spec):
+    w, x = Widths(3, 5, 7), torch.zeros(1, spec.channels, spec.height, spec.width)
+    part = FluidPart(w, 0, 2, spec=spec)
+    assert device_cost("fluid", w, 2, spec)["macs"] == counted_macs(part, part.logits, x)
+    assert device_cost("fluid", w, 2, spec)["params"] == sum(p.numel() for p in part.parameters())
+    model = SlicedCNN(2, w, spec=spec)
+    assert 2 * device_cost("static", w, 2, spec)["macs"] == counted_macs(model.trunk, model.trunk, x) + \
+        model.classifier.in_features * model.classifier.out_features
 
 
 def test_parse_widths_takes_presets_and_numbers_and_rejects_the_rest():

@@ -17,7 +17,7 @@ from fluid_mpi.errors import DataError
 from fluid_mpi.model import data
 from fluid_mpi.model.checkpoint import load_checkpoint, load_part, save_checkpoint
 from fluid_mpi.model.models import Widths, build_model
-from fluid_mpi.model.partition import FluidPart, SlicePart, sliced_forward
+from fluid_mpi.model.partition import FluidPart, SlicePart, narrow, sliced_forward
 from fluid_mpi.model.spec import MNIST, InputSpec, geometry
 from tests.conftest import run_mpi
 from tests.own_data import NAMES, colour_digit_folder, uci_digits, uci_digits_npz
@@ -110,6 +110,8 @@ def test_bad_folders_exit_2_with_one_line(tmp_path):
 @pytest.mark.parametrize("spec", [
     InputSpec(1, 8, 8, tuple("ab")), InputSpec(3, 32, 32, tuple(NAMES), (0.5,) * 3, (0.25,) * 3, "resize"),
     InputSpec(3, 224, 160, tuple(str(i) for i in range(1000)), (0.5,) * 3, (0.25,) * 3, "resize"),
+    InputSpec(3, 32, 32, tuple(NAMES), (0.5,) * 3, (0.25,) * 3, "resize", "cnn3"),
+    InputSpec(1, 8, 8, tuple("abc"), arch="cnn3"),
 ])
 def test_every_family_takes_any_input_and_splits_exactly(spec):
     x = spec.to_tensor(np.random.default_rng(0).integers(0, 256, (3, *spec.image_shape), dtype=np.uint8))
@@ -123,12 +125,15 @@ def test_every_family_takes_any_input_and_splits_exactly(spec):
                 split = model.heads.logits({p.index: p.features(x) for p in parts})
             else:
                 split = sliced_forward([SlicePart.from_model(model, j) for j in range(2)], x)
+            if family == "dynamic":  # width 1: slice 0 alone, narrowed from its width-2 part
+                alone = sliced_forward([narrow(SlicePart.from_model(model, 0), 1)], x)
+                assert torch.allclose(model(x, 1), alone, atol=1e-5)
         assert torch.allclose(out, split, atol=1e-5)
 
 
 def test_mnist_geometry_is_the_papers():
     g = geometry(MNIST)
-    assert (g.pad, g.stage1, g.stage2, g.pooled) == (0, (12, 12), (4, 4), (4, 4))
+    assert (g.kernel, g.pad, g.convs, g.stages, g.pooled) == (5, 0, ((24, 24), (8, 8)), ((12, 12), (4, 4)), (4, 4))
     assert build_model("fluid", 2, W).groups[0].fc.in_features == W.c2 * 16
 
 
@@ -178,7 +183,7 @@ def test_colour_folder_to_a_served_model_with_a_rank_killed(tmp_path):
     rank 1 killed mid-run: every picture answered exactly once, with its class name."""
     root = colour_digit_folder(tmp_path / "pictures", per_class=30)
     _invoke(["train", "--family", "fluid", "-k", "2", "--widths", "small", "--epochs", "3", "--data", str(root),
-             "--out", str(tmp_path / "f.pt")])
+             "--arch", "cnn3", "--out", str(tmp_path / "f.pt")])
     _invoke(["export", str(tmp_path / "f.pt"), "--out-dir", str(tmp_path / "parts")])
     serve = tmp_path / "serve"
     serve.mkdir()
@@ -191,3 +196,24 @@ def test_colour_folder_to_a_served_model_with_a_rank_killed(tmp_path):
     assert sorted(p["index"] for p in res.predictions) == list(range(150)) and res.torn == 0
     assert all(p["class"] == sorted(NAMES)[p["pred"]] for p in res.predictions)  # classes: folder names, sorted
     assert [f["rank"] for f in res.summary["failures"]] == [1]
+    spec = load_checkpoint(tmp_path / "f.pt")[0].spec
+    assert (spec.channels, spec.height, spec.arch, spec.prepare) == (3, 32, "cnn3", "resize")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("family", ["static", "dynamic"])
+def test_sliced_families_on_colour_pictures_over_mpi(tmp_path, family):
+    """Static and Dynamic with the cnn3 trunk (four exchanged stages) over a real mpirun on a colour
+    folder's test split (--data): the distributed answers are the model's own, in-process."""
+    root = colour_digit_folder(tmp_path / "pictures", per_class=10)
+    _invoke(["train", "--family", family, "-k", "2", "--widths", "tiny", "--epochs", "1", "--data", str(root),
+             "--arch", "cnn3", "--out", str(tmp_path / "m.pt")])
+    res = run_mpi(2, ["-c", str(tmp_path / "m.pt"), "--data", str(root), "-b", "3"], tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    model, meta = load_checkpoint(tmp_path / "m.pt")
+    test = data.load_split(root, "test", shape=(3, 32, 32))
+    with torch.no_grad():
+        want = model(model.spec.to_tensor(test.images)).numpy()
+    got = np.array([p["logits"] for p in sorted(res.predictions, key=lambda p: p["index"])], np.float32)
+    assert got.shape == want.shape and np.allclose(got, want, atol=1e-4)
+    assert res.summary["accuracy"] == pytest.approx(meta["accuracy"]["full"], abs=0.01)

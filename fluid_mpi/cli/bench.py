@@ -125,7 +125,7 @@ def _ints(text: str, name: str) -> tuple[int, ...]:
 
 
 @bench.command()
-@_options(_quick("1 epoch on 1,000 images, K = 2"), OUT, DATA_DIR, PUBLISH,
+@_options(_quick("1 epoch on 500 images, K = 2"), OUT, DATA_DIR, PUBLISH,
           click.option("--preset", "presets", multiple=True, type=click.Choice(["tiny", "small", "default"]),
                        help="Per-device width preset (repeatable). Default: tiny."),
           click.option("--parts", "-k", "ks", default="2,4,8", show_default=True, metavar="K,K,...",
@@ -146,7 +146,7 @@ def accuracy(quick, out, data_dir, publish, presets, ks, seeds, epochs) -> None:
     cfg = AccuracyConfig(Path(out), data_dir, tuple(presets) or ("tiny",), _ints(ks, "--parts"),
                          _ints(seeds, "--seeds"), epochs)
     if quick:
-        cfg.ks, cfg.epochs, cfg.limit = (2,), 1, 1000
+        cfg.ks, cfg.epochs, cfg.limit = (2,), 1, 500
     r = run_accuracy(cfg)
     for row in r["rows"]:
         for fam in ("fluid", "fluid-eq"):

@@ -26,6 +26,9 @@ from .common import DATA_DIR
 @click.option("--widths", default="default", show_default=True, metavar="PRESET|C1,C2,H",
               help="Per-device widths: a preset (tiny 2,4,8 and small 4,8,16 for Pi-class devices; default "
                    "16,32,64) or the channels of conv1, conv2 and the hidden layer.")
+@click.option("--arch", type=click.Choice(["paper", "cnn3"]), default="paper", show_default=True,
+              help="The trunk, the same for all three families: paper = the paper's small CNN (two conv5x5 "
+                   "stages); cnn3 = three conv3x3 stages, for colour pictures such as 32 x 32.")
 @click.option("--image-size", default=None, metavar="H[,W]",
               help="A folder per class: resize its images to this size (default: their most common size).")
 @click.option("--test-fraction", type=click.FloatRange(0.01, 0.9), default=None,
@@ -33,7 +36,7 @@ from .common import DATA_DIR
                    "test split, drawn with a fixed seed (default 0.2; stored in the checkpoint).")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Checkpoint file to write.")
 @click.option("--json", "as_json", is_flag=True, help="Print the accuracy report as JSON.")
-def train(family, parts, data_dir, method, epochs, seed, batch_size, lr, limit, widths, image_size,
+def train(family, parts, data_dir, method, epochs, seed, batch_size, lr, limit, widths, arch, image_size,
           test_fraction, out, as_json) -> None:
     """Train a model and write a checkpoint (Fluid: every group good alone and in any combination)."""
     from ..model import data
@@ -53,7 +56,7 @@ def train(family, parts, data_dir, method, epochs, seed, batch_size, lr, limit, 
     test_ds = data.load_split(data_dir, "test", shape=(spec.channels, spec.height, spec.width),
                               test_fraction=test_fraction)
     extra = {"test_fraction": test_fraction} if test_fraction is not None else {}
-    _, meta = train_and_save(cfg, train_ds, test_ds, out, progress=not as_json, extra=extra)
+    _, meta = train_and_save(cfg, train_ds, test_ds, out, progress=not as_json, extra=extra, arch=arch)
     _report(meta, meta["accuracy"], as_json)
     if not as_json:
         click.echo(f"trained in {meta['log']['train_seconds']:.1f} s on {meta['log']['data']}; wrote {out}")

@@ -7,13 +7,12 @@ pool, fc on the 4×4 maps; other inputs: ``spec.geometry``); tests/test_cost.py 
 the real modules."""
 from __future__ import annotations
 
-from .models import Widths
+from .models import Widths, conv_channels
 from .spec import MNIST, InputSpec, geometry
 
 # Per-device widths (conv1, conv2, hidden) by name. tiny and small are sized for Pi-class devices (the
 # paper's edge boards); default is the paper-sized CNN, where one group alone already saturates MNIST.
 PRESETS = {"tiny": Widths(2, 4, 8), "small": Widths(4, 8, 16), "default": Widths(16, 32, 64)}
-KERNEL = 5 * 5
 
 
 def parse_widths(text: str) -> Widths:
@@ -29,14 +28,18 @@ def parse_widths(text: str) -> Widths:
     return Widths(*values)
 
 
-def _layers(c1: int, c2: int, h: int, c1_in: int, c2_in: int, spec: InputSpec) -> tuple[int, int]:
-    """(MACs, parameters) of conv1 → conv2 → fc producing c1, c2, h channels from c1_in conv2 inputs and
-    c2_in fc input channels (the average pooling of large maps is not counted: no multiplies by weights)."""
-    g, c = geometry(spec), spec.channels
-    conv1_out, conv2_out, pooled = g.conv1[0] * g.conv1[1], g.conv2[0] * g.conv2[1], g.pooled_size
-    macs = conv1_out * c1 * c * KERNEL + conv2_out * c2 * c1_in * KERNEL + pooled * c2_in * h
-    params = (c1 * c * KERNEL + c1) + (c2 * c1_in * KERNEL + c2) + (pooled * c2_in * h + h)
-    return macs, params
+def _layers(w: Widths, k_in: int, spec: InputSpec) -> tuple[int, int]:
+    """(MACs, parameters) of one slice's or group's convs and fc, each layer after the first reading
+    ``k_in`` slices' channels (1: a Fluid group; K: a Static slice). The average pooling of large maps is
+    not counted: it multiplies by no weight."""
+    g = geometry(spec)
+    chans = conv_channels(w, g.n_convs)
+    ins = [spec.channels] + [c * k_in for c in chans[:-1]]
+    kernel = g.kernel * g.kernel
+    macs = sum(h * wd * c_out * c_in * kernel for (h, wd), c_in, c_out in zip(g.convs, ins, chans))
+    params = sum(c_out * c_in * kernel + c_out for c_in, c_out in zip(ins, chans))
+    fc_in = chans[-1] * k_in * g.pooled_size
+    return macs + fc_in * w.hidden, params + fc_in * w.hidden + w.hidden
 
 
 def device_cost(family: str, w: Widths, parts: int, spec: InputSpec = MNIST) -> dict[str, int]:
@@ -46,8 +49,7 @@ def device_cost(family: str, w: Widths, parts: int, spec: InputSpec = MNIST) -> 
     families: the entire model on one device (what replication puts on every device)."""
     n = spec.num_classes
     if family in ("fluid", "static", "dynamic"):
-        k = 1 if family == "fluid" else parts  # a slice reads every slice's channels
-        macs, params = _layers(w.c1, w.c2, w.hidden, w.c1 * k, w.c2 * k, spec)
+        macs, params = _layers(w, 1 if family == "fluid" else parts, spec)  # a slice reads every slice's
         return {"macs": macs + w.hidden * n, "params": params + w.hidden * n + n}
     if family == "fluid-whole":
         one = device_cost("fluid", w, parts, spec)

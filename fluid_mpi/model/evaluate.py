@@ -77,7 +77,7 @@ def format_report(meta: dict, acc: dict) -> str:
     """A readable table of an accuracy report."""
     spec = InputSpec.from_dict(meta.get("input"))
     lines = [f"{meta['family']} model, K={meta['parts']}, widths per part {meta['widths']}",
-             f"input {spec.channels}x{spec.height}x{spec.width}, {spec.num_classes} classes; "
+             f"input {spec.channels}x{spec.height}x{spec.width}, {spec.num_classes} classes, {spec.arch} trunk; "
              f"test data: {meta.get('test_data', '?')}", "",
              f"{'sub-network':<24}{'accuracy %':>12}", "-" * 36,
              f"{'whole model':<24}{acc['full']:>12.2f}"]

@@ -62,8 +62,14 @@ class Widths:
         return asdict(self)
 
 
+def conv_channels(w: Widths, n_convs: int) -> list[int]:
+    """Output channels of each conv of a trunk of ``n_convs`` convs: conv1, conv2, then conv2's again."""
+    return [w.c1, w.c2] + [w.c2] * (n_convs - 2)
+
+
 class Trunk(nn.Module):
-    """conv-pool-conv-pool-fc feature extractor; returns the hidden features (B, H).
+    """conv-pool stages then fc: the feature extractor; returns the hidden features (B, H). Its layers are
+    ``conv1``, ``conv2`` (and ``conv3`` for the cnn3 trunk) and ``fc``; shapes from ``spec.geometry``.
 
     ``norm=True`` (training only) puts a BatchNorm after each conv; :meth:`fold_norm` then folds it into the
     conv's weights and bias, so the trained trunk is the plain one: same layers, same cost at inference."""
@@ -71,16 +77,19 @@ class Trunk(nn.Module):
     def __init__(self, w: Widths, norm: bool = False, spec: InputSpec = MNIST):
         super().__init__()
         self.geo = g = geometry(spec)
-        self.conv1 = nn.Conv2d(spec.channels, w.c1, 5, padding=g.pad)
-        self.conv2 = nn.Conv2d(w.c1, w.c2, 5, padding=g.pad)
-        self.fc = nn.Linear(w.c2 * g.pooled_size, w.hidden)
-        self.norms = nn.ModuleList([nn.BatchNorm2d(w.c1), nn.BatchNorm2d(w.c2)]) if norm else None
+        chans = conv_channels(w, g.n_convs)
+        for i, (c_in, c_out) in enumerate(zip([spec.channels] + chans[:-1], chans), 1):
+            setattr(self, f"conv{i}", nn.Conv2d(c_in, c_out, g.kernel, padding=g.pad))
+        self.fc = nn.Linear(chans[-1] * g.pooled_size, w.hidden)
+        self.norms = nn.ModuleList([nn.BatchNorm2d(c) for c in chans]) if norm else None
+
+    def convs(self) -> list[nn.Conv2d]:
+        return [getattr(self, f"conv{i}") for i in range(1, self.geo.n_convs + 1)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv1(x)
-        x = relu_pool(self.norms[0](x) if self.norms is not None else x)
-        x = self.conv2(x)
-        x = relu_pool(self.norms[1](x) if self.norms is not None else x)
+        for i, conv in enumerate(self.convs()):
+            x = conv(x)
+            x = relu_pool(self.norms[i](x) if self.norms is not None else x)
         return F.relu(self.fc(fit_pool(x, self.geo.pooled).flatten(1)))
 
     @torch.no_grad()
@@ -90,7 +99,7 @@ class Trunk(nn.Module):
         bias ``a * bias + b``."""
         if self.norms is None:
             return
-        for conv, bn in zip((self.conv1, self.conv2), self.norms):
+        for conv, bn in zip(self.convs(), self.norms):
             a = bn.weight / torch.sqrt(bn.running_var + bn.eps)
             conv.weight.mul_(a.view(-1, 1, 1, 1))
             conv.bias.copy_(a * (conv.bias - bn.running_mean) + bn.bias)
@@ -111,29 +120,29 @@ class SlicedCNN(nn.Module):
 
     def sliced_weights(self, width: int) -> dict[str, torch.Tensor]:
         """The weights of the first ``width`` slices (views, so gradients flow to the shared weights)."""
-        w, t = self.widths, self.trunk
-        c1, c2, h, pooled = w.c1 * width, w.c2 * width, w.hidden * width, t.geo.pooled_size
-        return {
-            "conv1.weight": t.conv1.weight[:c1], "conv1.bias": t.conv1.bias[:c1],
-            "conv2.weight": t.conv2.weight[:c2, :c1], "conv2.bias": t.conv2.bias[:c2],
-            # flatten is channel-major, so the first c2 channels are the first c2*pooled columns
-            "fc.weight": t.fc.weight[:h, :c2 * pooled], "fc.bias": t.fc.bias[:h],
-            "classifier.weight": self.classifier.weight[:, :h], "classifier.bias": self.classifier.bias,
-        }
+        t, h = self.trunk, self.widths.hidden * width
+        p, prev = {}, None
+        for i, (conv, c) in enumerate(zip(t.convs(), conv_channels(self.widths, t.geo.n_convs)), 1):
+            c *= width  # the first c output channels, reading the previous conv's first channels
+            p[f"conv{i}.weight"] = conv.weight[:c] if prev is None else conv.weight[:c, :prev]
+            p[f"conv{i}.bias"] = conv.bias[:c]
+            prev = c
+        # flatten is channel-major, so the first channels are the first channels * pooled columns
+        p.update({"fc.weight": t.fc.weight[:h, :prev * t.geo.pooled_size], "fc.bias": t.fc.bias[:h],
+                  "classifier.weight": self.classifier.weight[:, :h], "classifier.bias": self.classifier.bias})
+        return p
 
     def forward(self, x: torch.Tensor, width: int | None = None) -> torch.Tensor:
         width = self.parts if width is None else width
         if not 1 <= width <= self.parts:
             raise ValueError(f"width must be 1..{self.parts}, not {width}")
-        p, norms = self.sliced_weights(width), self.trunk.norms
+        p, norms, geo = self.sliced_weights(width), self.trunk.norms, self.trunk.geo
         if norms is not None and width != self.parts:
             raise ValueError("a trunk with BatchNorm runs at full width only (Static training); fold it first")
-        geo = self.trunk.geo
-        x = F.conv2d(x, p["conv1.weight"], p["conv1.bias"], padding=geo.pad)
-        x = relu_pool(norms[0](x) if norms is not None else x)
-        x = F.conv2d(x, p["conv2.weight"], p["conv2.bias"], padding=geo.pad)
-        x = fit_pool(relu_pool(norms[1](x) if norms is not None else x), geo.pooled)
-        x = F.relu(F.linear(x.flatten(1), p["fc.weight"], p["fc.bias"]))
+        for i in range(geo.n_convs):
+            x = F.conv2d(x, p[f"conv{i + 1}.weight"], p[f"conv{i + 1}.bias"], padding=geo.pad)
+            x = relu_pool(norms[i](x) if norms is not None else x)
+        x = F.relu(F.linear(fit_pool(x, geo.pooled).flatten(1), p["fc.weight"], p["fc.bias"]))
         return F.linear(x, p["classifier.weight"], p["classifier.bias"])
 
 

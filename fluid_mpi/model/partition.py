@@ -2,9 +2,9 @@
 and the partitioned forward in plain torch, against which the MPI runtime is checked.
 
 - :class:`SlicePart` (Static, Dynamic): part j of width k holds output-channel slice j of every layer and
-  slice j of the classifier's input columns. A forward is three stages; between stages 0->1 and 1->2 the
-  parts' outputs are concatenated along channels (an allgather on a cluster); the stage-2 outputs are
-  partial logits that are summed (a reduce). Part 0 alone carries the classifier bias.
+  slice j of the classifier's input columns. A forward is one stage per conv, then the fc stage; between
+  stages the parts' outputs are concatenated along channels (an allgather on a cluster); the last stage's
+  outputs are partial logits that are summed (a reduce). Part 0 alone carries the classifier bias.
 - :class:`FluidPart`: part j is group j's trunk and its independent head. The coordinator also holds the
   :class:`~fluid_mpi.models.HeadBank` to classify from any subset of groups' features.
 
@@ -16,11 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import FluidCNN, HeadBank, SlicedCNN, Trunk, Widths, fit_pool, relu_pool
+from .models import FluidCNN, HeadBank, SlicedCNN, Trunk, Widths, conv_channels, fit_pool, relu_pool
 from .spec import MNIST, InputSpec, geometry
-
-N_STAGES = 3
-
 
 class SlicePart(nn.Module):
     """Part ``index`` of a :class:`SlicedCNN` running at ``width`` slices (index < width)."""
@@ -30,13 +27,20 @@ class SlicePart(nn.Module):
         if not 0 <= index < width:
             raise ValueError(f"part index {index} outside width {width}")
         self.widths, self.index, self.width, self.spec = widths, index, width, spec
-        w, self.geo = widths, geometry(spec)
-        self.conv1 = nn.Conv2d(spec.channels, w.c1, 5, padding=self.geo.pad)
-        self.conv2 = nn.Conv2d(w.c1 * width, w.c2, 5, padding=self.geo.pad)
-        self.fc = nn.Linear(w.c2 * width * self.geo.pooled_size, w.hidden)
-        self.cls_weight = nn.Parameter(torch.zeros(spec.num_classes, w.hidden))
+        self.geo = g = geometry(spec)
+        self.chans = conv_channels(widths, g.n_convs)
+        ins = [spec.channels] + [c * width for c in self.chans[:-1]]  # every slice's channels come in
+        for i, (c_in, c_out) in enumerate(zip(ins, self.chans), 1):
+            setattr(self, f"conv{i}", nn.Conv2d(c_in, c_out, g.kernel, padding=g.pad))
+        self.fc = nn.Linear(self.chans[-1] * width * g.pooled_size, widths.hidden)
+        self.cls_weight = nn.Parameter(torch.zeros(spec.num_classes, widths.hidden))
         # only part 0 adds the bias, so that the sum of partial logits counts it once
         self.cls_bias = nn.Parameter(torch.zeros(spec.num_classes))
+
+    @property
+    def n_stages(self) -> int:
+        """One stage per conv, then fc with the partial logits."""
+        return self.geo.n_convs + 1
 
     @classmethod
     def from_model(cls, model: SlicedCNN, index: int, width: int | None = None) -> "SlicePart":
@@ -47,18 +51,21 @@ class SlicePart(nn.Module):
 
     def stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Run stage ``i`` on the full (gathered) input of that stage; returns this part's share."""
-        if i == 0:
-            return relu_pool(self.conv1(x))
-        if i == 1:  # each part pools its own channels: the gathered maps are what fc reads
-            return fit_pool(relu_pool(self.conv2(x)), self.geo.pooled)
-        if i == 2:
+        n = self.geo.n_convs
+        if 0 <= i < n:
+            y = relu_pool(getattr(self, f"conv{i + 1}")(x))
+            # the last conv's stage pools its own channels: the gathered maps are what fc reads
+            return fit_pool(y, self.geo.pooled) if i == n - 1 else y
+        if i == n:
             return F.linear(F.relu(self.fc(x.flatten(1))), self.cls_weight, self.cls_bias)
         raise IndexError(i)
 
     def stage_shape(self, i: int, n: int) -> tuple[int, ...]:
         """The shape of this part's share of stage ``i``'s output for a batch of ``n``."""
-        w, g = self.widths, self.geo
-        return [(n, w.c1, *g.stage1), (n, w.c2, *g.pooled), (n, self.spec.num_classes)][i]
+        g = self.geo
+        if i == g.n_convs:
+            return (n, self.spec.num_classes)
+        return (n, self.chans[i], *(g.pooled if i == g.n_convs - 1 else g.stages[i]))
 
 
 def slice_state(model: SlicedCNN, index: int, width: int) -> dict[str, torch.Tensor]:
@@ -69,22 +76,24 @@ def slice_state(model: SlicedCNN, index: int, width: int) -> dict[str, torch.Ten
     def rows(t, n):
         return t[index * n:(index + 1) * n].detach().clone()
 
-    return {
-        "conv1.weight": rows(full["conv1.weight"], w.c1), "conv1.bias": rows(full["conv1.bias"], w.c1),
-        "conv2.weight": rows(full["conv2.weight"], w.c2), "conv2.bias": rows(full["conv2.bias"], w.c2),
+    state = {}
+    for i, c in enumerate(conv_channels(w, model.trunk.geo.n_convs), 1):
+        state[f"conv{i}.weight"], state[f"conv{i}.bias"] = rows(full[f"conv{i}.weight"], c), rows(full[f"conv{i}.bias"], c)
+    state.update({
         "fc.weight": rows(full["fc.weight"], w.hidden), "fc.bias": rows(full["fc.bias"], w.hidden),
         "cls_weight": full["classifier.weight"][:, index * w.hidden:(index + 1) * w.hidden].detach().clone(),
         "cls_bias": full["classifier.bias"].detach().clone() if index == 0
         else torch.zeros_like(full["classifier.bias"]),
-    }
+    })
+    return state
 
 
 def sliced_forward(parts: list[SlicePart], x: torch.Tensor) -> torch.Tensor:
     """The distributed Static/Dynamic forward simulated in one process (allgather = concatenation)."""
-    shared = x
-    for i in range(N_STAGES):
+    shared, last = x, parts[0].n_stages - 1
+    for i in range(last + 1):
         outs = [p.stage(i, shared) for p in parts]
-        shared = torch.cat(outs, dim=1) if i < N_STAGES - 1 else torch.stack(outs).sum(0)
+        shared = torch.cat(outs, dim=1) if i < last else torch.stack(outs).sum(0)
     return shared
 
 
@@ -131,11 +140,11 @@ def narrow(part: SlicePart, width: int) -> SlicePart:
     that are gone (the weights are shared, so nothing is retrained)."""
     if width == part.width:
         return part
-    w = part.widths
-    out = SlicePart(w, part.index, width, part.spec)
+    out = SlicePart(part.widths, part.index, width, part.spec)
     state = dict(part.state_dict())
-    state["conv2.weight"] = state["conv2.weight"][:, :w.c1 * width]
-    state["fc.weight"] = state["fc.weight"][:, :w.c2 * width * part.geo.pooled_size]
+    for i in range(2, part.geo.n_convs + 1):
+        state[f"conv{i}.weight"] = state[f"conv{i}.weight"][:, :part.chans[i - 2] * width]
+    state["fc.weight"] = state["fc.weight"][:, :part.chans[-1] * width * part.geo.pooled_size]
     out.load_state_dict(state)
     return out
 

@@ -21,10 +21,12 @@ def checkpoint_meta(cfg: TrainConfig, log: dict, accuracy: dict, test_ds: Datase
 
 
 def train_and_save(cfg: TrainConfig, train_ds: Dataset, test_ds: Dataset, out: str | os.PathLike,
-                   progress: bool = False, extra: dict | None = None) -> tuple[torch.nn.Module, dict]:
+                   progress: bool = False, extra: dict | None = None,
+                   arch: str = "paper") -> tuple[torch.nn.Module, dict]:
     """Train ``cfg`` on ``train_ds``, evaluate on ``test_ds``, write the checkpoint ``out`` (atomically);
-    returns the model (eval mode) and its metadata (``extra``: more keys for it, e.g. the test fraction)."""
-    model, log = train(cfg, train_ds, progress=progress)
+    returns the model (eval mode) and its metadata (``extra``: more keys for it, e.g. the test fraction;
+    ``arch``: the trunk, see ``spec.ARCHS``)."""
+    model, log = train(cfg, train_ds, progress=progress, arch=arch)
     meta = checkpoint_meta(cfg, log, accuracy_report(model, cfg.family, test_ds), test_ds, model.spec)
     meta.update(extra or {})
     save_checkpoint(out, model, meta)

@@ -2,10 +2,10 @@
 from the training set, and how a user's picture is prepared. One :class:`InputSpec` travels with every
 model, part and checkpoint (``meta["input"]``); checkpoints written before it existed are MNIST's.
 
-The trunk's geometry for any input size lives here too (:func:`geometry`): two conv5x5 + maxpool2 stages
-as the paper's CNN, padded by 2 when the input is smaller than MNIST's 28 pixels a side (8 × 8 digits would
-otherwise vanish), then an average pooling down to at most 4 × 4 before the fc layer. On 28 × 28 the
-maps are 4 × 4 already: MNIST models are exactly the paper's, layer for layer.
+The trunk's geometry for any input size lives here too (:func:`geometry`): the paper's two conv5x5 +
+maxpool2 stages, padded by 2 when the input is smaller than MNIST's 28 pixels a side (8 × 8 digits would
+otherwise vanish), or ``cnn3``'s three conv3x3 stages; then an average pooling down to at most 4 × 4 before
+the fc layer. On 28 × 28 the paper's maps are 4 × 4 already: MNIST models are exactly the paper's.
 """
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # MNIST's training-set pixel mean and st
 MIN_SIDE, MAX_SIDE = 8, 512  # 8 × 8 digits up to camera-sized pictures
 MAX_CLASSES = 10_000
 PREPARE = ("digit", "resize")  # MNIST-like digit centring | a plain resize to the model's input size
+# The trunks (--arch): the paper's small CNN (two conv5x5 stages), and a deeper one for colour pictures
+# (three conv3x3 stages, the third as wide as the second), the same for the three families
+ARCHS = ("paper", "cnn3")
 POOL_MAX = 4  # the fc layer reads at most 4 × 4 maps per channel (the paper's CNN on 28 × 28)
 
 
@@ -35,6 +38,7 @@ class InputSpec:
     mean: tuple[float, ...] = (MNIST_MEAN,)  # per channel, of pixel / 255
     std: tuple[float, ...] = (MNIST_STD,)
     prepare: str = "digit"
+    arch: str = "paper"  # the trunk the model was built with (it depends on the input: see geometry)
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
@@ -47,6 +51,8 @@ class InputSpec:
             raise ValueError("mean and std need one value per channel (std > 0)")
         if self.prepare not in PREPARE:
             raise ValueError(f"prepare must be one of {PREPARE}, not {self.prepare!r}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, not {self.arch!r}")
 
     @property
     def num_classes(self) -> int:
@@ -64,7 +70,7 @@ class InputSpec:
     def as_dict(self) -> dict:
         return {"channels": self.channels, "height": self.height, "width": self.width,
                 "classes": list(self.classes), "mean": list(self.mean), "std": list(self.std),
-                "prepare": self.prepare}
+                "prepare": self.prepare, "arch": self.arch}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "InputSpec":
@@ -72,7 +78,8 @@ class InputSpec:
         if not d:
             return MNIST
         return cls(int(d["channels"]), int(d["height"]), int(d["width"]), tuple(str(c) for c in d["classes"]),
-                   tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]), d.get("prepare", "resize"))
+                   tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]), d.get("prepare", "resize"),
+                   d.get("arch", "paper"))
 
     def to_tensor(self, images: np.ndarray):
         """uint8 (N, H, W) or (N, H, W, C) -> normalised float32 torch tensor (N, C, H, W).
@@ -106,14 +113,18 @@ def stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 @dataclass(frozen=True)
 class Geometry:
-    """The trunk's shapes for one input size (height, width of each map) and its conv padding."""
+    """The trunk's shapes for one input size and trunk: conv kernel and padding, each conv's output map and
+    each stage's after its pooling (height, width), and what fc reads per channel."""
 
+    kernel: int
     pad: int
-    conv1: tuple[int, int]
-    stage1: tuple[int, int]  # after conv1 + pool
-    conv2: tuple[int, int]
-    stage2: tuple[int, int]  # after conv2 + pool
-    pooled: tuple[int, int]  # what fc reads per channel (average-pooled from stage2 when larger)
+    convs: tuple[tuple[int, int], ...]
+    stages: tuple[tuple[int, int], ...]
+    pooled: tuple[int, int]  # average-pooled from the last stage when larger
+
+    @property
+    def n_convs(self) -> int:
+        return len(self.convs)
 
     @property
     def pooled_size(self) -> int:
@@ -121,12 +132,18 @@ class Geometry:
 
 
 def geometry(spec: InputSpec) -> Geometry:
-    """Shapes of the paper's trunk (conv5x5, pool 2, conv5x5, pool 2, pool to <= 4 x 4) on ``spec``'s input."""
-    pad = 0 if min(spec.height, spec.width) >= 28 else 2
-    conv1 = (spec.height + 2 * pad - 4, spec.width + 2 * pad - 4)
-    s1 = (conv1[0] // 2, conv1[1] // 2)
-    conv2 = (s1[0] + 2 * pad - 4, s1[1] + 2 * pad - 4)
-    s2 = (conv2[0] // 2, conv2[1] // 2)
-    if min(s2) < 1:
-        raise ValueError(f"input {spec.height}x{spec.width} too small for the trunk")
-    return Geometry(pad, conv1, s1, conv2, s2, (min(POOL_MAX, s2[0]), min(POOL_MAX, s2[1])))
+    """Shapes of ``spec.arch``'s trunk on ``spec``'s input: ``paper``, conv5x5 + pool twice (padded by 2 below
+    28 pixels a side); ``cnn3``, conv3x3 (padded by 1) + pool three times; then pooled to at most 4 x 4."""
+    if spec.arch == "paper":
+        kernel, n, pad = 5, 2, 0 if min(spec.height, spec.width) >= 28 else 2
+    else:
+        kernel, n, pad = 3, 3, 1
+    size, convs, stages = (spec.height, spec.width), [], []
+    for _ in range(n):
+        conv = (size[0] + 2 * pad - kernel + 1, size[1] + 2 * pad - kernel + 1)
+        size = (conv[0] // 2, conv[1] // 2)
+        convs.append(conv)
+        stages.append(size)
+    if min(size) < 1:
+        raise ValueError(f"input {spec.height}x{spec.width} too small for the {spec.arch} trunk")
+    return Geometry(kernel, pad, tuple(convs), tuple(stages), (min(POOL_MAX, size[0]), min(POOL_MAX, size[1])))

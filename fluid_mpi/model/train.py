@@ -19,6 +19,7 @@ docs/models.md gives the measured effect of each part.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
@@ -110,14 +111,15 @@ def _set_trainable(module: torch.nn.Module, flag: bool) -> None:
 
 
 def train(cfg: TrainConfig, data: Dataset, progress: bool = True,
-          on_stage_end=None) -> tuple[torch.nn.Module, dict]:
-    """Train a model of ``cfg.family`` on ``data``; returns the model and a log (losses, seconds).
+          on_stage_end=None, arch: str = "paper") -> tuple[torch.nn.Module, dict]:
+    """Train a model of ``cfg.family`` with the ``arch`` trunk on ``data``; returns the model and a log
+    (losses, seconds). The model's input spec (``model.spec``) comes from ``data``.
 
     ``on_stage_end(name, model)`` is called after each Fluid stage (tests use it to check that
     frozen groups do not change)."""
     gen = seed_everything(cfg.seed)
     data = data.take(cfg.limit)
-    spec = spec_for(data)
+    spec = dataclasses.replace(spec_for(data), arch=arch)
     cfg.fill = augment.background(spec)
     x, y = spec.to_tensor(data.images), torch.from_numpy(data.labels)
     model = build_model(cfg.family, cfg.parts, cfg.widths, norm=cfg.norm and cfg.family != "dynamic", spec=spec)

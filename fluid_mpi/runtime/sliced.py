@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import ExitCode, PeerFailure, RecoveryFailed
-from ..model.partition import N_STAGES, dynamic_width, narrow
+from ..model.partition import dynamic_width, narrow
 from .events import EventLog, FailureTracker
 from .faults import FaultInjector
 from .liveness import Liveness, coordinator_silence_limit
@@ -55,14 +55,14 @@ class SlicedRun:
         """The distributed forward; ranks at or beyond ``width`` contribute zeros to the exchanges."""
         active = self.t.rank < width
         part = self.part_at(width) if active else None
-        shared = x
-        for i in range(N_STAGES):
+        shared, last = x, self.full_part.n_stages - 1
+        for i in range(last + 1):
             if active:
                 with torch.inference_mode():
                     mine = part.stage(i, shared).numpy()
             else:
                 mine = np.zeros(self._shape(i, len(x)), np.float32)
-            if i < N_STAGES - 1:
+            if i < last:
                 full = self.t.allgather(mine, self.job.rank_timeout, self._on_stall)[:width]  # (width, n, c, h, w)
                 shared = torch.from_numpy(np.concatenate(list(full), axis=1))
             else:

@@ -22,6 +22,7 @@ from ..model import data
 from ..model.checkpoint import load_meta
 from ..model.cost import PRESETS, device_cost
 from ..model.models import Widths, build_model
+from ..model.spec import MNIST, InputSpec
 from ..model.partition import FluidPart, SlicePart
 from ..model.recipe import train_and_save
 from ..model.train import TrainConfig
@@ -44,14 +45,18 @@ class AccuracyConfig:
     limit: int | None = None  # training images (--quick)
     families: tuple[str, ...] = ("static", "dynamic", "fluid", "fluid-eq")
     log: list = field(default_factory=list)
+    # the data, read once by run_accuracy: both splits and the models' input spec
+    train_ds: data.Dataset | None = None
+    test_ds: data.Dataset | None = None
+    spec: InputSpec = MNIST
 
 
-def equal_cost_widths(w: Widths, parts: int) -> Widths:
+def equal_cost_widths(w: Widths, parts: int, spec: InputSpec = MNIST) -> Widths:
     """Fluid widths whose group costs (multiply-adds per image) closest to a Static slice of ``w`` at K =
     ``parts``: conv1 kept, conv2 over even widths from ``w.c2`` up, hidden = 2 × conv2 (the presets' ratio)."""
-    target = device_cost("static", w, parts)["macs"]
+    target = device_cost("static", w, parts, spec)["macs"]
     options = [Widths(w.c1, c2, 2 * c2) for c2 in range(w.c2, 16 * w.c2 + 1, 2)]
-    return min(options, key=lambda o: abs(device_cost("fluid", o, parts)["macs"] - target))
+    return min(options, key=lambda o: abs(device_cost("fluid", o, parts, spec)["macs"] - target))
 
 
 def _train(cfg: AccuracyConfig, family: str, w: Widths, k: int, seed: int, tag: str) -> dict:
@@ -63,27 +68,28 @@ def _train(cfg: AccuracyConfig, family: str, w: Widths, k: int, seed: int, tag: 
         if meta.get("train") == tc.as_dict():
             return meta
     t0 = time.perf_counter()
-    _, meta = train_and_save(tc, data.load_split(cfg.data_dir, "train"), data.load_split(cfg.data_dir, "test"), path)
+    _, meta = train_and_save(tc, cfg.train_ds, cfg.test_ds, path)
     cfg.log.append(f"trained {path.name} in {time.perf_counter() - t0:.0f} s")
     return meta
 
 
 @torch.no_grad()
-def forward_ms(family: str, w: Widths, k: int, batch: int) -> float:
+def forward_ms(family: str, w: Widths, k: int, batch: int, spec: InputSpec = MNIST) -> float:
     """One device's forward of one batch, median ms on one thread (random weights: time, not accuracy).
     Fluid: a group and its own head (HT); Static/Dynamic: a slice's three stages on full stage inputs
     (its compute; the exchanges between them come on top); fluid-whole: the whole Fluid model in HA."""
-    x = torch.randn(batch, 1, 28, 28)
+    x = torch.randn(batch, spec.channels, spec.height, spec.width)
     if family == "fluid":
-        part = FluidPart(w, 0, k).eval()
+        part = FluidPart(w, 0, k, spec=spec).eval()
         fn = (lambda: part.logits(x))
     elif family == "fluid-whole":
-        model = build_model("fluid", k, w).eval()
+        model = build_model("fluid", k, w, spec=spec).eval()
         fn = (lambda: model(x))
     else:
-        part = SlicePart(w, 0, k).eval()
-        ins = [x, torch.randn(batch, w.c1 * k, 12, 12), torch.randn(batch, w.c2 * k, 4, 4)]
-        fn = (lambda: [part.stage(i, ins[i]) for i in range(3)])
+        part = SlicePart(w, 0, k, spec).eval()
+        shapes = [part.stage_shape(i, batch) for i in range(part.n_stages - 1)]  # one slice's share
+        ins = [x] + [torch.randn(s[0], s[1] * k, *s[2:]) for s in shapes]  # every slice's, gathered
+        fn = (lambda: [part.stage(i, ins[i]) for i in range(part.n_stages)])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -99,9 +105,10 @@ def forward_ms(family: str, w: Widths, k: int, batch: int) -> float:
     return round(statistics.median(times), 3)
 
 
-def _cost(family: str, w: Widths, k: int) -> dict:
-    c = device_cost(family, w, k)
-    return {**c, "widths": w.as_dict(), "ms_b1": forward_ms(family, w, k, 1), "ms_b64": forward_ms(family, w, k, 64)}
+def _cost(family: str, w: Widths, k: int, spec: InputSpec) -> dict:
+    c = device_cost(family, w, k, spec)
+    return {**c, "widths": w.as_dict(), "ms_b1": forward_ms(family, w, k, 1, spec),
+            "ms_b64": forward_ms(family, w, k, 64, spec)}
 
 
 def _mean(values: list[float]) -> float:
@@ -132,7 +139,7 @@ def verdicts(fluid: dict, static: float, k: int) -> dict[str, bool | None]:
 def run_setting(cfg: AccuracyConfig, preset: str, k: int) -> dict:
     """Every family of one preset and K: costs, accuracy (means over the seeds), the goals' verdicts."""
     w = PRESETS[preset]
-    weq = equal_cost_widths(w, k)
+    weq = equal_cost_widths(w, k, cfg.spec)
     # the goals are at K = 2 and 4; beyond, one seed and the preset's widths only (a K = 8 Fluid training
     # takes ~15 min on one core here, ~30 min at equal cost: groups of 2,26,52 for the tiny preset)
     seeds = cfg.seeds if k in ENSEMBLE_GAIN else cfg.seeds[:1]
@@ -140,7 +147,7 @@ def run_setting(cfg: AccuracyConfig, preset: str, k: int) -> dict:
     for fam in [f for f in cfg.families if k in ENSEMBLE_GAIN or f != "fluid-eq"]:
         base, widths, tag = ("fluid", weq, f"{preset}eq") if fam == "fluid-eq" else (fam, w, preset)
         metas = [_train(cfg, base, widths, k, s, tag) for s in seeds]
-        cost = _cost(base, widths, k)
+        cost = _cost(base, widths, k, cfg.spec)
         if base == "fluid":
             row[fam] = {**fluid_row(metas), "cost": cost}
         else:
@@ -150,7 +157,7 @@ def run_setting(cfg: AccuracyConfig, preset: str, k: int) -> dict:
             if base == "dynamic":
                 row[fam]["widths_acc"] = {n: _mean([a["subsets"][n] for a in accs]) for n in accs[0]["subsets"]}
     if "fluid" in row:  # replication: the whole Fluid model (preset widths) on every device
-        whole = _cost("fluid-whole", w, k)
+        whole = _cost("fluid-whole", w, k, cfg.spec)
         row["replicated"] = {"accuracy": row["fluid"]["ha"], "cost": whole,
                              "cluster_ips_bound": round(k * 64 * 1000 / whole["ms_b64"]),
                              "fluid_ht_ips_bound": round(k * 64 * 1000 / row["fluid"]["cost"]["ms_b64"])}
@@ -167,8 +174,11 @@ def run_accuracy(cfg: AccuracyConfig) -> dict:
 
     cfg.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    cfg.train_ds = data.load_split(cfg.data_dir, "train")
+    cfg.spec = data.spec_for(cfg.train_ds)
+    cfg.test_ds = data.load_split(cfg.data_dir, "test", shape=(cfg.spec.channels, cfg.spec.height, cfg.spec.width))
     rows = [run_setting(cfg, p, k) for i, p in enumerate(cfg.presets) for k in cfg.ks if k <= 4 or i == 0]
-    results = {"data": data.load_split(cfg.data_dir, "test").source, "epochs": cfg.epochs, "limit": cfg.limit,
+    results = {"data": cfg.test_ds.source, "epochs": cfg.epochs, "limit": cfg.limit,
                "seeds": list(cfg.seeds), "rows": rows, "wall_s": round(time.time() - t0, 1), "log": cfg.log,
                "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     (cfg.out / "accuracy.json").write_text(json.dumps(results, indent=1))

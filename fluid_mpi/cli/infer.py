@@ -30,6 +30,11 @@ def _infer_options(fn):
         click.option("--seed", type=int, default=D.seed, show_default=True, help="Seed of the --rate stream."),
         click.option("--latency-ms", type=click.FloatRange(0, min_open=True), default=None,
                      help="--mode auto: switch to HT when HA would miss this latency per input."),
+        click.option("--ha-deadline-ms", type=click.FloatRange(0, min_open=True), default=None,
+                     help="Fluid HA (and --mode auto's HA): answer each batch once this rank's features are "
+                          "ready and this many ms have passed, with the head of the groups whose features "
+                          "arrived; a device late on most batches is skipped for a second. Default: wait "
+                          "for every group."),
         click.option("--batch-size", "-b", type=click.IntRange(1, 4096), default=D.batch_size, show_default=True),
         click.option("--limit", type=click.IntRange(1), default=None, help="Infer the first N test images."),
         click.option("--repeat", type=click.IntRange(1), default=D.repeat, show_default=True,

@@ -19,14 +19,16 @@ import numpy as np
 import torch
 
 from ..errors import DeviceSilent, PeerFailure, RecoveryFailed
-from .events import EventLog, FailureTracker, FaultKind
+from . import watchdog
+from .deadline import HADeadline
+from .events import EventLog, FailureTracker
 from .faults import FaultInjector
 from .capacity import Capacity, ServiceClock
 from .inputs import ARRIVAL_WAIT_S, Batch, InputStream
 from .liveness import Liveness, keepalive_interval
 from .outputs import PredictionSink
 from .protocol import CMD_FEATURES, CMD_LOGITS, CMD_PING, CMD_STOP, STOP_FLUSH_S, RunSpec, Outcome, header
-from .scheduler import expected_share, fluid_subset, ha_depth, ht_credit, ht_hold, overdue_workers
+from .scheduler import expected_share, fluid_subset, ha_depth, ht_credit, ht_hold
 from .transport import Backoff, Transport, recover
 
 logger = logging.getLogger("fluid_mpi.runtime")
@@ -60,6 +62,8 @@ class FluidCoordinator:
         self.ht: dict[int, dict[int, float]] = {}  # worker -> {bid: when sent}
         self.ha: OrderedDict[int, dict] = OrderedDict()  # bid -> {world rank: features}
         self.ha_sent: dict[int, tuple[float, float]] = {}  # bid -> ha_clock.stamp(when sent)
+        # --ha-deadline-ms: HA answers with the groups that arrived in time (runtime/deadline.py)
+        self.deadline = HADeadline(job.ha_deadline_ms / 1000, events.emit) if job.ha_deadline_ms else None
         self.mode = "ht" if job.mode == "ht" else "ha"
         self.ha_depth = ha_depth(job.batch_size)
         self.credit = ht_credit(job.batch_size) if credit is None else credit
@@ -123,6 +127,8 @@ class FluidCoordinator:
         # messages across a shrink are lost: every batch in flight is re-sent, oldest first
         self.retry.extendleft(sorted(self.batches.values(), key=lambda b: b.bid, reverse=True))
         self.batches, self.ht, self.ha, self.handles, self.ha_sent = {}, {}, OrderedDict(), {}, {}
+        if self.deadline is not None:
+            self.deadline.forget()
         for w in self.workers():
             self.post(w)
         new = fluid_subset(self.t.members)
@@ -134,27 +140,6 @@ class FluidCoordinator:
             # group, side by side); HT's capacity scales with the ranks left
             self.policy.reset(self.policy.ha_capacity, self.policy.ht_capacity * len(self.t.members) / before)
             self.ha_clock.restart(self.clock())
-
-    def check_overdue(self, overdue: list[int]) -> None:
-        """The liveness policy for workers that held a batch past the deadline: kill them out of band
-        (ULFM then reports the death); raise DeviceSilent for those that cannot be excluded."""
-        for w in overdue:
-            if w not in self.liveness.killed and w not in self.liveness.unkillable:
-                ok = self.liveness.kill(w)
-                host, pid = self.liveness.hosts.get(w, ("?", 0))
-                self.events.emit("kill", rank=w, host=host, pid=pid, delivered=ok,
-                                 reason=f"held a batch for more than {self.job.rank_timeout:g} s")
-        silent = self.liveness.silent(self.workers())
-        if silent:
-            hosts = sorted({self.liveness.host(w) for w in silent})
-            self.tracker.lost(silent, time.time(), self.last_contact, None, fault=FaultKind.SILENT)
-            raise DeviceSilent(f"rank(s) {silent} on {', '.join(hosts)} silent and could not be excluded "
-                               "in-job; relaunch without them (fluid-mpi launch does)", silent, hosts)
-
-    def overdue(self, now: float) -> list[int]:
-        oldest = next(iter(self.ha), None)
-        ha_oldest = None if oldest is None else (self.ha_sent[oldest][0], self.ha[oldest])
-        return overdue_workers(self.ht, ha_oldest, self.workers(), now, self.job.rank_timeout)
 
     def choose_mode(self, now: float) -> str:
         if self.policy is None:
@@ -234,7 +219,7 @@ class FluidCoordinator:
                     self.idle.pause()
                 if not got:  # a pass that found nothing to do: waiting, not HA's work
                     self.ha_clock.waited(self.clock() - now)
-                self.check_overdue(self.overdue(self.clock()))
+                watchdog.enforce(self, watchdog.overdue(self, self.clock()))
             except PeerFailure:
                 self.on_failure()
         return drained
@@ -260,7 +245,7 @@ class FluidCoordinator:
                     mine[b.bid] = now
         else:
             while len(self.ha) < self.ha_depth and (b := new()) is not None:
-                for w in self.workers():
+                for w in self.workers() if self.deadline is None else self.deadline.send_to(b.bid, self.workers(), now):
                     self.send(w, b, CMD_FEATURES)
                 self.ha[b.bid], self.ha_sent[b.bid] = {}, self.ha_clock.stamp(now)
         mine = next((bid for bid, f in self.ha.items() if self.me not in f), None)
@@ -276,9 +261,11 @@ class FluidCoordinator:
 
     def _combine(self) -> None:
         """Apply the head to the oldest HA batches whose features are all in, oldest first."""
-        while (oldest := next(iter(self.ha), None)) is not None and len(self.ha[oldest]) == len(self.t.members):
+        while (oldest := next(iter(self.ha), None)) is not None and self._ha_ready(oldest):
             feats = self.ha.pop(oldest)
             sent = self.ha_sent.pop(oldest)
+            if self.deadline is not None:
+                self.deadline.answered(oldest, set(feats), self.clock())
             with torch.inference_mode():
                 logits = self.part.bank.logits(feats, self.job.combine).numpy()
             self.record(self.batches[oldest], logits, self.me, "ha", {"groups": "+".join(map(str, sorted(feats)))},
@@ -294,6 +281,12 @@ class FluidCoordinator:
         self.post(w)
         if kind == CMD_LOGITS and self.ht.get(w, {}).pop(bid, None) is not None and bid in self.batches:
             self.record(self.batches[bid], out, w, "ht")
-        elif kind == CMD_FEATURES and bid in self.ha:
+        elif kind == CMD_FEATURES and (self.deadline is None or self.deadline.arrived(w, bid)) and bid in self.ha:
             self.ha[bid][w] = torch.from_numpy(out)
         # anything else is a stale reply (sent before a shrink, its batch re-sent since): ignored
+
+    def _ha_ready(self, bid: int) -> bool:
+        """An HA batch can be answered: every group's features are in, or (--ha-deadline-ms) its deadline."""
+        if self.deadline is None:
+            return len(self.ha[bid]) == len(self.t.members)
+        return self.deadline.ready(bid, set(self.ha[bid]), self.me, self.ha_sent[bid][0], self.clock())

@@ -39,7 +39,7 @@ class FaultKind(str, Enum):
 
 # Events that go into the summary's "events" list (failures have their own list; start/stop frame it).
 SUMMARY_EVENTS = ("kill", "recovered", "head_switch", "width_switch", "takeover", "answering_again", "drain",
-                  "mode_switch")
+                  "mode_switch", "ha_skip", "ha_unskip")
 
 
 class EventLog:

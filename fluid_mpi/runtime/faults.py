@@ -8,7 +8,9 @@ How it dies:
 - ``raise`` an uncaught exception, ``exit`` ``sys.exit(1)``: both would leave the rank hung in
   ``MPI_Finalize`` (MPI_NOTES trap 1), so :func:`install_unplanned_exit_guard` turns any unplanned exit
   into a SIGKILL -- a death ULFM can see;
-- ``hang``  SIGSTOP: a frozen device that ULFM does not see; the liveness policy catches it.
+- ``hang``  SIGSTOP: a frozen device that ULFM does not see; the liveness policy catches it;
+- ``slow``  not a death: from then on the rank sleeps :data:`SLOW_BATCH_S` after each batch, a slow or
+  throttled device (what ``--ha-deadline-ms`` is for).
 
 :class:`FaultInjector` is the one place where a rank decides to die; every runtime loop calls its
 :meth:`~FaultInjector.tick` after each batch it computed.
@@ -25,7 +27,10 @@ from pathlib import Path
 
 from ..errors import LaunchError
 
-HOWS = ("kill", "term", "segv", "raise", "exit", "hang")
+HOWS = ("kill", "term", "segv", "raise", "exit", "hang", "slow")
+# A slow rank's pause per batch: ten times a small batch's forward here (~5 ms), so that it misses any
+# deadline a test or a user would set for HA, yet answers well within --rank-timeout (not a lost device).
+SLOW_BATCH_S = 0.05
 
 
 class InjectedFault(RuntimeError):
@@ -82,7 +87,9 @@ class FaultInjector:
         if f is None:
             return
         after = f.after if f.after is not None else max(0, expected_batches // 2)
-        if self.computed >= after:
+        if self.computed >= after and f.how == "slow":
+            time.sleep(SLOW_BATCH_S)
+        elif self.computed >= after:
             stamp_death(self.stamp_dir, self.world_rank, self.computed, f.how)
             die(f.how)
 

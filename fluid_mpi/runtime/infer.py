@@ -137,7 +137,7 @@ def _run(t, opts: InferOptions, ft: bool) -> int:
     job = RunSpec(family=meta["family"], mode=opts.mode if meta["family"] == "fluid" else "sliced",
               images=np.zeros((0, *part.spec.image_shape), np.uint8), labels=np.zeros(0, np.int64), indices=np.zeros(0, np.int64),
               batch_size=opts.batch_size, rank_timeout=opts.rank_timeout, faults=opts.fault_plan(),
-              stamp_dir=stamp_dir, combine=opts.combine, width=width)
+              stamp_dir=stamp_dir, combine=opts.combine, width=width, ha_deadline_ms=opts.ha_deadline_ms)
     ctx = roles.Context(t, part, meta, opts, job, Liveness(hosts), drain, started_at)
     return roles.coordinate(ctx) if t.rank == 0 else roles.serve(ctx)
 

@@ -21,6 +21,7 @@ class InferOptions:
     rate: str | None = None  # replay the inputs as a Poisson stream: "R" images/s, or steps "R1@S1,R2@S2,R3"
     seed: int = 0
     latency_ms: float | None = None  # --mode auto: the latency target per input
+    ha_deadline_ms: float | None = None  # Fluid HA (and auto's HA): answer with the groups in by then
     batch_size: int = 64
     limit: int | None = None
     repeat: int = 1  # present the inputs this many times, as distinct inputs (steady-state benchmarks)

@@ -33,6 +33,7 @@ class RunSpec:
     stamp_dir: str
     combine: str = "head"
     width: int | None = None  # dynamic only
+    ha_deadline_ms: float | None = None  # Fluid HA: answer with the groups in by then (runtime/deadline.py)
     # in-process inputs (tests): the coordinator replays these when it is given no InputStream
     images: np.ndarray | None = None
     labels: np.ndarray | None = None

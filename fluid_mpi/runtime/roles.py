@@ -107,6 +107,8 @@ def coordinate(ctx: Context, lost_before: list[int] | None = None, lost_at: floa
     summary = _summary(ctx, events, outcome, stream.description, stream.total,
                        len(done.indices) + len(sink.answered), sink, done, ranks_start)
     summary.max_backlog, summary.by_mode = stream.max_backlog, by_mode
+    if ctx.fluid and loop.deadline is not None:
+        summary.ha_deadline = loop.deadline.summary()
     if lost_before:
         summary.takeover = {"coordinator": t.world_rank(), "lost": lost_before, "answered_before": len(done.indices)}
     return _finish(opts, events, summary, outcome)

@@ -45,6 +45,7 @@ class Summary:
     events: list[dict]
     timeline: list
     takeover: dict | None = None
+    ha_deadline: dict | None = None  # --ha-deadline-ms: answers per subset, late features dropped, skips
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,6 +77,10 @@ def human_summary(s: dict) -> str:
     if lat.get("p50") is not None:
         lines.append(f"  latency p50 {lat['p50']:.2f} ms, p95 {lat['p95']:.2f} ms, p99 {lat['p99']:.2f} ms"
                      + (f"; batches by mode {s['by_mode']}" if s.get("by_mode") else ""))
+    if s.get("ha_deadline"):
+        d = s["ha_deadline"]
+        lines.append(f"  HA deadline {d['deadline_ms']:g} ms: answers by subset {d['answers_by_subset']}, "
+                     f"{d['late_features_dropped']} late feature batch(es) dropped")
     for f in s.get("failures", []):
         lines.append(f"  failure: rank {f['rank']} on {f.get('host', '?')} ({f.get('fault')}, "
                      f"{f.get('how', '?')}) after batch {f.get('after_batch')}, detected in "

@@ -114,3 +114,16 @@ def test_a_slow_rank_under_mpirun(ckpts, tmp_path):
     assert sum(d["answers_by_subset"].values()) == -(-600 // 8) and d["answers_by_subset"].get("0+1", 0) > 0
     assert any(e["event"] == "ha_skip" and e["rank"] == 2 for e in res.events)
     assert res.summary["failures"] == []  # late is not lost
+
+
+def test_a_late_device_holds_at_most_max_pending_batches():
+    d = HADeadline(0.050)
+    assert d.send_to(1, [1, 2], 0.0, max_pending=2) == [1, 2]
+    assert d.send_to(2, [1, 2], 0.01, max_pending=2) == [1, 2]
+    d.arrived(1, 1)
+    assert d.send_to(3, [1, 2], 0.02, max_pending=2) == [1]  # worker 2 still holds two
+    d.answered(1, {0, 1}, 0.06)
+    d.arrived(1, 2), d.arrived(1, 3)  # worker 1 keeps up
+    assert d.send_to(4, [1, 2], 0.07, max_pending=2) == [1]  # batch 1, answered without 2: still in its hands
+    d.arrived(2, 1)  # late features of batch 1: dropped, and a slot is free again
+    assert d.late_dropped == 1 and d.send_to(5, [1, 2], 0.08, max_pending=2) == [1, 2]

@@ -158,3 +158,35 @@ def accuracy(quick, out, data_dir, publish, presets, ks, seeds, epochs) -> None:
     if publish:
         for ext in ("md", "json"):
             shutil.copyfile(Path(out) / f"accuracy.{ext}", Path(publish) / f"accuracy-results.{ext}")
+
+
+@bench.command()
+@_options(_quick("K = 2 only, one repetition"), OUT, DATA_DIR, PUBLISH)
+def uneven(quick, out, data_dir, publish) -> None:
+    """Devices of unequal speed on a virtual cluster (root), K = 2 and 4: one host slowed, one stalling;
+    Static, Dynamic, Fluid HT, HA and HA with --ha-deadline-ms, each host alone; the goals' verdicts.
+    Writes OUT/uneven.md and uneven.json (--publish DIR: DIR/uneven-results.*)."""
+    import shutil
+
+    from tqdm import tqdm
+
+    from ..bench import throughput as bm
+    from ..bench.report_uneven import write_report
+    from ..bench.uneven import UnevenConfig, run_uneven
+
+    ks = (2,) if quick else (2, 4)
+    bar = tqdm(desc="uneven", unit="run", leave=False)
+    ckpts = {}
+    for k in ks:
+        for family, path in bm.ensure_checkpoints(bm.BenchConfig.make(out, data_dir, k, quick), bar).items():
+            ckpts[(family, k)] = path
+    r = run_uneven(UnevenConfig(Path(out), ckpts, data_dir, ks, 1 if quick else 3), bar)
+    bar.close()
+    write_report(r, Path(out) / "uneven.md")
+    for run in r["runs"]:
+        for g in run["goals"]:
+            click.echo(f"K={run['k']} {g['goal']}: {g['measured']} -> {g['met']}")
+    click.echo(f"uneven bench {r['wall_s']} s; report: {Path(out) / 'uneven.md'}")
+    if publish:
+        for ext in ("md", "json"):
+            shutil.copyfile(Path(out) / f"uneven.{ext}", Path(publish) / f"uneven-results.{ext}")

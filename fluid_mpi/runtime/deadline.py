@@ -6,7 +6,8 @@ trained head for every subset of groups. Plain Python with the time passed in; t
   features are ready and D ms have passed since the batch was handed out: then with the head of the groups
   that arrived (the coordinator's own always among them). Features that come later are dropped (counted),
   never used for another batch.
-- A device that misses the deadline is not failed: it keeps receiving batches. One that misses it
+- A device that misses the deadline is not failed: it keeps receiving batches, as many at a time as
+  HA keeps in flight (``ha_depth``), so it never queues more than it can catch up on. One that misses it
   persistently is **skipped**: it gets no HA batches for a while, so it stops piling up work it will not
   finish in time, then gets a trial. The rule (:data:`WINDOW_S` and the constants below): among the batches
   sent to it whose fate is known in the last second, at least :data:`MIN_JUDGED` and more than
@@ -45,13 +46,16 @@ class HADeadline:
         self.late_dropped = 0  # features that came after their batch was answered
         self.by_subset: dict[str, int] = {}  # answers per subset of groups ("0+2"), every answer counted
 
-    def send_to(self, batch: int, workers: list[int], now: float) -> list[int]:
-        """The workers that get ``batch`` (those not skipped now); remembers them and when it went out."""
+    def send_to(self, batch: int, workers: list[int], now: float, max_pending: int | None = None) -> list[int]:
+        """The workers that get ``batch``: those not skipped now and holding fewer than ``max_pending`` HA
+        batches (a late device must not pile up a queue it can never catch up on: answered at the deadline,
+        batches leave the coordinator faster than it computes them). Remembers them and when it went out."""
         for w in [w for w, until in self.skipped_until.items() if now >= until]:
             del self.skipped_until[w]
             self.judged.pop(w, None)  # judged afresh on the trial's batches
             self.emit("ha_unskip", rank=w)
-        chosen = [w for w in workers if w not in self.skipped_until]
+        chosen = [w for w in workers if w not in self.skipped_until
+                  and (max_pending is None or len(self.pending.get(w, ())) < max_pending)]
         self.targets[batch] = chosen
         for w in chosen:
             self.pending.setdefault(w, {})[batch] = now

@@ -1,0 +1,48 @@
+"""``fluid-mpi bench uneven``'s goals, judged from hand-written medians (at, just past and without each goal);
+the bench itself runs on the virtual cluster (its command and result are in docs/uneven-results.md)."""
+from __future__ import annotations
+
+import copy
+
+from fluid_mpi.bench.uneven import verdicts
+
+
+def _f(ips=None, p99=None, acc=None, share=None):
+    return {"images_per_s": ips, "p50": None, "p95": None, "p99": p99, "accuracy": acc, "subset_share": share}
+
+
+def _run(ht=900.0, alone=(600.0, 400.0), slow_p99=15.0, stall_p99=20.0, equal_share=0.99, acc_gap=0.05):
+    d = "Fluid HA, deadline 12 ms"
+    settings = {}
+    for name in ("equal", "slow", "stall"):
+        rows = {"Fluid HT": _f(ht), "Fluid HA": _f(p99=10.0, acc=99.0), d: _f(p99=10.0, acc=99.0, share={"0+1": 1.0})}
+        rows.update({f"Fluid alone on node{i + 1}": _f(a) for i, a in enumerate(alone)})
+        settings[name] = rows
+    settings["slow"][d] = _f(p99=slow_p99, acc=98.5, share={"0": 0.9, "0+1": 0.1})
+    settings["stall"][d] = _f(p99=stall_p99, acc=98.9, share={"0": 0.1, "0+1": 0.9})
+    settings["equal"][d] = _f(p99=10.0, acc=round(99.0 - acc_gap, 3), share={"0": 1 - equal_share, "0+1": equal_share})
+    return {"k": 2, "settings": settings}
+
+
+def _met(run, fast=98.5):
+    return [g["met"] for g in verdicts(run, fast)]
+
+
+def test_every_goal_at_its_bound_is_met():
+    assert _met(_run()) == [True, True, True, True, True]
+
+
+def test_just_past_each_bound_is_not_met():
+    assert _met(_run(ht=899.9)) == [False, True, True, True, True]
+    assert _met(_run(slow_p99=15.01)) == [True, False, True, True, True]
+    assert _met(_run(), fast=98.51) == [True, True, False, True, True]
+    assert _met(_run(stall_p99=20.01)) == [True, True, True, False, True]
+    assert _met(_run(equal_share=0.989)) == [True, True, True, True, False]
+    assert _met(_run(acc_gap=0.06)) == [True, True, True, True, False]
+
+
+def test_missing_figures_are_not_met_or_unknown():
+    run = copy.deepcopy(_run())
+    run["settings"]["slow"]["Fluid HA, deadline 12 ms"]["accuracy"] = None
+    run["settings"]["slow"]["Fluid HA, deadline 12 ms"]["p99"] = None
+    assert _met(run) == [True, False, None, True, True]

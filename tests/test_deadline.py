@@ -89,6 +89,7 @@ def test_slow_worker_answers_go_on_without_it_each_with_its_subsets_head(setup, 
     s = coord.deadline.summary()
     assert s["answers_by_subset"] == {"0+1": -(-N // BATCH)}
     assert [e["rank"] for e in events.of("ha_skip")] == [2]
+    assert not coord.deadline.holding()  # the late worker's last features were awaited before STOP
 
 
 def test_equal_devices_answer_with_every_group(setup, monkeypatch, tmp_path):

@@ -195,7 +195,10 @@ class FluidCoordinator:
 
     def _loop(self) -> bool:
         drained = False
-        while self.batches or self.retry or not (drained or self.stream.finished()):
+        # --ha-deadline-ms: a late device may still hold answered batches; its features are awaited (and
+        # dropped) before STOP, so that it is not told to stop mid-send (the watchdog bounds the wait)
+        while self.batches or self.retry or not (drained or self.stream.finished()) or \
+                (self.deadline is not None and self.deadline.holding()):
             try:
                 now = self.clock()
                 if not drained:

@@ -90,6 +90,10 @@ class HADeadline:
                 self.skipped_until[w] = now + SKIP_S
                 self.emit("ha_skip", rank=w, late=late, judged=len(seen), for_s=SKIP_S)
 
+    def holding(self) -> bool:
+        """Some worker still holds a batch sent to it (answered or not)."""
+        return any(self.pending.values())
+
     def forget(self) -> None:
         """After a membership change every batch in flight is re-sent: what was pending is void."""
         self.targets.clear()

@@ -2,7 +2,8 @@
 fake one). One loop serves both modes batch by batch, so ``--mode auto`` can switch between them: in HT each
 worker holds up to ``credit`` batches (a reply is its request for more, so a slow device gets fewer) and rank 0
 classifies batches of its own in between; in HA every batch goes to every rank (up to ``ha_depth`` in flight)
-and rank 0 applies the head of the groups that answered; in auto the ``ModePolicy`` picks each new batch's mode.
+and rank 0 applies the head of the groups that answered (with ``--ha-deadline-ms``, those in by the deadline:
+runtime/deadline.py); in auto the ``ModePolicy`` picks each new batch's mode.
 On a :class:`PeerFailure` the one recovery path runs and every batch in flight is re-sent to the survivors; a
 worker holding a batch past ``rank_timeout`` is killed out of band (ULFM then reports it) or, failing that, the
 run stops with status ``silent`` (exit 4). A drain request (SIGUSR2) finishes the batches in flight and stops

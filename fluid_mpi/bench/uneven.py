@@ -13,6 +13,7 @@ subset's head alone; with stalls: p99 ≤ 2 × that; on equal devices: ≥ 99 % 
 HA's accuracy within 0.05 pp."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -88,10 +89,8 @@ def _one(vc, out: Path, k: int, label: str, args: list[str], hosts, n: int, n_te
     limit = ["--limit", str(min(n, n_test))] + (["--repeat", str(math.ceil(n / n_test))] if n > n_test else [])
     run_args = args + data_args + ["-b", str(BATCH)] + limit
     name = label.replace(" ", "").replace(",", "")
-    if stall and (hosts is None or SLOW_HOST in hosts):
-        with _Staller(vc, SLOW_HOST):
-            rc, s, _, err = run_on_cluster(vc, len(hosts or range(k)), hostfile, run_args, out, name, RUN_TIMEOUT_S)
-    else:
+    staller = _Staller(vc, SLOW_HOST) if stall and (hosts is None or SLOW_HOST in hosts) else contextlib.nullcontext()
+    with staller:
         rc, s, _, err = run_on_cluster(vc, len(hosts or range(k)), hostfile, run_args, out, name, RUN_TIMEOUT_S)
     return {"rc": rc, "summary": s or {}, "error": err if rc != 0 else None}
 

@@ -117,14 +117,26 @@ def test_a_slow_rank_under_mpirun(ckpts, tmp_path):
     assert res.summary["failures"] == []  # late is not lost
 
 
-def test_a_late_device_holds_at_most_max_pending_batches():
+def test_one_hiccup_costs_only_the_batches_the_device_held():
+    """Two HA batches in flight, both answered at the deadline without worker 2 (a hiccup): the next batch
+    still goes to it, so it catches up instead of missing a run of batches."""
+    d = HADeadline(0.008)
+    assert d.send_to(1, [1, 2], 0.0, depth=2) == [1, 2] and d.send_to(2, [1, 2], 0.001, depth=2) == [1, 2]
+    for b in (1, 2):
+        d.arrived(1, b)
+        d.answered(b, {0, 1}, 0.009)
+    assert d.send_to(3, [1, 2], 0.009, depth=2) == [1, 2]  # it holds 1 and 2: one more is allowed
+    assert d.send_to(4, [1, 2], 0.0095, depth=2) == [1]  # but not a fourth
+
+
+def test_a_late_device_holds_at_most_depth_plus_catch_up_batches():
     d = HADeadline(0.050)
-    assert d.send_to(1, [1, 2], 0.0, max_pending=2) == [1, 2]
-    assert d.send_to(2, [1, 2], 0.01, max_pending=2) == [1, 2]
+    assert d.send_to(1, [1, 2], 0.0, depth=1) == [1, 2]
+    assert d.send_to(2, [1, 2], 0.01, depth=1) == [1, 2]
     d.arrived(1, 1)
-    assert d.send_to(3, [1, 2], 0.02, max_pending=2) == [1]  # worker 2 still holds two
+    assert d.send_to(3, [1, 2], 0.02, depth=1) == [1]  # worker 2 still holds two
     d.answered(1, {0, 1}, 0.06)
     d.arrived(1, 2), d.arrived(1, 3)  # worker 1 keeps up
-    assert d.send_to(4, [1, 2], 0.07, max_pending=2) == [1]  # batch 1, answered without 2: still in its hands
+    assert d.send_to(4, [1, 2], 0.07, depth=1) == [1]  # batch 1, answered without 2: still in its hands
     d.arrived(2, 1)  # late features of batch 1: dropped, and a slot is free again
-    assert d.late_dropped == 1 and d.send_to(5, [1, 2], 0.08, max_pending=2) == [1, 2]
+    assert d.late_dropped == 1 and d.send_to(5, [1, 2], 0.08, depth=1) == [1, 2]

@@ -207,6 +207,20 @@ def test_slow_limits_cpu(cluster):
     assert Path(f"/sys/fs/cgroup/cpu/fluid-mpi-{NAME}/node2/cpu.cfs_quota_us").read_text().strip() == "-1"
 
 
+def test_slow_period(cluster):
+    """--period-ms sets the quota's period, lengthened where the quota would fall under the kernel's 1 ms."""
+    knob = Path(f"/sys/fs/cgroup/cpu/fluid-mpi-{NAME}/node2")
+    try:
+        assert fm("slow", "node2", "--cpus", "0.5", "--period-ms", "10").returncode == 0
+        assert (knob / "cpu.cfs_period_us").read_text().strip() == "10000"
+        assert (knob / "cpu.cfs_quota_us").read_text().strip() == "5000"
+        assert fm("slow", "node2", "--cpus", "0.05", "--period-ms", "10").returncode == 0
+        assert (knob / "cpu.cfs_period_us").read_text().strip() == "20000"
+        assert (knob / "cpu.cfs_quota_us").read_text().strip() == "1000"
+    finally:
+        assert fm("slow", "node2", "--cpus", "0").returncode == 0
+
+
 def test_shape(cluster):
     def qdiscs(host: str) -> str:
         sw = run(["tc", "-n", f"{NAME}-sw", "qdisc", "show", "dev", f"{NAME}-{host[4:]}"]).stdout

@@ -123,10 +123,13 @@ def cable(ctx: click.Context, host: str, state: str, data_only: bool) -> None:
 @HOST
 @click.option("--cpus", type=click.FloatRange(0, os.cpu_count() or 1), required=True,
               help="CPUs HOST may use (e.g. 0.5); 0 lifts the limit.")
+@click.option("--period-ms", type=click.FloatRange(1, 1000), default=None,
+              help="The quota's period (kernel default 100 ms: the host runs at full speed until its quota "
+                   "is spent, then stops); 10 makes it evenly slower.")
 @click.pass_context
-def slow(ctx: click.Context, host: str, cpus: float) -> None:
+def slow(ctx: click.Context, host: str, cpus: float, period_ms: float | None) -> None:
     """Limit HOST to F CPUs (cgroup cpu quota)."""
-    _cluster(ctx).slow(host, cpus)
+    _cluster(ctx).slow(host, cpus, period_ms)
     click.echo(f"{host}: {'cpu limit lifted' if not cpus else f'limited to {cpus:g} CPUs'}")
 
 

@@ -250,7 +250,7 @@ class FluidCoordinator:
         else:
             while len(self.ha) < self.ha_depth and (b := new()) is not None:
                 for w in self.workers() if self.deadline is None else \
-                        self.deadline.send_to(b.bid, self.workers(), now, self.ha_depth):
+                        self.deadline.send_to(b.bid, self.workers(), now, depth=self.ha_depth):
                     self.send(w, b, CMD_FEATURES)
                 self.ha[b.bid], self.ha_sent[b.bid] = {}, self.ha_clock.stamp(now)
         mine = next((bid for bid, f in self.ha.items() if self.me not in f), None)

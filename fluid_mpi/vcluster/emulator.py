@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -257,9 +258,16 @@ class VCluster:
         if not _settle(lambda: path.read_text().strip() == want):  # FREEZING until every task has stopped
             raise VClusterError(f"{host} did not reach {want} within {SETTLE_TIMEOUT:g} s")
 
-    def slow(self, host: str, cpus: float) -> None:
-        """Limit the host to ``cpus`` CPUs (CFS quota = cpus x period); 0 lifts the limit."""
+    def slow(self, host: str, cpus: float, period_ms: float | None = None) -> None:
+        """Limit the host to ``cpus`` CPUs (CFS quota = cpus x period); 0 lifts the limit. ``period_ms``: the
+        quota's period (the kernel's default is 100 ms). Within each period the host runs at full speed
+        until its quota is spent, then stops for the rest: at 100 ms and 0.5 CPU, 50 ms on and 50 ms off,
+        a device that stalls rather than a slower one. A short period (10 ms) makes it evenly slower; it is
+        lengthened where the quota would fall below the kernel's minimum of 1 ms."""
         path = self._knob(host, "cpu", "cpu.cfs_quota_us")
+        if period_ms and cpus:
+            period_us = max(int(period_ms * 1000), math.ceil(1000 / cpus))
+            (path.parent / "cpu.cfs_period_us").write_text(str(period_us))
         period = int((path.parent / "cpu.cfs_period_us").read_text())
         path.write_text(str(max(1000, int(cpus * period)) if cpus else -1))  # the kernel's minimum quota: 1 ms
         self._set(host, cpus=cpus or None)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .uneven import SETTINGS, SLOW_HOST, SLOW_SHARE, STALL_EVERY_S, STALL_S
+from .uneven import DEADLINE_OVER_P99, PERIOD_MS, SETTINGS, SLOW_HOST, SLOW_SHARE, STALL_EVERY_S, STALL_S
 
 LABELS = {"equal": "every host at the same speed",
           "slow": f"{SLOW_HOST} at {SLOW_SHARE:g} × the others' CPU",
@@ -19,11 +19,11 @@ def write_report(r: dict, path: Path) -> None:
              f"Written by `fluid-mpi bench uneven` on {r['written']} ({r['wall_s']} s). Test data: {r['data']}; "
              f"batch {r['batch']}; medians of {r['reps']} interleaved repetitions per row. One rank per emulated "
              "host, mpirun in `head` over TCP; the hosts share this machine's cores, each limited to cores / K "
-             "CPUs (at most one).", ""]
+             f"CPUs (at most one; a CFS quota over a {PERIOD_MS:g} ms period, so that a host is evenly slower).", ""]
     for run in r["runs"]:
         k = run["k"]
         lines += [f"## K = {k} ({run['cpus_per_host']:g} CPU per host; deadline {run['deadline_ms']:g} ms = "
-                  f"1.2 × HA's p99 in a first run on equal devices, {run['probe_p99_ms']} ms)", ""]
+                  f"{DEADLINE_OVER_P99:g} × HA's p99 in a first run on equal devices, {run['probe_p99_ms']} ms)", ""]
         for setting in SETTINGS:
             rows = run["settings"][setting]
             lines += [f"### {LABELS[setting]}", "",

@@ -69,3 +69,9 @@ def test_quick_run_writes_every_row_and_reuses_checkpoints(tmp_path):
     assert "### tiny, K = 2 (seeds 0)" in md and "replication" in md
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 0 and json.loads((tmp_path / "accuracy.json").read_text())["log"] == []
+    (tmp_path / "checkpoints" / "dynamic-tiny-k2-s0.pt").unlink()
+    cached = CliRunner().invoke(cli, args + ["--no-train"])
+    assert cached.exit_code == 0, cached.output
+    r = json.loads((tmp_path / "accuracy.json").read_text())
+    assert r["log"] == [] and r["rows"][0]["missing"] == ["dynamic"] and "dynamic" not in r["rows"][0]
+    assert "Not trained (`--no-train`): Dynamic." in (tmp_path / "accuracy.md").read_text()

@@ -327,6 +327,23 @@ def test_prediction_sink_fsyncs_at_most_every_interval(tmp_path, monkeypatch):
     assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 21
 
 
+def test_fsync_thread_outlives_its_file_being_closed(tmp_path, monkeypatch):
+    """A sink dropped without close(): the collector closes its file while an fsync may still be asked."""
+    import threading
+
+    from fluid_mpi.runtime.outputs import _Syncer
+
+    errors = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_value))
+    fh = open(tmp_path / "p.jsonl", "w")
+    syncer = _Syncer(fh.fileno())
+    fh.close()
+    syncer.request()
+    assert syncer.settled(5.0)  # 5 s: an fsync of an empty file takes milliseconds
+    syncer.stop()
+    assert errors == [] and not syncer.thread.is_alive()
+
+
 def test_stopped_since_sees_only_a_stop_after_the_ranks_start(tmp_path):
     from fluid_mpi.runtime.events import EventLog, stopped_since
 
@@ -353,6 +370,7 @@ def test_sink_accuracy_per_answerer_on_both_paths(tmp_path):
     sink.write(batch([4, 5], [5, 6]), hit([5, 6]), 1, {"mode": "ht"})
     sink.write(batch([6, 7], [7, -1], names=["a.png", "b.png"]), hit([0, 3]), 1, {"mode": "ht"})
     sink.write(batch([8], [9]), hit([9]), 0, {"width": 2})
+    sink.close()
     assert accuracy_by_answerer(sink.by_answerer) == {
         "0+1": {"answered": 4, "accuracy": 75.0}, "1": {"answered": 3, "accuracy": 66.667},
         "width 2": {"answered": 1, "accuracy": 100.0}}

@@ -43,6 +43,7 @@ class AccuracyConfig:
     seeds: tuple[int, ...] = (0,)
     epochs: int = 12
     limit: int | None = None  # training images (--quick)
+    train: bool = True  # False (--no-train): report what OUT/checkpoints holds, list the rest as missing
     families: tuple[str, ...] = ("static", "dynamic", "fluid", "fluid-eq")
     log: list = field(default_factory=list)
     # the data, read once by run_accuracy: both splits and the models' input spec
@@ -59,14 +60,17 @@ def equal_cost_widths(w: Widths, parts: int, spec: InputSpec = MNIST) -> Widths:
     return min(options, key=lambda o: abs(device_cost("fluid", o, parts, spec)["macs"] - target))
 
 
-def _train(cfg: AccuracyConfig, family: str, w: Widths, k: int, seed: int, tag: str) -> dict:
-    """The metadata of a trained checkpoint: reused when OUT/checkpoints has one with these settings."""
+def _train(cfg: AccuracyConfig, family: str, w: Widths, k: int, seed: int, tag: str) -> dict | None:
+    """The metadata of a trained checkpoint: reused when OUT/checkpoints has one with these settings; None
+    when it has none and ``cfg.train`` is off."""
     tc = TrainConfig(family, k, w, cfg.epochs, seed=seed, limit=cfg.limit)
     path = cfg.out / "checkpoints" / f"{family}-{tag}-k{k}-s{seed}.pt"
     if path.exists():
         meta = load_meta(path)
         if meta.get("train") == tc.as_dict():
             return meta
+    if not cfg.train:
+        return None
     t0 = time.perf_counter()
     _, meta = train_and_save(tc, cfg.train_ds, cfg.test_ds, path)
     cfg.log.append(f"trained {path.name} in {time.perf_counter() - t0:.0f} s")
@@ -147,6 +151,9 @@ def run_setting(cfg: AccuracyConfig, preset: str, k: int) -> dict:
     for fam in [f for f in cfg.families if k in ENSEMBLE_GAIN or f != "fluid-eq"]:
         base, widths, tag = ("fluid", weq, f"{preset}eq") if fam == "fluid-eq" else (fam, w, preset)
         metas = [_train(cfg, base, widths, k, s, tag) for s in seeds]
+        if None in metas:  # --no-train and not in the cache
+            row.setdefault("missing", []).append(fam)
+            continue
         cost = _cost(base, widths, k, cfg.spec)
         if base == "fluid":
             row[fam] = {**fluid_row(metas), "cost": cost}

@@ -42,6 +42,8 @@ def setting_table(row: dict) -> list[str]:
         lines.append(f"| whole Fluid model on every device (replication) | {_cost_cells(rep['cost'])} | "
                      f"{rep['accuracy']:.2f} | same model as Fluid |")
     lines.append("")
+    if row.get("missing"):
+        lines.append("- Not trained (`--no-train`): " + ", ".join(LABELS[f] for f in row["missing"]) + ".")
     for fam in ("fluid", "fluid-eq"):
         r = row.get(fam)
         if r is None:

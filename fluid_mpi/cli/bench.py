@@ -133,8 +133,10 @@ def _ints(text: str, name: str) -> tuple[int, ...]:
           click.option("--seeds", default="0", show_default=True, metavar="S,S,...",
                        help="Training seeds; accuracy is the mean over them (the goals ask for two)."),
           click.option("--epochs", type=click.IntRange(1), default=12, show_default=True,
-                       help="Training epochs (fluid-mpi train's default)."))
-def accuracy(quick, out, data_dir, publish, presets, ks, seeds, epochs) -> None:
+                       help="Training epochs (fluid-mpi train's default)."),
+          click.option("--no-train", is_flag=True,
+                       help="Report what OUT/checkpoints holds; list the models it lacks instead of training them."))
+def accuracy(quick, out, data_dir, publish, presets, ks, seeds, epochs, no_train) -> None:
     """Static, Dynamic and Fluid (HA, HT mix, each group, by subset size; at the preset's widths and at
     equal per-device cost) and replication, per width preset and K: accuracy beside per-device
     multiply-adds, parameters and forward time, with the goals' verdicts. Trains what OUT/checkpoints
@@ -144,7 +146,7 @@ def accuracy(quick, out, data_dir, publish, presets, ks, seeds, epochs) -> None:
     from ..bench.accuracy import AccuracyConfig, run_accuracy
 
     cfg = AccuracyConfig(Path(out), data_dir, tuple(presets) or ("tiny",), _ints(ks, "--parts"),
-                         _ints(seeds, "--seeds"), epochs)
+                         _ints(seeds, "--seeds"), epochs, train=not no_train)
     if quick:
         cfg.ks, cfg.epochs, cfg.limit = (2,), 1, 500
     r = run_accuracy(cfg)

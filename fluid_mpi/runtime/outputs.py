@@ -24,10 +24,13 @@ FSYNC_INTERVAL_S = 0.05
 
 
 class _Syncer:
-    """A daemon thread that fsyncs ``fd`` when asked; requests made while it is busy are merged into one."""
+    """A daemon thread that fsyncs ``fd`` when asked; requests made while it is busy are merged into one.
+    It syncs through a duplicate of ``fd``, closed by :meth:`stop`: a sink dropped without ``close()`` has
+    its file closed by the garbage collector, and an fsync asked just before then hit a closed descriptor
+    (EBADF, a traceback from the thread in the test suite) or another file that had reused its number."""
 
     def __init__(self, fd: int):
-        self.fd, self.cond = fd, threading.Condition()
+        self.fd, self.cond = os.dup(fd), threading.Condition()
         self.pending = self.busy = self.stopping = False
         self.thread = threading.Thread(target=self._run, name="fluid-mpi-fsync", daemon=True)
         self.thread.start()
@@ -60,6 +63,7 @@ class _Syncer:
             self.stopping = True
             self.cond.notify_all()
         self.thread.join()
+        os.close(self.fd)
 
 
 def _tail(extra: dict | None) -> str:

@@ -101,9 +101,11 @@ def coordinate(ctx: Context, lost_before: list[int] | None = None, lost_at: floa
     if lost_before:  # the lost coordinators are this loop's failures: its next answer ends their outage
         events.emit("takeover", coordinator=t.world_rank(), lost=lost_before)
         loop.tracker.lost(lost_before, lost_at, {}, None)
-    outcome = loop.run() if ctx.fluid else loop.coordinate(stream)
+    try:
+        outcome = loop.run() if ctx.fluid else loop.coordinate(stream)
+    finally:
+        sink.close()  # what was answered is made durable even when the loop raises
     by_mode = loop.by_mode if ctx.fluid else None
-    sink.close()
     summary = _summary(ctx, events, outcome, stream.description, stream.total,
                        len(done.indices) + len(sink.answered), sink, done, ranks_start)
     summary.max_backlog, summary.by_mode = stream.max_backlog, by_mode

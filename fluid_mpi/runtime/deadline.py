@@ -6,11 +6,11 @@ trained head for every subset of groups. Plain Python with the time passed in; t
   features are ready and D ms have passed since the batch was handed out: then with the head of the groups
   that arrived (the coordinator's own always among them). Features that come later are dropped (counted),
   never used for another batch.
-- A device that misses the deadline is not failed: it keeps receiving batches, as many at a time as
-  HA keeps in flight (``ha_depth``) plus :data:`CATCH_UP`, so it never queues more than it can catch up
-  on. One that misses it persistently is **skipped**: it gets no HA batches for a while, so it stops
-  piling up work it will not finish in time, then gets a trial. The rule (:data:`WINDOW_S` and the constants below): among the batches
-  sent to it whose fate is known in the last second, at least :data:`MIN_JUDGED` and more than
+- A device that misses the deadline is not failed: it keeps receiving batches, as many at a time as HA keeps
+  in flight (``ha_depth``) plus :data:`CATCH_UP`, so it never queues more than it can catch up on. One that
+  misses it persistently is **skipped**: it gets no HA batches for a while, so it stops piling up work it
+  will not finish in time, then gets a trial. The rule (:data:`WINDOW_S` and the constants below): among the
+  batches sent to it whose fate is known in the last second, at least :data:`MIN_JUDGED` and more than
   :data:`LATE_SHARE` late -> skipped for :data:`SKIP_S`; after that it receives batches again and is judged
   afresh, so a device that keeps up again stays in. Liveness is unchanged: a device that holds a batch past
   ``--rank-timeout`` is treated as lost, late answers or not (the coordinator tracks what each one holds).

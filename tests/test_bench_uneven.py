@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 
-from fluid_mpi.bench.uneven import verdicts
+from fluid_mpi.bench.uneven import run_size, verdicts
 
 
 def _f(ips=None, p99=None, acc=None, share=None):
@@ -46,3 +46,11 @@ def test_missing_figures_are_not_met_or_unknown():
     run["settings"]["slow"]["Fluid HA, deadline 12 ms"]["accuracy"] = None
     run["settings"]["slow"]["Fluid HA, deadline 12 ms"]["p99"] = None
     assert _met(run) == [True, False, None, True, True]
+
+
+def test_run_size_is_a_part_of_the_split_or_whole_passes_over_it():
+    assert run_size(2000, 10_000) == ["--limit", "2000"]
+    assert run_size(10_000, 10_000) == ["--limit", "10000"]
+    assert run_size(12_000, 10_000) == ["--limit", "10000", "--repeat", "1"]  # not 20,000
+    assert run_size(16_000, 10_000) == ["--limit", "10000", "--repeat", "2"]
+    assert run_size(12_000, 1_000) == ["--limit", "1000", "--repeat", "12"]  # the embedded sample, as before

@@ -47,9 +47,10 @@ def goals(r: dict) -> list[dict]:
         add("Fluid HA ≥ 0.8 × HA limit (one sub-network + the combined head in-process), batch 64",
             f"{q64['fluid_ha_over_limit']} (repetitions: min {q64.get('fluid_ha_over_limit_min', '—')})",
             q64["fluid_ha_over_limit"], 0.8)
-        add(f"Fluid HA on {k} ranks faster than on one rank (ratio ≥ 1), batch 64",
-            f"{q64['fluid_ha_k_over_one']}× (repetitions: min {q64.get('fluid_ha_k_over_one_min', '—')})",
-            q64["fluid_ha_k_over_one"], 1.0)
+        # HA's speed-up from K devices, at the same accuracy: against the whole Fluid model on one core (the
+        # old goal, HA on K ranks against group 0 alone on one rank, compared a smaller, less accurate model)
+        add("Fluid HA ≥ 1.0 × the whole Fluid model in-process (same accuracy), batch 64",
+            f"{_fmt(q64.get('fluid_ha_over_whole_model'), '.3f')}×", q64.get("fluid_ha_over_whole_model"), 1.0)
     for b, q in (("64", q64), ("1", q1)):
         if not q:
             continue

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 
-from fluid_mpi.bench.uneven import run_size, verdicts
+from fluid_mpi.bench.uneven import figures, run_size, verdicts
 
 
 def _f(ips=None, p99=None, acc=None, share=None):
@@ -54,3 +54,15 @@ def test_run_size_is_a_part_of_the_split_or_whole_passes_over_it():
     assert run_size(12_000, 10_000) == ["--limit", "10000", "--repeat", "1"]  # not 20,000
     assert run_size(16_000, 10_000) == ["--limit", "10000", "--repeat", "2"]
     assert run_size(12_000, 1_000) == ["--limit", "1000", "--repeat", "12"]  # the embedded sample, as before
+
+
+def test_figures_are_medians_with_the_range_of_images_per_s():
+    def run(ips, p99, groups):
+        return {"rc": 0, "error": None, "summary": {"status": "ok", "images_per_s": ips, "latency_ms": {"p99": p99},
+                                                    "ha_deadline": {"answers_by_subset": groups}}}
+    runs = [run(100.0, 9.0, {"0+1": 9, "0": 1}), run(300.0, 3.0, {"0+1": 10}), run(200.0, 5.0, {"0+1": 10})]
+    runs.append({"rc": None, "error": "cut at 180 s", "summary": {}})  # a run cut short: no figures, not ok
+    f = figures(runs)
+    assert (f["images_per_s"], f["images_per_s_range"], f["p99"]) == (200.0, [100.0, 300.0], 5.0)
+    assert f["subset_share"] == {"0": round(1 / 30, 4), "0+1": round(29 / 30, 4)}
+    assert (f["ok"], f["runs"], f["errors"]) == (3, 4, ["cut at 180 s"])

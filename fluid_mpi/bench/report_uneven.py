@@ -27,11 +27,13 @@ def write_report(r: dict, path: Path) -> None:
         for setting in SETTINGS:
             rows = run["settings"][setting]
             lines += [f"### {LABELS[setting]}", "",
-                      "| run | runs ok | images/s | p50 / p95 / p99 ms | accuracy % | answers by subset |",
+                      "| run | runs ok | images/s (min–max) | p50 / p95 / p99 ms | accuracy % | answers by subset |",
                       "|---|---:|---:|---|---:|---|"]
             for label, f in rows.items():
                 share = ", ".join(f"{key} {100 * v:.1f} %" for key, v in (f["subset_share"] or {}).items()) or "—"
-                lines.append(f"| {label} | {f['ok']}/{f['runs']} | {_cell(f['images_per_s'], '{:,.0f}')} | "
+                span = f.get("images_per_s_range")  # absent from reports written before it was kept
+                spread = f" ({span[0]:,.0f}–{span[1]:,.0f})" if span else ""
+                lines.append(f"| {label} | {f['ok']}/{f['runs']} | {_cell(f['images_per_s'], '{:,.0f}')}{spread} | "
                              f"{_cell(f['p50'])} / {_cell(f['p95'])} / {_cell(f['p99'])} | {_cell(f['accuracy'])} | {share} |")
             lines.append("")
         lines += ["Goals:", "", "| goal | measured | verdict |", "|---|---|---|"]

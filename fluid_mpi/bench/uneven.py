@@ -145,14 +145,14 @@ def run_k(cfg: UnevenConfig, k: int, bar) -> dict:
                         sizes[(setting, label)] = max(n, int(RUN_S * rate))
                     got[label].append(r)
                     bar.update(1)
-            result["settings"][setting] = {label: _figures(runs) for label, runs in got.items()}
+            result["settings"][setting] = {label: figures(runs) for label, runs in got.items()}
     finally:
         vc.down()
     return result
 
 
-def _figures(runs: list[dict]) -> dict:
-    """Medians over the repetitions of what each run's summary says."""
+def figures(runs: list[dict]) -> dict:
+    """Medians over the repetitions of what each run's summary says; images/s also as its min and max."""
     def med(get):
         values = [v for v in (get(r["summary"]) for r in runs) if v is not None]
         return round(statistics.median(values), 3) if values else None
@@ -162,7 +162,9 @@ def _figures(runs: list[dict]) -> dict:
         for key, n in ((r["summary"].get("ha_deadline") or {}).get("answers_by_subset") or {}).items():
             subsets[key] = subsets.get(key, 0) + n
     total = sum(subsets.values())
+    rates = [r["summary"]["images_per_s"] for r in runs if r["summary"].get("images_per_s") is not None]
     return {"images_per_s": med(lambda s: s.get("images_per_s")),
+            "images_per_s_range": [min(rates), max(rates)] if rates else None,
             "p50": med(lambda s: (s.get("latency_ms") or {}).get("p50")),
             "p95": med(lambda s: (s.get("latency_ms") or {}).get("p95")),
             "p99": med(lambda s: (s.get("latency_ms") or {}).get("p99")),

@@ -153,16 +153,19 @@ def run_k(cfg: UnevenConfig, k: int, bar) -> dict:
 
 def figures(runs: list[dict]) -> dict:
     """Medians over the repetitions of what each run's summary says; images/s also as its min and max."""
+    def values(get) -> list:
+        return [v for v in (get(r["summary"]) for r in runs) if v is not None]
+
     def med(get):
-        values = [v for v in (get(r["summary"]) for r in runs) if v is not None]
-        return round(statistics.median(values), 3) if values else None
+        got = values(get)
+        return round(statistics.median(got), 3) if got else None
 
     subsets: dict[str, int] = {}
     for r in runs:
         for key, n in ((r["summary"].get("ha_deadline") or {}).get("answers_by_subset") or {}).items():
             subsets[key] = subsets.get(key, 0) + n
     total = sum(subsets.values())
-    rates = [r["summary"]["images_per_s"] for r in runs if r["summary"].get("images_per_s") is not None]
+    rates = values(lambda s: s.get("images_per_s"))
     return {"images_per_s": med(lambda s: s.get("images_per_s")),
             "images_per_s_range": [min(rates), max(rates)] if rates else None,
             "p50": med(lambda s: (s.get("latency_ms") or {}).get("p50")),

@@ -221,6 +221,26 @@ def test_slow_period(cluster):
         assert fm("slow", "node2", "--cpus", "0").returncode == 0
 
 
+def test_pin(cluster):
+    """`pin` keeps a host's processes (later ones too) on the given cores; `all` gives them every core back;
+    a core the machine lacks is a one-line error."""
+    last = os.cpu_count() - 1
+    affinity = "import os; print(sorted(os.sched_getaffinity(0)))"
+    try:
+        assert fm("pin", "node2", str(last)).returncode == 0
+        r = in_host("node2", str(VENV_BIN / "python"), "-c", affinity)
+        assert r.returncode == 0 and r.stdout.strip() == f"[{last}]", (r.stdout, r.stderr)
+        assert f"on cores {last}" in fm("status").stdout
+        assert in_host("node1", str(VENV_BIN / "python"), "-c", affinity).stdout.strip() == \
+            str(list(range(last + 1)))
+        bad = fm("pin", "node2", str(last + 7))
+        assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1 and "cannot pin node2" in bad.stderr
+    finally:
+        assert fm("pin", "node2", "all").returncode == 0
+    r = in_host("node2", str(VENV_BIN / "python"), "-c", affinity)
+    assert r.stdout.strip() == str(list(range(last + 1)))
+
+
 def test_shape(cluster):
     def qdiscs(host: str) -> str:
         sw = run(["tc", "-n", f"{NAME}-sw", "qdisc", "show", "dev", f"{NAME}-{host[4:]}"]).stdout

@@ -39,7 +39,7 @@ HOST = click.argument("host")
 def vcluster(ctx: click.Context, name: str) -> None:
     """Virtual cluster of emulated hosts on this machine (root): network namespaces on a bridge, each with
     its own hostname and address, and a launch agent for mpirun. Inject faults: power-off, cable, freeze,
-    slow, shape.
+    slow, pin, shape.
 
     \b
     fluid-mpi vcluster up 2 --hostfile hosts.txt
@@ -134,6 +134,16 @@ def slow(ctx: click.Context, host: str, cpus: float, period_ms: float | None) ->
 
 
 @vcluster.command()
+@HOST
+@click.argument("cores")
+@click.pass_context
+def pin(ctx: click.Context, host: str, cores: str) -> None:
+    """Run HOST on CORES only (a cpuset list: 1, 0-1, 0,2), as a board has cores of its own; "all" undoes it."""
+    _cluster(ctx).pin(host, None if cores == "all" else cores)
+    click.echo(f"{host}: {'on every core' if cores == 'all' else f'pinned to cores {cores}'}")
+
+
+@vcluster.command()
 @click.argument("host", required=False)
 @click.option("--rate", help="Bandwidth each way, tc units (e.g. 100mbit).")
 @click.option("--delay", help="One-way delay each way (e.g. 20ms); needs netem in the kernel.")
@@ -155,7 +165,7 @@ def shape(ctx: click.Context, host: str | None, rate: str | None, delay: str | N
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
-    """What exists: hosts, addresses, link, power, freezer, cpu limit, shaping, pids."""
+    """What exists: hosts, addresses, link, power, freezer, cpu limit and cores, shaping, pids."""
     info = _cluster(ctx).status()
     if as_json:
         click.echo(json.dumps(info, indent=1))
@@ -167,6 +177,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
         click.echo(f"vcluster {ctx.obj}: {info['subnet']}, agent {info['agent']}")
         for host, h in info["hosts"].items():
             cpus = f"{h['cpus']:g}" if h["cpus"] else "-"
+            cpus += f" on cores {h['cores']}" if h.get("cores") else ""
             shaping, pids = (h["qdisc"] or "-").removeprefix("qdisc "), " ".join(map(str, h["pids"])) or "-"
             click.echo(f"{host:7} {h['addr']:14} link {h['link']:4} power {'on ' if h['powered'] else 'off'} "
                        f"cable {h['cable']:4} {'FROZEN' if h['frozen'] else 'running'} cpus {cpus} "

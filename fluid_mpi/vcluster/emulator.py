@@ -1,5 +1,5 @@
 """Virtual cluster (root only): host H of instance NAME is a network namespace ``NAME-H``, its ``eth0`` wired to a
-bridge in a switch namespace ``NAME-sw``, its processes in cgroup v1 ``fluid-mpi-NAME/H`` (cpu, freezer); a launch
+bridge in a switch namespace ``NAME-sw``, its processes in cgroup v1 ``fluid-mpi-NAME/H`` (cpu, freezer, cpuset); a launch
 agent stands in for ssh (``AGENT H CMD...`` joins H's cgroups and runs CMD in H under H's own hostname)."""
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ SUBNET, PREFIX_LEN = "10.213.0", 24  # private /24 used only inside the namespac
 HEAD, HEAD_OCTET, MAX_NODES, DEFAULT_NAME = "head", 254, 200, "fmpi"
 NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")  # short: "NAME-254" must fit a 15-character interface name
 STATE_ROOT, CGROUP_ROOT, HOSTS_FILE = Path("/run/fluid-mpi-vcluster"), Path("/sys/fs/cgroup"), Path("/etc/hosts")
-CONTROLLERS = ("cpu", "freezer")
+CONTROLLERS = ("cpu", "freezer", "cpuset")
 SETTLE_TIMEOUT, POLL = 5.0, 0.05  # killed tasks vanish, a FREEZING cgroup turns FROZEN, well within a second
 AGENT = """#!/bin/sh
 # fluid-mpi vcluster {name}: launch agent standing in for ssh (agent HOST CMD...); a frozen HOST freezes it too
@@ -140,8 +140,12 @@ class VCluster:
             for dev in ("lo", "eth0"):
                 _run(["ip", "-n", ns, "link", "set", dev, "up"])
             for ctl in (c for c in CONTROLLERS if (CGROUP_ROOT / c / "cgroup.procs").exists()):
-                self.cgroup(ctl, host).mkdir(parents=True, exist_ok=True)
-            hosts_state[host] = {"addr": addr, "powered": True, "cable": "up", "cpus": None}
+                for d in (self.cgroup(ctl), self.cgroup(ctl, host)):
+                    d.mkdir(exist_ok=True)
+                    if ctl == "cpuset":  # a new v1 cpuset has no CPUs and no memory nodes: nothing can join it
+                        for knob in ("cpuset.cpus", "cpuset.mems"):
+                            (d / knob).write_text((d.parent / knob).read_text())
+            hosts_state[host] = {"addr": addr, "powered": True, "cable": "up", "cpus": None, "cores": None}
         # The agent reaches the hosts' cgroups through bind mounts in the state directory: an agent started
         # inside a host (mpirun in head launching the daemons) runs under `ip netns exec`, which remounts
         # /sys, so /sys/fs/cgroup is empty there. Through it, the agent left every rank in head's cgroups,
@@ -272,6 +276,19 @@ class VCluster:
         path.write_text(str(max(1000, int(cpus * period)) if cpus else -1))  # the kernel's minimum quota: 1 ms
         self._set(host, cpus=cpus or None)
 
+    def pin(self, host: str, cores: str | None) -> None:
+        """Run the host's processes on ``cores`` only (cpuset list, e.g. ``"1"`` or ``"0-1"``); None: on all
+        of the machine's. Emulated hosts that share the machine's cores otherwise migrate between them and
+        meet each other's caches and run queues: a host measured alone then ran a third faster in one run
+        than in the next (bench uneven, node1 at 1 CPU: 9,713 to 12,727 images/s), as a board with cores of
+        its own does not."""
+        path = self._knob(host, "cpuset", "cpuset.cpus")
+        try:
+            path.write_text(cores if cores is not None else (path.parent.parent / "cpuset.cpus").read_text())
+        except OSError as exc:  # EINVAL: not a core of this machine
+            raise VClusterError(f"cannot pin {host} to cores {cores!r}: {exc.strerror}") from None
+        self._set(host, cores=cores)
+
     def shape(self, host: str | None, rate: str | None = None, delay: str | None = None,
               loss: float | None = None) -> list[str]:
         """Shape both directions of the host's link (all hosts when ``host`` is None): tbf for ``rate``, netem
@@ -279,7 +296,8 @@ class VCluster:
         return shape_links(self, host, rate, delay, loss)
 
     def status(self) -> dict:
-        """What exists: hosts (address, power, cable, link, cpu limit, freezer, root qdisc, pids), or up: False."""
+        """What exists: hosts (address, power, cable, link, cpu limit, cores, freezer, root qdisc, pids), or up:
+        False."""
         state = _load(self.state_file) or {"hosts": {}, "leftover_namespaces": self.namespaces()}
         for host, h in state["hosts"].items():
             tc = _run(["tc", "-n", self.switch, "qdisc", "show", "dev", self.veth(host), "root"], check=False).stdout

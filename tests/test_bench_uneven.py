@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import copy
 
-from fluid_mpi.bench.uneven import figures, run_size, verdicts
+from fluid_mpi.bench.uneven import figures, paired_ratios, run_size, verdicts
 
 
 def _f(ips=None, p99=None, acc=None, share=None):
-    return {"images_per_s": ips, "p50": None, "p95": None, "p99": p99, "accuracy": acc, "subset_share": share}
+    runs = list(ips) if isinstance(ips, (list, tuple)) else [ips] * 3  # per repetition
+    return {"images_per_s": runs[1], "images_per_s_runs": runs, "p50": None, "p95": None, "p99": p99, "accuracy": acc,
+            "subset_share": share}
 
 
 def _run(ht=900.0, alone=(600.0, 400.0), slow_p99=15.0, stall_p99=20.0, equal_share=0.99, acc_gap=0.05):
     d = "Fluid HA, deadline 12 ms"
     settings = {}
     for name in ("equal", "slow", "stall"):
-        rows = {"Fluid HT": _f(ht), "Fluid HA": _f(p99=10.0, acc=99.0), d: _f(p99=10.0, acc=99.0, share={"0+1": 1.0})}
-        rows.update({f"Fluid alone on node{i + 1}": _f(a) for i, a in enumerate(alone)})
-        settings[name] = rows
+        settings[name] = {"Fluid HT": _f(ht), "Fluid HA": _f(p99=10.0, acc=99.0),
+                          d: _f(p99=10.0, acc=99.0, share={"0+1": 1.0})}
+    settings["slow"].update({f"Fluid alone on node{i + 1}": _f(a) for i, a in enumerate(alone)})  # slow only
     settings["slow"][d] = _f(p99=slow_p99, acc=98.5, share={"0": 0.9, "0+1": 0.1})
     settings["stall"][d] = _f(p99=stall_p99, acc=98.9, share={"0": 0.1, "0+1": 0.9})
     settings["equal"][d] = _f(p99=10.0, acc=round(99.0 - acc_gap, 3), share={"0": 1 - equal_share, "0+1": equal_share})
@@ -48,6 +50,23 @@ def test_missing_figures_are_not_met_or_unknown():
     assert _met(run) == [True, False, None, True, True]
 
 
+def test_the_ht_goal_is_the_median_of_each_repetitions_ratio():
+    """Paired by repetition: the second repetition's slow run of node1 alone is set against that
+    repetition's HT, not against the median HT."""
+    run = _run(ht=[1000.0, 800.0, 900.0], alone=([700.0, 500.0, 650.0], 400.0))
+    assert paired_ratios(run["settings"]["slow"], 2) == [round(1000 / 1100, 4), round(800 / 900, 4),
+                                                         round(900 / 1050, 4)]
+    goal = verdicts(run, 98.5)[0]
+    assert goal["met"] is False and goal["measured"].startswith(f"{800 / 900:.3f} ({900 / 1050:.3f}–{1000 / 1100:.3f}")
+    run = _run(ht=[1000.0, 900.0, 990.0], alone=([700.0, 500.0, 650.0], 400.0))  # 0.909, 1.0, 0.943
+    assert verdicts(run, 98.5)[0]["met"] is True
+    run = _run(ht=[1000.0, None, 990.0], alone=([700.0, 500.0, None], 400.0))  # one whole repetition left
+    assert paired_ratios(run["settings"]["slow"], 2) == [round(1000 / 1100, 4)]
+    run = _run(ht=[None] * 3)
+    assert verdicts(run, 98.5)[0] == {"goal": verdicts(run, 98.5)[0]["goal"], "measured":
+                                      "no repetition with every figure", "met": False}
+
+
 def test_run_size_is_a_part_of_the_split_or_whole_passes_over_it():
     assert run_size(2000, 10_000) == ["--limit", "2000"]
     assert run_size(10_000, 10_000) == ["--limit", "10000"]
@@ -64,5 +83,6 @@ def test_figures_are_medians_with_the_range_of_images_per_s():
     runs.append({"rc": None, "error": "cut at 180 s", "summary": {}})  # a run cut short: no figures, not ok
     f = figures(runs)
     assert (f["images_per_s"], f["images_per_s_range"], f["p99"]) == (200.0, [100.0, 300.0], 5.0)
+    assert f["images_per_s_runs"] == [100.0, 300.0, 200.0, None]  # in repetition order, for the pairing
     assert f["subset_share"] == {"0": round(1 / 30, 4), "0+1": round(29 / 30, 4)}
     assert (f["ok"], f["runs"], f["errors"]) == (3, 4, ["cut at 180 s"])

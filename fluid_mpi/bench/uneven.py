@@ -5,12 +5,13 @@ Settings: every host at the same speed; one host (node2) at a quarter of the oth
 frozen for :data:`STALL_S` every :data:`STALL_EVERY_S` (the freezer, from a thread, during each run). The
 hosts share this machine's cores, so each gets ``cores / K`` CPUs (at most one): K hosts never ask for more
 than the machine has. Per setting, interleaved repetitions of: Static, Dynamic (width K), Fluid HT, Fluid HA,
-Fluid HA with ``--ha-deadline-ms``, and Fluid on each host alone (one rank: what that device serves at its
-own speed). The deadline is set once per K from the equal setting: :data:`DEADLINE_OVER_P99` × HA's p99 there.
-Goals (medians, verdicts by :func:`verdicts`): HT on uneven devices ≥ 0.9 × the sum of the hosts alone; HA
+Fluid HA with ``--ha-deadline-ms``, and, with the slow host, Fluid on each host alone (one rank: what that
+device serves at its own speed). The deadline is set once per K from the equal setting:
+:data:`DEADLINE_OVER_P99` × HA's p99 there. Goals (verdicts by :func:`verdicts`): HT on uneven devices ≥ 0.9 ×
+the sum of the hosts alone (the median of each repetition's ratio: :func:`paired_ratios`); HA
 with the deadline, one slow host: p99 ≤ 1.5 × HA's p99 on equal devices and accuracy ≥ the fast hosts'
 subset's head alone; with stalls: p99 ≤ 2 × that; on equal devices: ≥ 99 % of batches with every group and
-HA's accuracy within 0.05 pp."""
+HA's accuracy within 0.05 pp (medians over the repetitions)."""
 from __future__ import annotations
 
 import contextlib
@@ -52,17 +53,20 @@ class UnevenConfig:
     ckpts: dict  # (family, K) -> checkpoint path
     data_dir: str | None = None
     ks: tuple[int, ...] = (2, 4)
-    reps: int = 3
+    # 5: with 3, the HT goal's ratio at K = 4 measured 0.79 in this bench and 0.90 and 0.99 in two scratch
+    # runs of the same setting (3 repetitions each): one run's luck
+    reps: int = 5
 
 
-def _rows(k: int, ckpts: dict, deadline_ms: float) -> list[tuple[str, list[str], list[str] | None]]:
-    """(label, infer args, hosts or None for all)."""
+def _rows(k: int, ckpts: dict, deadline_ms: float, alone: bool) -> list[tuple[str, list[str], list[str] | None]]:
+    """(label, infer args, hosts or None for all); ``alone``: each host alone too (the HT goal's measure)."""
     c = {f: ["-c", str(Path(ckpts[(f, k)]).resolve())] for f in ("static", "dynamic", "fluid")}
     rows = [("Static", c["static"], None), (f"Dynamic width {k}", c["dynamic"], None),
             ("Fluid HT", c["fluid"] + ["--mode", "ht"], None), ("Fluid HA", c["fluid"] + ["--mode", "ha"], None),
             (f"Fluid HA, deadline {deadline_ms:g} ms", c["fluid"] + ["--mode", "ha", "--ha-deadline-ms",
                                                                       f"{deadline_ms:g}"], None)]
-    return rows + [(f"Fluid alone on node{i}", c["fluid"] + ["--mode", "ht"], [f"node{i}"]) for i in range(1, k + 1)]
+    return rows + [(f"Fluid alone on node{i}", c["fluid"] + ["--mode", "ht"], [f"node{i}"])
+                   for i in range(1, k + 1) if alone]
 
 
 class _Staller:
@@ -133,7 +137,7 @@ def run_k(cfg: UnevenConfig, k: int, bar) -> dict:
                 p99 = (probe["summary"].get("latency_ms") or {}).get("p99") or 10.0
                 deadline_ms = math.ceil(DEADLINE_OVER_P99 * p99 * 10) / 10
                 result["deadline_ms"], result["probe_p99_ms"] = deadline_ms, p99
-            rows = _rows(k, cfg.ckpts, deadline_ms)
+            rows = _rows(k, cfg.ckpts, deadline_ms, alone=setting == "slow")
             got: dict = {label: [] for label, _, _ in rows}
             for rep in range(cfg.reps):
                 for label, args, hosts in rows[rep % len(rows):] + rows[:rep % len(rows)]:
@@ -152,7 +156,8 @@ def run_k(cfg: UnevenConfig, k: int, bar) -> dict:
 
 
 def figures(runs: list[dict]) -> dict:
-    """Medians over the repetitions of what each run's summary says; images/s also as its min and max."""
+    """Medians over the repetitions of what each run's summary says; images/s also as its min and max, and
+    per repetition (None where a run gave no figure), for the goals' paired ratios."""
     def values(get) -> list:
         return [v for v in (get(r["summary"]) for r in runs) if v is not None]
 
@@ -168,6 +173,7 @@ def figures(runs: list[dict]) -> dict:
     rates = values(lambda s: s.get("images_per_s"))
     return {"images_per_s": med(lambda s: s.get("images_per_s")),
             "images_per_s_range": [min(rates), max(rates)] if rates else None,
+            "images_per_s_runs": [r["summary"].get("images_per_s") for r in runs],
             "p50": med(lambda s: (s.get("latency_ms") or {}).get("p50")),
             "p95": med(lambda s: (s.get("latency_ms") or {}).get("p95")),
             "p99": med(lambda s: (s.get("latency_ms") or {}).get("p99")),
@@ -181,8 +187,8 @@ def verdicts(r: dict, fast_subset_accuracy: float | None) -> list[dict]:
     """The issue's goals at one K from its settings' medians: ``{"goal", "measured", "met"}`` each."""
     k, s = r["k"], r["settings"]
     ha_deadline = next(label for label in s["equal"] if label.startswith("Fluid HA, deadline"))
-    alone = sum(s["slow"][f"Fluid alone on node{i}"]["images_per_s"] or 0 for i in range(1, k + 1))
-    ht = s["slow"]["Fluid HT"]["images_per_s"] or 0
+    ratios = paired_ratios(s["slow"], k)
+    ht_ratio = statistics.median(ratios) if ratios else None
     p99_equal = s["equal"]["Fluid HA"]["p99"] or float("inf")
     slow_d, stall_d, equal_d = s["slow"][ha_deadline], s["stall"][ha_deadline], s["equal"][ha_deadline]
     every = "+".join(str(g) for g in range(k))
@@ -190,8 +196,9 @@ def verdicts(r: dict, fast_subset_accuracy: float | None) -> list[dict]:
     acc_gap = None if equal_d["accuracy"] is None or s["equal"]["Fluid HA"]["accuracy"] is None else \
         round(abs(equal_d["accuracy"] - s["equal"]["Fluid HA"]["accuracy"]), 3)
     return [
-        {"goal": "HT, one slow host: ≥ 0.90 × the sum of the hosts alone", "measured": f"{ht:.0f} / {alone:.0f} img/s "
-         f"= {ht / max(alone, 1e-9):.3f}", "met": ht >= 0.9 * alone},
+        {"goal": "HT, one slow host: ≥ 0.90 × the sum of the hosts alone",
+         "measured": f"{ht_ratio:.3f} ({min(ratios):.3f}–{max(ratios):.3f}; median of {len(ratios)} repetitions' "
+         "HT / sum alone)" if ratios else "no repetition with every figure", "met": bool(ratios) and ht_ratio >= 0.9},
         {"goal": "HA with the deadline, one slow host: p99 ≤ 1.5 × HA's p99 on equal devices",
          "measured": f"{slow_d['p99']} / {p99_equal} ms", "met": (slow_d["p99"] or 1e9) <= 1.5 * p99_equal},
         {"goal": "HA with the deadline, one slow host: accuracy ≥ the fast hosts' subset alone",
@@ -205,6 +212,16 @@ def verdicts(r: dict, fast_subset_accuracy: float | None) -> list[dict]:
          "measured": f"{100 * share_all:.2f} % with {every}; accuracy gap {acc_gap} pp",
          "met": share_all >= 0.99 and acc_gap is not None and acc_gap <= 0.05},
     ]
+
+
+def paired_ratios(rows: dict, k: int) -> list[float]:
+    """Each repetition's HT images/s over the sum of the hosts alone in the same repetition: the rows ran
+    interleaved, so each ratio compares runs minutes apart, not a run with the median of others (one host
+    alone served from 7,800 to 12,700 images/s across runs of the same setting here). Repetitions with a
+    missing figure are left out."""
+    series = [rows["Fluid HT"]["images_per_s_runs"]] + \
+        [rows[f"Fluid alone on node{i}"]["images_per_s_runs"] for i in range(1, k + 1)]
+    return [round(ht / sum(alone), 4) for ht, *alone in zip(*series) if ht and all(alone)]
 
 
 def fast_subset_accuracy(ckpt: Path, k: int) -> float | None:

@@ -182,7 +182,10 @@ def uneven(quick, out, data_dir, publish) -> None:
     for k in ks:
         for family, path in bm.ensure_checkpoints(bm.BenchConfig.make(out, data_dir, k, quick), bar).items():
             ckpts[(family, k)] = path
-    r = run_uneven(UnevenConfig(Path(out), ckpts, data_dir, ks, 1 if quick else 3), bar)
+    cfg = UnevenConfig(Path(out), ckpts, data_dir, ks)
+    if quick:
+        cfg.reps = 1
+    r = run_uneven(cfg, bar)
     bar.close()
     write_report(r, Path(out) / "uneven.md")
     for run in r["runs"]:

@@ -75,3 +75,9 @@ def test_quick_run_writes_every_row_and_reuses_checkpoints(tmp_path):
     r = json.loads((tmp_path / "accuracy.json").read_text())
     assert r["log"] == [] and r["rows"][0]["missing"] == ["dynamic"] and "dynamic" not in r["rows"][0]
     assert "Not trained (`--no-train`): Dynamic." in (tmp_path / "accuracy.md").read_text()
+    two = CliRunner().invoke(cli, args + ["--no-train", "--seeds", "0,1"])  # only seed 0 is in the cache
+    assert two.exit_code == 0, two.output
+    row = json.loads((tmp_path / "accuracy.json").read_text())["rows"][0]
+    assert row["seeds"] == [0, 1] and row["missing"] == ["dynamic"]
+    assert row["static"]["only_seeds"] == [0] and len(row["fluid"]["ha_seeds"]) == 1
+    assert "(seed 0 only)" in (tmp_path / "accuracy.md").read_text()

@@ -43,7 +43,8 @@ class AccuracyConfig:
     seeds: tuple[int, ...] = (0,)
     epochs: int = 12
     limit: int | None = None  # training images (--quick)
-    train: bool = True  # False (--no-train): report what OUT/checkpoints holds, list the rest as missing
+    # False (--no-train): report what OUT/checkpoints holds (a model over the seeds it has), list the rest as missing
+    train: bool = True
     families: tuple[str, ...] = ("static", "dynamic", "fluid", "fluid-eq")
     log: list = field(default_factory=list)
     # the data, read once by run_accuracy: both splits and the models' input spec
@@ -151,9 +152,11 @@ def run_setting(cfg: AccuracyConfig, preset: str, k: int) -> dict:
     for fam in [f for f in cfg.families if k in ENSEMBLE_GAIN or f != "fluid-eq"]:
         base, widths, tag = ("fluid", weq, f"{preset}eq") if fam == "fluid-eq" else (fam, w, preset)
         metas = [_train(cfg, base, widths, k, s, tag) for s in seeds]
-        if None in metas:  # --no-train and not in the cache
+        have = [s for s, m in zip(seeds, metas) if m is not None]
+        if not have:  # --no-train and not in the cache
             row.setdefault("missing", []).append(fam)
             continue
+        metas = [m for m in metas if m is not None]
         cost = _cost(base, widths, k, cfg.spec)
         if base == "fluid":
             row[fam] = {**fluid_row(metas), "cost": cost}
@@ -163,6 +166,8 @@ def run_setting(cfg: AccuracyConfig, preset: str, k: int) -> dict:
                         "cost": cost}
             if base == "dynamic":
                 row[fam]["widths_acc"] = {n: _mean([a["subsets"][n] for a in accs]) for n in accs[0]["subsets"]}
+        if have != list(seeds):  # --no-train with some of the seeds cached: its figures are over those
+            row[fam]["only_seeds"] = have
     if "fluid" in row:  # replication: the whole Fluid model (preset widths) on every device
         whole = _cost("fluid-whole", w, k, cfg.spec)
         row["replicated"] = {"accuracy": row["fluid"]["ha"], "cost": whole,

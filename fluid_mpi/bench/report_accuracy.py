@@ -36,7 +36,8 @@ def setting_table(row: dict) -> list[str]:
         if r is None:
             continue
         acc, seeds = (r["ha"], r["ha_seeds"]) if "ha" in r else (r["full"], r["full_seeds"])
-        lines.append(f"| {LABELS[fam]} | {_cost_cells(r['cost'])} | {acc:.2f} | {_seeds(seeds)} |")
+        only = f" (seed {', '.join(map(str, r['only_seeds']))} only)" if r.get("only_seeds") else ""
+        lines.append(f"| {LABELS[fam]} | {_cost_cells(r['cost'])} | {acc:.2f} | {_seeds(seeds)}{only} |")
     rep = row.get("replicated")
     if rep:
         lines.append(f"| whole Fluid model on every device (replication) | {_cost_cells(rep['cost'])} | "

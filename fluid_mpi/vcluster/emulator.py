@@ -1,27 +1,24 @@
-"""Virtual cluster (root only): host H of instance NAME is a network namespace ``NAME-H``, its ``eth0`` wired to a
-bridge in a switch namespace ``NAME-sw``, its processes in cgroup v1 ``fluid-mpi-NAME/H`` (cpu, freezer, cpuset); a launch
-agent stands in for ssh (``AGENT H CMD...`` joins H's cgroups and runs CMD in H under H's own hostname)."""
+"""Virtual cluster (root only): host H of instance NAME is a network namespace ``NAME-H``, its ``eth0`` wired
+to a bridge in a switch namespace ``NAME-sw``, its processes in cgroup v1 ``fluid-mpi-NAME/H`` (cpu, freezer,
+cpuset: limits.py); a launch agent stands in for ssh (``AGENT H CMD...`` joins H's cgroups and runs CMD in H
+under H's own hostname)."""
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 import shutil
 import signal
-import time
 from pathlib import Path
-from typing import Callable
 
+from .limits import CGROUP_ROOT, CONTROLLERS, HostLimits, settle
 from .links import VClusterError, _run, shape_links
 
 SUBNET, PREFIX_LEN = "10.213.0", 24  # private /24 used only inside the namespaces we create
 HEAD, HEAD_OCTET, MAX_NODES, DEFAULT_NAME = "head", 254, 200, "fmpi"
 NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")  # short: "NAME-254" must fit a 15-character interface name
-STATE_ROOT, CGROUP_ROOT, HOSTS_FILE = Path("/run/fluid-mpi-vcluster"), Path("/sys/fs/cgroup"), Path("/etc/hosts")
-CONTROLLERS = ("cpu", "freezer", "cpuset")
-SETTLE_TIMEOUT, POLL = 5.0, 0.05  # killed tasks vanish, a FREEZING cgroup turns FROZEN, well within a second
+STATE_ROOT, HOSTS_FILE = Path("/run/fluid-mpi-vcluster"), Path("/etc/hosts")
 AGENT = """#!/bin/sh
 # fluid-mpi vcluster {name}: launch agent standing in for ssh (agent HOST CMD...); a frozen HOST freezes it too
 host="$1"; shift
@@ -67,14 +64,7 @@ def _load(path: Path) -> dict | None:
     return None
 
 
-def _settle(done: Callable[[], bool]) -> bool:
-    deadline = time.monotonic() + SETTLE_TIMEOUT
-    while not done() and time.monotonic() < deadline:
-        time.sleep(POLL)
-    return done()
-
-
-class VCluster:
+class VCluster(HostLimits):
     """One instance of the virtual cluster; its state lives in ``/run/fluid-mpi-vcluster/NAME/``."""
 
     def __init__(self, name: str | None = None):
@@ -194,7 +184,7 @@ class VCluster:
         for pid in [p for host in hosts_ for p in self.pids(host)]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        _settle(lambda: not any(self.pids(host) for host in hosts_))  # a zombie is in neither list
+        settle(lambda: not any(self.pids(host) for host in hosts_))  # a zombie is in neither list
 
     def _cgroup_view(self, controller: str) -> Path:
         """Where the agent sees the instance's cgroup under ``controller``: a bind mount (see :meth:`up`)."""
@@ -243,51 +233,6 @@ class VCluster:
         self._kill([host])
         if on:
             shutil.rmtree(self.dir / "tmp" / host, ignore_errors=True)
-
-    def _knob(self, host: str, ctl: str, knob: str) -> Path:
-        # adopts every process of the host into the cgroup first (those started without the agent too)
-        self.require(host)
-        path = self.cgroup(ctl, host) / knob
-        if not path.exists():
-            raise VClusterError(f"cgroup v1 {ctl} controller not available at {CGROUP_ROOT / ctl}")
-        for pid in self.pids(host):
-            with contextlib.suppress(OSError):
-                (path.parent / "cgroup.procs").write_text(str(pid))
-        return path
-
-    def freeze(self, host: str, frozen: bool = True) -> None:
-        """Stop (``frozen``) or continue every process in the host (cgroup v1 freezer: later ones too)."""
-        path = self._knob(host, "freezer", "freezer.state")
-        path.write_text(want := "FROZEN" if frozen else "THAWED")
-        if not _settle(lambda: path.read_text().strip() == want):  # FREEZING until every task has stopped
-            raise VClusterError(f"{host} did not reach {want} within {SETTLE_TIMEOUT:g} s")
-
-    def slow(self, host: str, cpus: float, period_ms: float | None = None) -> None:
-        """Limit the host to ``cpus`` CPUs (CFS quota = cpus x period); 0 lifts the limit. ``period_ms``: the
-        quota's period (the kernel's default is 100 ms). Within each period the host runs at full speed
-        until its quota is spent, then stops for the rest: at 100 ms and 0.5 CPU, 50 ms on and 50 ms off,
-        a device that stalls rather than a slower one. A short period (10 ms) makes it evenly slower; it is
-        lengthened where the quota would fall below the kernel's minimum of 1 ms."""
-        path = self._knob(host, "cpu", "cpu.cfs_quota_us")
-        if period_ms and cpus:
-            period_us = max(int(period_ms * 1000), math.ceil(1000 / cpus))
-            (path.parent / "cpu.cfs_period_us").write_text(str(period_us))
-        period = int((path.parent / "cpu.cfs_period_us").read_text())
-        path.write_text(str(max(1000, int(cpus * period)) if cpus else -1))  # the kernel's minimum quota: 1 ms
-        self._set(host, cpus=cpus or None)
-
-    def pin(self, host: str, cores: str | None) -> None:
-        """Run the host's processes on ``cores`` only (cpuset list, e.g. ``"1"`` or ``"0-1"``); None: on all
-        of the machine's. Emulated hosts that share the machine's cores otherwise migrate between them and
-        meet each other's caches and run queues: a host measured alone then ran a third faster in one run
-        than in the next (bench uneven, node1 at 1 CPU: 9,713 to 12,727 images/s), as a board with cores of
-        its own does not."""
-        path = self._knob(host, "cpuset", "cpuset.cpus")
-        try:
-            path.write_text(cores if cores is not None else (path.parent.parent / "cpuset.cpus").read_text())
-        except OSError as exc:  # EINVAL: not a core of this machine
-            raise VClusterError(f"cannot pin {host} to cores {cores!r}: {exc.strerror}") from None
-        self._set(host, cores=cores)
 
     def shape(self, host: str | None, rate: str | None = None, delay: str | None = None,
               loss: float | None = None) -> list[str]:

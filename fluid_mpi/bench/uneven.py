@@ -53,8 +53,8 @@ class UnevenConfig:
     ckpts: dict  # (family, K) -> checkpoint path
     data_dir: str | None = None
     ks: tuple[int, ...] = (2, 4)
-    # 5: with 3, the HT goal's ratio at K = 4 measured 0.79 in this bench and 0.90 and 0.99 in two scratch
-    # runs of the same setting (3 repetitions each): one run's luck
+    # 5: with 3, the HT goal's ratio at K = 4 measured 0.79 in this bench and 0.90 to 1.01 in three scratch
+    # runs of the same setting (3 repetitions each): a run's luck decided it
     reps: int = 5
 
 

@@ -80,9 +80,11 @@ def test_figures_are_medians_with_the_range_of_images_per_s():
         return {"rc": 0, "error": None, "summary": {"status": "ok", "images_per_s": ips, "latency_ms": {"p99": p99},
                                                     "ha_deadline": {"answers_by_subset": groups}}}
     runs = [run(100.0, 9.0, {"0+1": 9, "0": 1}), run(300.0, 3.0, {"0+1": 10}), run(200.0, 5.0, {"0+1": 10})]
+    runs[0]["summary"]["accuracy_by"] = {"0": {"answered": 70, "accuracy": 99.0}, "1": {"answered": 30, "accuracy": 98.0}}
     runs.append({"rc": None, "error": "cut at 180 s", "summary": {}})  # a run cut short: no figures, not ok
     f = figures(runs)
     assert (f["images_per_s"], f["images_per_s_range"], f["p99"]) == (200.0, [100.0, 300.0], 5.0)
     assert f["images_per_s_runs"] == [100.0, 300.0, 200.0, None]  # in repetition order, for the pairing
+    assert f["answered_by_runs"] == [{"0": 70, "1": 30}, {}, {}, {}]
     assert f["subset_share"] == {"0": round(1 / 30, 4), "0+1": round(29 / 30, 4)}
     assert (f["ok"], f["runs"], f["errors"]) == (3, 4, ["cut at 180 s"])

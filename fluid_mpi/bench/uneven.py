@@ -157,7 +157,8 @@ def run_k(cfg: UnevenConfig, k: int, bar) -> dict:
 
 def figures(runs: list[dict]) -> dict:
     """Medians over the repetitions of what each run's summary says; images/s also as its min and max, and
-    per repetition (None where a run gave no figure), for the goals' paired ratios."""
+    per repetition (None where a run gave no figure), for the goals' paired ratios; each run's answers per
+    answerer (JSON only)."""
     def values(get) -> list:
         return [v for v in (get(r["summary"]) for r in runs) if v is not None]
 
@@ -174,6 +175,9 @@ def figures(runs: list[dict]) -> dict:
     return {"images_per_s": med(lambda s: s.get("images_per_s")),
             "images_per_s_range": [min(rates), max(rates)] if rates else None,
             "images_per_s_runs": [r["summary"].get("images_per_s") for r in runs],
+            # labelled answers per answerer (HT: per rank's group) in each run: which device fell short
+            "answered_by_runs": [{key: v.get("answered") for key, v in (r["summary"].get("accuracy_by") or {}).items()}
+                                 for r in runs],
             "p50": med(lambda s: (s.get("latency_ms") or {}).get("p50")),
             "p95": med(lambda s: (s.get("latency_ms") or {}).get("p95")),
             "p99": med(lambda s: (s.get("latency_ms") or {}).get("p99")),

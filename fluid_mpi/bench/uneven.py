@@ -159,22 +159,23 @@ def figures(runs: list[dict]) -> dict:
     """Medians over the repetitions of what each run's summary says; images/s also as its min and max, and
     per repetition (None where a run gave no figure), for the goals' paired ratios; each run's answers per
     answerer (JSON only)."""
-    def values(get) -> list:
-        return [v for v in (get(r["summary"]) for r in runs) if v is not None]
+    def median(values: list) -> float | None:
+        got = [v for v in values if v is not None]
+        return round(statistics.median(got), 3) if got else None
 
     def med(get):
-        got = values(get)
-        return round(statistics.median(got), 3) if got else None
+        return median([get(r["summary"]) for r in runs])
 
     subsets: dict[str, int] = {}
     for r in runs:
         for key, n in ((r["summary"].get("ha_deadline") or {}).get("answers_by_subset") or {}).items():
             subsets[key] = subsets.get(key, 0) + n
     total = sum(subsets.values())
-    rates = values(lambda s: s.get("images_per_s"))
-    return {"images_per_s": med(lambda s: s.get("images_per_s")),
+    per_run = [r["summary"].get("images_per_s") for r in runs]
+    rates = [v for v in per_run if v is not None]
+    return {"images_per_s": median(per_run),
             "images_per_s_range": [min(rates), max(rates)] if rates else None,
-            "images_per_s_runs": [r["summary"].get("images_per_s") for r in runs],
+            "images_per_s_runs": per_run,
             # labelled answers per answerer (HT: per rank's group) in each run: which device fell short
             "answered_by_runs": [{key: v.get("answered") for key, v in (r["summary"].get("accuracy_by") or {}).items()}
                                  for r in runs],

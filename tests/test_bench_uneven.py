@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 
-from fluid_mpi.bench.uneven import figures, paired_ratios, run_size, verdicts
+from fluid_mpi.bench.uneven import figures, paired_ratios, run_order, run_size, verdicts
 
 
 def _f(ips=None, p99=None, acc=None, share=None):
@@ -90,3 +90,18 @@ def test_figures_are_medians_with_the_range_of_images_per_s():
     assert f["answered_by_runs"] == [{"0": 70, "1": 30}, {}, {}, {}]
     assert f["subset_share"] == {"0": round(1 / 30, 4), "0+1": round(29 / 30, 4)}
     assert (f["ok"], f["runs"], f["errors"]) == (3, 4, ["cut at 180 s"])
+
+
+def test_run_order_keeps_the_ht_goals_rows_together_and_rotates():
+    rows = [(label,) for label in ("Static", "Dynamic width 2", "Fluid HT", "Fluid HA", "Fluid HA, deadline 9 ms",
+                                   "Fluid alone on node1", "Fluid alone on node2")]
+    ht = {"Fluid HT", "Fluid alone on node1", "Fluid alone on node2"}
+    orders = [[r[0] for r in run_order(rows, rep)] for rep in range(5)]
+    for order in orders:
+        assert sorted(order) == sorted(r[0] for r in rows)  # every row once
+        at = [i for i, label in enumerate(order) if label in ht]
+        assert at == list(range(at[0], at[0] + 3))  # back to back
+    assert len({o[0] for o in orders}) == 5  # a different first row each repetition
+    assert len({tuple(label for label in o if label in ht) for o in orders[:3]}) == 3  # the block's order rotates too
+    plain = rows[:5]  # no host alone (the equal and stall settings): plain rotation
+    assert [r[0] for r in run_order(plain, 2)] == [r[0] for r in plain[2:] + plain[:2]]

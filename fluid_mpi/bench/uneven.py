@@ -237,10 +237,10 @@ def verdicts(r: dict, fast_subset_accuracy: float | None) -> list[dict]:
 
 
 def paired_ratios(rows: dict, k: int) -> list[float]:
-    """Each repetition's HT images/s over the sum of the hosts alone in the same repetition: the rows ran
-    interleaved, so each ratio compares runs minutes apart, not a run with the median of others (one host
-    alone served from 7,800 to 12,700 images/s across runs of the same setting here). Repetitions with a
-    missing figure are left out."""
+    """Each repetition's HT images/s over the sum of the hosts alone in the same repetition: those rows run
+    back to back (:func:`run_order`), so each ratio compares runs seconds apart, not a run with the median
+    of others (one host alone served from 7,800 to 12,700 images/s across runs of the same setting here).
+    Repetitions with a missing figure are left out."""
     series = [rows["Fluid HT"]["images_per_s_runs"]] + \
         [rows[f"Fluid alone on node{i}"]["images_per_s_runs"] for i in range(1, k + 1)]
     return [round(ht / sum(alone), 4) for ht, *alone in zip(*series) if ht and all(alone)]

@@ -74,20 +74,20 @@ class EventLog:
             self._fh = None
 
 
-def stopped_since(path: str | os.PathLike | None, t0: float) -> bool:
-    """True when the event log at ``path`` has a ``stop`` event written after unix time ``t0``: the run
-    this rank belongs to has already ended (its coordinator stopped, e.g. with a device silent), so a
-    rank cut off from it must not take over and answer again."""
+def stopped_since(path: str | os.PathLike | None, t0: float) -> dict | None:
+    """The ``stop`` event written to the event log at ``path`` after unix time ``t0``, or None: when there
+    is one, the run this rank belongs to has already ended (its coordinator stopped, e.g. with a device
+    silent, or done), so a rank cut off from it must not take over and answer again."""
     if path is None or not Path(path).exists():
-        return False
+        return None
     for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             rec = json.loads(line)
         except ValueError:
             continue
         if rec.get("event") == "stop" and rec.get("t", 0) >= t0:
-            return True
-    return False
+            return rec
+    return None
 
 
 def failure_fields(world_rank: int, host: str, stamp_dir: str, t_detect: float, last_contact: float | None,

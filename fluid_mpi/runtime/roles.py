@@ -180,9 +180,14 @@ def serve(ctx: Context) -> int:
                 continue  # serve the rank that takes over
             return end.code
         lost = sorted(set(end.lost))
-        if stopped_since(ctx.opts.events, ctx.started_at):  # cut off from a run that has already ended
-            logger.error(f"fluid-mpi: rank {t.world_rank()}: the run has already stopped; not taking over")
-            return ExitCode.STOPPED
+        stop = stopped_since(ctx.opts.events, ctx.started_at)
+        if stop is not None:  # cut off from a run that has already ended: exit as that run did
+            # a slow rank can see the coordinator's exit as a failure after a clean stop: that is exit 0
+            code = int(stop.get("exit_code", ExitCode.STOPPED))
+            (logger.info if code == ExitCode.OK else logger.error)(
+                f"fluid-mpi: rank {t.world_rank()}: the run has already stopped ({stop.get('status')}); "
+                "not taking over")
+            return code
         if ctx.fluid:  # the lowest surviving rank takes over as coordinator
             logger.warning(f"fluid-mpi: coordinator (rank {min(lost)}) lost; rank {t.world_rank()} takes over "
                            f"on {t.size} rank(s)")

@@ -147,8 +147,8 @@ def run_setting(cfg: AccuracyConfig, preset: str, k: int) -> dict:
     weq = equal_cost_widths(w, k, cfg.spec)
     # every K gets every seed and the equal-cost row, K = 8 too (the groups-even goal holds at any K): a
     # K = 8 training at the tiny preset took 5-12 min on one thread here, 12 min at equal cost (2,26,52)
-    seeds = cfg.seeds
-    row: dict = {"preset": preset, "k": k, "seeds": list(seeds)}
+    seeds = list(cfg.seeds)
+    row: dict = {"preset": preset, "k": k, "seeds": seeds}
     for fam in cfg.families:
         base, widths, tag = ("fluid", weq, f"{preset}eq") if fam == "fluid-eq" else (fam, w, preset)
         metas = [_train(cfg, base, widths, k, s, tag) for s in seeds]
@@ -166,7 +166,7 @@ def run_setting(cfg: AccuracyConfig, preset: str, k: int) -> dict:
                         "cost": cost}
             if base == "dynamic":
                 row[fam]["widths_acc"] = {n: _mean([a["subsets"][n] for a in accs]) for n in accs[0]["subsets"]}
-        if have != list(seeds):  # --no-train with some of the seeds cached: its figures are over those
+        if have != seeds:  # --no-train with some of the seeds cached: its figures are over those
             row[fam]["only_seeds"] = have
     if "fluid" in row:  # replication: the whole Fluid model (preset widths) on every device
         whole = _cost("fluid-whole", w, k, cfg.spec)

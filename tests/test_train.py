@@ -2,7 +2,7 @@
 import torch
 
 from fluid_mpi.model import data
-from fluid_mpi.model.evaluate import accuracy_report
+from fluid_mpi.model.evaluate import accuracy_report, combine_advice
 from fluid_mpi.model.models import Widths
 from fluid_mpi.model.train import TrainConfig, train
 
@@ -51,6 +51,16 @@ def test_fluid_report_has_every_subset_and_both_combiners():
     assert set(acc["subsets"]) == {"0", "1", "0+1"} and set(acc["subsets_avg"]) == {"0+1"}
     assert acc["full"] == acc["subsets"]["0+1"]
     assert log["train_images"] == 256 and log["train_seconds"] > 0
+
+
+def test_combine_advice_names_the_way_that_scored_higher():
+    acc = {"subsets": {"0": 98.0, "1": 98.2, "2": 97.9, "0+1": 99.0, "0+2": 98.9, "1+2": 99.1, "0+1+2": 99.2},
+           "subsets_avg": {"0+1": 99.1, "0+2": 99.0, "1+2": 99.2, "0+1+2": 99.5}}
+    text = combine_advice(acc)
+    assert "all groups 99.20 with the trained head, 99.50 averaging" in text
+    assert "99.05 against 99.20: averaging scored higher (pass --combine avg to infer)" in text
+    acc["subsets_avg"] = {k: v - 0.5 for k, v in acc["subsets_avg"].items()}
+    assert combine_advice(acc).endswith("the trained heads scored higher")
 
 
 def test_folded_batchnorm_computes_what_the_trained_trunk_did():

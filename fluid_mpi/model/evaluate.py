@@ -73,6 +73,22 @@ def subset_summary(subsets: dict[str, float], parts: int) -> dict:
             "ht_mix": round(sum(singles) / parts, 2)}
 
 
+def combine_advice(acc: dict) -> str:
+    """Which way of combining groups scored higher on the evaluated images: the trained subset heads (the
+    default) or the average of the groups' own heads (``infer --combine avg``). Neither is better for every
+    model (measured: the trained heads at the tiny widths, averaging for groups that are good alone at
+    K = 8), so the choice is the user's, made on their own held-out images, not on the training set."""
+    avg = acc["subsets_avg"]
+    whole = max(avg, key=lambda k: len(k.split("+")))
+    trained_mean = sum(acc["subsets"][k] for k in avg) / len(avg)
+    avg_mean = sum(avg.values()) / len(avg)
+    better = "averaging" if avg_mean > trained_mean else "the trained heads"
+    flag = " (pass --combine avg to infer)" if avg_mean > trained_mean else ""
+    return (f"combining groups, on these images: all groups {acc['subsets'][whole]:.2f} with the trained head, "
+            f"{avg[whole]:.2f} averaging their own heads; over every subset of 2 or more groups "
+            f"{trained_mean:.2f} against {avg_mean:.2f}: {better} scored higher{flag}")
+
+
 def format_report(meta: dict, acc: dict) -> str:
     """A readable table of an accuracy report."""
     spec = InputSpec.from_dict(meta.get("input"))
@@ -87,6 +103,8 @@ def format_report(meta: dict, acc: dict) -> str:
         if key in acc.get("subsets_avg", {}):
             extra = f"   (avg of heads: {acc['subsets_avg'][key]:.2f})"
         lines.append(f"{label + ' ' + key:<24}{value:>12.2f}{extra}")
+    if acc.get("subsets_avg"):
+        lines += ["", combine_advice(acc)]
     if "by_size" in acc:
         lines += ["", "mean over subsets of each size: " + ", ".join(f"{n} group(s) {v:.2f}"
                                                                   for n, v in acc["by_size"].items()),

@@ -81,3 +81,28 @@ def test_quick_run_writes_every_row_and_reuses_checkpoints(tmp_path):
     assert row["seeds"] == [0, 1] and row["missing"] == ["dynamic"]
     assert row["static"]["only_seeds"] == [0] and len(row["fluid"]["ha_seeds"]) == 1
     assert "(seed 0 only)" in (tmp_path / "accuracy.md").read_text()
+
+
+def test_fluid_widths_add_a_judged_row_and_bad_widths_are_refused(tmp_path):
+    from click.testing import CliRunner
+
+    from fluid_mpi.cli import cli
+
+    args = ["bench", "accuracy", "--quick", "--out", str(tmp_path), "--fluid-widths", "2,6,12"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    (row,) = json.loads((tmp_path / "accuracy.json").read_text())["rows"]
+    sweep = row["fluid-2,6,12"]
+    assert sweep["cost"]["macs"] == device_cost("fluid", Widths(2, 6, 12), 2)["macs"]
+    assert set(sweep["goals"]) == {"ha_vs_static", "groups_even", "ensemble_gain", "non_decreasing"}
+    assert (tmp_path / "checkpoints" / "fluid-2_6_12-k2-s0.pt").exists()
+    md = (tmp_path / "accuracy.md").read_text()
+    assert "| Fluid, given widths | 2,6,12 |" in md and "**Fluid, given widths** (2,6,12)" in md
+    assert "K=2 fluid-2,6,12: HA" in res.output
+    (tmp_path / "checkpoints" / "fluid-2_6_12-k2-s0.pt").unlink()
+    cached = CliRunner().invoke(cli, args + ["--no-train"])
+    assert cached.exit_code == 0, cached.output
+    assert json.loads((tmp_path / "accuracy.json").read_text())["rows"][0]["missing"] == ["fluid-2,6,12"]
+    for bad in ("2,6", "2,0,12", "a,b,c"):
+        res = CliRunner().invoke(cli, ["bench", "accuracy", "--quick", "--out", str(tmp_path), "--fluid-widths", bad])
+        assert res.exit_code == 2 and "--fluid-widths" in res.output and "Traceback" not in res.output

@@ -6,8 +6,9 @@ the same settings) Static, Dynamic and Fluid at the preset's widths, and Fluid a
 widened until one costs what a Static slice costs: a Static slice reads every slice's channels in conv2
 and fc, a Fluid group only its own). Per model: accuracy (Static; Dynamic at each width; Fluid's HA, HT
 mix, each group alone, the mean over subsets of each size), per-device multiply-adds and parameters, one
-device's measured forward time, and replication (the whole Fluid model on every device). The issue's
-goals are judged by :func:`verdicts` on the mean over the seeds. Writes OUT/accuracy.md and .json."""
+device's measured forward time, and replication (the whole Fluid model on every device). ``--fluid-widths``
+adds Fluid rows at given widths (a sweep between the preset and equal cost). The issue's goals are judged by
+:func:`verdicts` on the mean over the seeds, for every Fluid row. Writes OUT/accuracy.md and .json."""
 from __future__ import annotations
 
 import json
@@ -46,6 +47,8 @@ class AccuracyConfig:
     # False (--no-train): report what OUT/checkpoints holds (a model over the seeds it has), list the rest as missing
     train: bool = True
     families: tuple[str, ...] = ("static", "dynamic", "fluid", "fluid-eq")
+    # more Fluid rows, at these per-device widths, for every preset and K (--fluid-widths)
+    fluid_widths: tuple[Widths, ...] = ()
     log: list = field(default_factory=list)
     # the data, read once by run_accuracy: both splits and the models' input spec
     train_ds: data.Dataset | None = None
@@ -141,16 +144,32 @@ def verdicts(fluid: dict, static: float, k: int) -> dict[str, bool | None]:
             "non_decreasing": all(a <= b for a, b in zip(sizes, sizes[1:]))}
 
 
+def width_key(w: Widths) -> str:
+    """The row key (and checkpoint tag) of a Fluid row at explicit widths: ``fluid-2,8,16``."""
+    return f"fluid-{w.c1},{w.c2},{w.hidden}"
+
+
+def fluid_keys(row: dict) -> list[str]:
+    """The Fluid rows of a setting, in the page's order: the preset's widths, equal cost, then the sweep."""
+    return [f for f in ("fluid", "fluid-eq") if f in row] + [f for f in row if f.startswith("fluid-") and f != "fluid-eq"]
+
+
+def _models(cfg: AccuracyConfig, preset: str, k: int) -> list[tuple[str, str, Widths, str]]:
+    """(row key, family, widths, checkpoint tag) of every model of one preset and K."""
+    w = PRESETS[preset]
+    out = [("fluid-eq", "fluid", equal_cost_widths(w, k, cfg.spec), f"{preset}eq") if fam == "fluid-eq"
+           else (fam, fam, w, preset) for fam in cfg.families]
+    return out + [(width_key(x), "fluid", x, f"{x.c1}_{x.c2}_{x.hidden}") for x in cfg.fluid_widths]
+
+
 def run_setting(cfg: AccuracyConfig, preset: str, k: int) -> dict:
     """Every family of one preset and K: costs, accuracy (means over the seeds), the goals' verdicts."""
     w = PRESETS[preset]
-    weq = equal_cost_widths(w, k, cfg.spec)
     # every K gets every seed and the equal-cost row, K = 8 too (the groups-even goal holds at any K): a
     # K = 8 training at the tiny preset took 5-12 min on one thread here, 12 min at equal cost (2,26,52)
     seeds = list(cfg.seeds)
     row: dict = {"preset": preset, "k": k, "seeds": seeds}
-    for fam in cfg.families:
-        base, widths, tag = ("fluid", weq, f"{preset}eq") if fam == "fluid-eq" else (fam, w, preset)
+    for fam, base, widths, tag in _models(cfg, preset, k):
         metas = [_train(cfg, base, widths, k, s, tag) for s in seeds]
         have = [s for s, m in zip(seeds, metas) if m is not None]
         if not have:  # --no-train and not in the cache
@@ -174,8 +193,8 @@ def run_setting(cfg: AccuracyConfig, preset: str, k: int) -> dict:
                              "cluster_ips_bound": round(k * 64 * 1000 / whole["ms_b64"]),
                              "fluid_ht_ips_bound": round(k * 64 * 1000 / row["fluid"]["cost"]["ms_b64"])}
     static = row.get("static", {}).get("full")
-    for fam in ("fluid", "fluid-eq"):
-        if fam in row and static is not None:
+    for fam in fluid_keys(row):
+        if static is not None:
             row[fam]["goals"] = verdicts(row[fam], static, k)
     return row
 

@@ -3,9 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .accuracy import ENSEMBLE_GAIN, GROUP_SPREAD, STATIC_SLACK
+from .accuracy import ENSEMBLE_GAIN, GROUP_SPREAD, STATIC_SLACK, fluid_keys
 
 LABELS = {"static": "Static", "dynamic": "Dynamic", "fluid": "Fluid", "fluid-eq": "Fluid, equal cost"}
+
+
+def label(fam: str) -> str:
+    """A row's name on the page (a --fluid-widths row: its widths are in the next column)."""
+    return LABELS.get(fam, "Fluid, given widths")
 
 
 def _w(cost: dict) -> str:
@@ -31,26 +36,22 @@ def setting_table(row: dict) -> list[str]:
              "| model | per-device widths | multiply-adds / image / device | parameters / device | "
              "forward ms, batch 1 / 64 | accuracy % (HA for Fluid) | seeds |",
              "|---|---|---:|---:|---:|---:|---|"]
-    for fam in ("static", "dynamic", "fluid", "fluid-eq"):
-        r = row.get(fam)
-        if r is None:
-            continue
+    for fam in [f for f in ("static", "dynamic") if f in row] + fluid_keys(row):
+        r = row[fam]
         acc, seeds = (r["ha"], r["ha_seeds"]) if "ha" in r else (r["full"], r["full_seeds"])
         only = f" (seed {', '.join(map(str, r['only_seeds']))} only)" if r.get("only_seeds") else ""
-        lines.append(f"| {LABELS[fam]} | {_cost_cells(r['cost'])} | {acc:.2f} | {_seeds(seeds)}{only} |")
+        lines.append(f"| {label(fam)} | {_cost_cells(r['cost'])} | {acc:.2f} | {_seeds(seeds)}{only} |")
     rep = row.get("replicated")
     if rep:
         lines.append(f"| whole Fluid model on every device (replication) | {_cost_cells(rep['cost'])} | "
                      f"{rep['accuracy']:.2f} | same model as Fluid |")
     lines.append("")
     if row.get("missing"):
-        lines.append("- Not trained (`--no-train`): " + ", ".join(LABELS[f] for f in row["missing"]) + ".")
-    for fam in ("fluid", "fluid-eq"):
-        r = row.get(fam)
-        if r is None:
-            continue
+        lines.append("- Not trained (`--no-train`): " + ", ".join(label(f) for f in row["missing"]) + ".")
+    for fam in fluid_keys(row):
+        r = row[fam]
         sizes = ", ".join(f"{n}: {v:.2f}" for n, v in r["by_size"].items())
-        lines.append(f"- **{LABELS[fam]}**: each group alone {', '.join(f'{g:.2f}' for g in r['groups'])}; "
+        lines.append(f"- **{label(fam)}** ({_w(r['cost'])}): each group alone {', '.join(f'{g:.2f}' for g in r['groups'])}; "
                      f"mean by number of groups {sizes}; HT mix {r['ht_mix']:.2f}.")
         if "goals" in r:
             g = r["goals"]

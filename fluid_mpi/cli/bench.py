@@ -134,25 +134,33 @@ def _ints(text: str, name: str) -> tuple[int, ...]:
                        help="Training seeds; accuracy is the mean over them (the goals ask for two)."),
           click.option("--epochs", type=click.IntRange(1), default=12, show_default=True,
                        help="Training epochs (fluid-mpi train's default)."),
+          click.option("--fluid-widths", "fluid_widths", multiple=True, metavar="C1,C2,H",
+                       help="Another Fluid row at these per-device widths, for every preset and K (repeatable: "
+                            "a sweep between a preset and equal cost)."),
           click.option("--no-train", is_flag=True,
                        help="Report what OUT/checkpoints holds; list the models it lacks instead of training them."))
-def accuracy(quick, out, data_dir, publish, presets, ks, seeds, epochs, no_train) -> None:
+def accuracy(quick, out, data_dir, publish, presets, ks, seeds, epochs, fluid_widths, no_train) -> None:
     """Static, Dynamic and Fluid (HA, HT mix, each group, by subset size; at the preset's widths and at
     equal per-device cost) and replication, per width preset and K: accuracy beside per-device
     multiply-adds, parameters and forward time, with the goals' verdicts. Trains what OUT/checkpoints
     lacks; writes OUT/accuracy.md and accuracy.json (--publish DIR: DIR/accuracy-results.*)."""
     import shutil
 
-    from ..bench.accuracy import AccuracyConfig, run_accuracy
+    from ..bench.accuracy import AccuracyConfig, fluid_keys, run_accuracy
+    from ..model.models import Widths
 
+    widths = [_ints(w, "--fluid-widths") for w in fluid_widths]
+    if any(len(w) != 3 or min(w) < 1 for w in widths):
+        raise click.BadParameter("three positive integers, C1,C2,H", param_hint="--fluid-widths")
     cfg = AccuracyConfig(Path(out), data_dir, tuple(presets) or ("tiny",), _ints(ks, "--parts"),
-                         _ints(seeds, "--seeds"), epochs, train=not no_train)
+                         _ints(seeds, "--seeds"), epochs, train=not no_train,
+                         fluid_widths=tuple(Widths(*w) for w in widths))
     if quick:
         cfg.ks, cfg.epochs, cfg.limit = (2,), 1, 500
     r = run_accuracy(cfg)
     for row in r["rows"]:
-        for fam in ("fluid", "fluid-eq"):
-            if fam in row and "goals" in row[fam]:
+        for fam in fluid_keys(row):
+            if "goals" in row[fam]:
                 met = [k for k, v in row[fam]["goals"].items() if v is False]
                 click.echo(f"{row['preset']} K={row['k']} {fam}: HA {row[fam]['ha']:.2f} vs Static "
                            f"{row['static']['full']:.2f}; goals not met: {', '.join(met) or 'none'}")

@@ -103,6 +103,7 @@ def test_fluid_widths_add_a_judged_row_and_bad_widths_are_refused(tmp_path):
     cached = CliRunner().invoke(cli, args + ["--no-train"])
     assert cached.exit_code == 0, cached.output
     assert json.loads((tmp_path / "accuracy.json").read_text())["rows"][0]["missing"] == ["fluid-2,6,12"]
+    assert "Not trained (`--no-train`): Fluid at 2,6,12." in (tmp_path / "accuracy.md").read_text()
     for bad in ("2,6", "2,0,12", "a,b,c"):
         res = CliRunner().invoke(cli, ["bench", "accuracy", "--quick", "--out", str(tmp_path), "--fluid-widths", bad])
         assert res.exit_code == 2 and "--fluid-widths" in res.output and "Traceback" not in res.output

@@ -47,7 +47,7 @@ def setting_table(row: dict) -> list[str]:
                      f"{rep['accuracy']:.2f} | same model as Fluid |")
     lines.append("")
     if row.get("missing"):
-        lines.append("- Not trained (`--no-train`): " + "; ".join(label(f) for f in row["missing"]) + ".")
+        lines.append("- Not trained (`--no-train`): " + "; ".join(LABELS.get(f) or f"Fluid at {f[len('fluid-'):]}" for f in row["missing"]) + ".")
     for fam in fluid_keys(row):
         r = row[fam]
         sizes = ", ".join(f"{n}: {v:.2f}" for n, v in r["by_size"].items())

@@ -97,7 +97,7 @@ def test_fluid_widths_add_a_judged_row_and_bad_widths_are_refused(tmp_path):
     assert set(sweep["goals"]) == {"ha_vs_static", "groups_even", "ensemble_gain", "non_decreasing"}
     assert (tmp_path / "checkpoints" / "fluid-2_6_12-k2-s0.pt").exists()
     md = (tmp_path / "accuracy.md").read_text()
-    assert "| Fluid, given widths | 2,6,12 |" in md and "**Fluid, given widths** (2,6,12)" in md
+    assert "| Fluid at 2,6,12 | 2,6,12 |" in md and "- **Fluid at 2,6,12**: each group alone" in md
     assert "K=2 fluid-2,6,12: HA" in res.output
     (tmp_path / "checkpoints" / "fluid-2_6_12-k2-s0.pt").unlink()
     cached = CliRunner().invoke(cli, args + ["--no-train"])

@@ -145,7 +145,7 @@ def verdicts(fluid: dict, static: float, k: int) -> dict[str, bool | None]:
 
 
 def width_key(w: Widths) -> str:
-    """The row key (and checkpoint tag) of a Fluid row at explicit widths: ``fluid-2,8,16``."""
+    """The row key of a Fluid row at explicit widths: ``fluid-2,8,16`` (its checkpoints: ``fluid-2_8_16-k…``)."""
     return f"fluid-{w.c1},{w.c2},{w.hidden}"
 
 

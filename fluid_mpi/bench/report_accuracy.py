@@ -9,8 +9,8 @@ LABELS = {"static": "Static", "dynamic": "Dynamic", "fluid": "Fluid", "fluid-eq"
 
 
 def label(fam: str) -> str:
-    """A row's name on the page (a --fluid-widths row: its widths are in the next column)."""
-    return LABELS.get(fam, "Fluid, given widths")
+    """A row's name on the page: a --fluid-widths row is named by its widths (``Fluid at 2,8,16``)."""
+    return LABELS.get(fam) or f"Fluid at {fam[len('fluid-'):]}"
 
 
 def _w(cost: dict) -> str:
@@ -47,11 +47,12 @@ def setting_table(row: dict) -> list[str]:
                      f"{rep['accuracy']:.2f} | same model as Fluid |")
     lines.append("")
     if row.get("missing"):
-        lines.append("- Not trained (`--no-train`): " + "; ".join(LABELS.get(f) or f"Fluid at {f[len('fluid-'):]}" for f in row["missing"]) + ".")
+        lines.append("- Not trained (`--no-train`): " + "; ".join(map(label, row["missing"])) + ".")
     for fam in fluid_keys(row):
         r = row[fam]
         sizes = ", ".join(f"{n}: {v:.2f}" for n, v in r["by_size"].items())
-        lines.append(f"- **{label(fam)}** ({_w(r['cost'])}): each group alone {', '.join(f'{g:.2f}' for g in r['groups'])}; "
+        named = f" ({_w(r['cost'])})" if fam in LABELS else ""  # a sweep row's name holds its widths
+        lines.append(f"- **{label(fam)}**{named}: each group alone {', '.join(f'{g:.2f}' for g in r['groups'])}; "
                      f"mean by number of groups {sizes}; HT mix {r['ht_mix']:.2f}.")
         if "goals" in r:
             g = r["goals"]

@@ -82,11 +82,11 @@ def combine_advice(acc: dict) -> str:
     whole = max(avg, key=lambda k: len(k.split("+")))
     trained_mean = sum(acc["subsets"][k] for k in avg) / len(avg)
     avg_mean = sum(avg.values()) / len(avg)
-    better = "averaging" if avg_mean > trained_mean else "the trained heads"
-    flag = " (pass --combine avg to infer)" if avg_mean > trained_mean else ""
+    verdict = ("averaging scored higher (pass --combine avg to infer)" if avg_mean > trained_mean
+               else "the trained heads scored higher")
     return (f"combining groups, on these images: all groups {acc['subsets'][whole]:.2f} with the trained head, "
             f"{avg[whole]:.2f} averaging their own heads; over every subset of 2 or more groups "
-            f"{trained_mean:.2f} against {avg_mean:.2f}: {better} scored higher{flag}")
+            f"{trained_mean:.2f} against {avg_mean:.2f}: {verdict}")
 
 
 def format_report(meta: dict, acc: dict) -> str:

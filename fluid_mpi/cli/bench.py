@@ -147,14 +147,14 @@ def accuracy(quick, out, data_dir, publish, presets, ks, seeds, epochs, fluid_wi
     import shutil
 
     from ..bench.accuracy import AccuracyConfig, fluid_keys, run_accuracy
-    from ..model.models import Widths
+    from ..model.cost import parse_widths
 
-    widths = [_ints(w, "--fluid-widths") for w in fluid_widths]
-    if any(len(w) != 3 or min(w) < 1 for w in widths):
-        raise click.BadParameter("three positive integers, C1,C2,H", param_hint="--fluid-widths")
+    try:
+        widths = tuple(parse_widths(w) for w in fluid_widths)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--fluid-widths") from None
     cfg = AccuracyConfig(Path(out), data_dir, tuple(presets) or ("tiny",), _ints(ks, "--parts"),
-                         _ints(seeds, "--seeds"), epochs, train=not no_train,
-                         fluid_widths=tuple(Widths(*w) for w in widths))
+                         _ints(seeds, "--seeds"), epochs, train=not no_train, fluid_widths=widths)
     if quick:
         cfg.ks, cfg.epochs, cfg.limit = (2,), 1, 500
     r = run_accuracy(cfg)
